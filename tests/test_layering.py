@@ -1,0 +1,37 @@
+"""The two layers point one way: nanogpt/ is plain PyTorch + NumPy and never pulls in ray or mlflow."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nanogpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_importing_every_nanogpt_module_pulls_in_neither_ray_nor_mlflow():
+    modules = [f"nanogpt.{m.name}" for m in pkgutil.iter_modules(nanogpt.__path__)]
+    assert "nanogpt.config" in modules
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "", f"nanogpt imports {out.stdout.strip()}"
+
+
+def test_no_exec_eval_or_unsafe_torch_load_in_the_code():
+    offenders = []
+    for path in [*ROOT.glob("nanogpt/*.py"), *ROOT.glob("pipelines/*.py")]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if any(f"{fn}(" in code and f".{fn}(" not in code and f"_{fn}(" not in code for fn in ("exec", "eval")):
+                offenders.append(f"{path.name}:{n}: {line.strip()}")
+            if "torch.load(" in code and "weights_only=True" not in code:
+                offenders.append(f"{path.name}:{n}: {line.strip()}")
+    assert offenders == []
