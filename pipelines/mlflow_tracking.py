@@ -1,0 +1,765 @@
+"""MLflow behind `nanogpt.tracking.Tracker`: one MLflow run per training job, and a tracking failure never kills
+training.
+
+Stores: with no `run.tracking_uri` and no MLFLOW_TRACKING_URI, a local store needing no server,
+`sqlite:///<abs run.out_dir>/mlflow.db`, artifacts under `<run.out_dir>/mlartifacts`; otherwise the given URI
+(a `mlflow server`, e.g. http://127.0.0.1:5000). Browse a local store with
+
+    mlflow ui --backend-store-uri sqlite:///$PWD/out/mlflow.db
+
+On rank 0 of a training job:
+
+    tracker = make_mlflow_tracker(config, run_id=run_id_from_checkpoint, world_size=4, device="cuda", manifest=m)
+    tracker.log_metrics({"train/loss": 2.31}, step=250)       # one log_batch call
+    tracker.log_text(sample, "samples/step_000250.txt")
+    extra = {"mlflow_run_id": tracker.run_id}                  # saved in state.json: the same run continues
+    tracker.log_checkpoint("out/run/checkpoint_000500", kind="best")
+    tracker.register_best()                                     # models:/<experiment>-<run name>/<version>
+    tracker.close()                                             # flush, loss-curve PNG, run FINISHED
+
+Failure policy: every MLflow call is guarded. While the store is unreachable, metrics are buffered (the last
+`max_buffered_points`), params/tags/texts/artifacts are queued (bounded), one warning is logged per outage, and
+calls return at once (a circuit breaker retries every `retry_interval_s`); the next successful call flushes the
+backlog. Rejected requests (HTTP 4xx: a bad key or value) are dropped with a warning, never retried.
+
+Checkpoint URIs for sampling and evaluation:
+
+    resolve_checkpoint_uri("models:/nanogpt-shakespeare/3", tracking_uri="http://127.0.0.1:5000")  # local dir
+    resolve_checkpoint_uri("runs:/<run_id>/checkpoints/best")
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from nanogpt.config import Config
+
+log = logging.getLogger(__name__)
+
+# MLflow's limits (mlflow/utils/validation.py): per log_batch request, and per param / tag value.
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_PARAM_VALUE_CHARS = 6000
+MAX_TAG_VALUE_CHARS = 8000
+
+# MLflow's HTTP defaults retry 7 times with exponential backoff and a 120 s timeout: minutes per call against a
+# dead server. One immediate retry (urllib3 sleeps only before the second) and a 15 s timeout keep a dead server
+# (connection refused) at milliseconds per call and a hung one at 30 s per probe; the circuit breaker then probes
+# it every 30 s, doubling up to 5 min while each probe is that slow (measured: tests and a SIGSTOPped server).
+# The timeout is per socket operation, so large artifact uploads are not cut short by it. Set only where unset.
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+RUN_ID_KEY = "mlflow_run_id"
+"""The key under which the run id travels in a checkpoint's state.json `extra` dict."""
+
+CHECKPOINT_KINDS = ("best", "final")
+# The registered model is weights + config + tokenizer: no pickled optimizer state (optimizer.pt is torch.save).
+FILES_NOT_REGISTERED = ("optimizer.pt", "scaler.pt")
+
+
+def default_tracking_uri(out_dir: str | os.PathLike) -> str:
+    """The local store for a run directory: `sqlite:///<abs out_dir>/mlflow.db` (no server needed)."""
+    if "://" in str(out_dir):  # s3://, gs://: sqlite cannot live there
+        local = Path.cwd()
+        log.warning("run.out_dir=%s is not a local path: the MLflow store goes to %s/mlflow.db "
+                    "(set run.tracking_uri to use a server)", out_dir, local)
+    else:
+        local = Path(out_dir).expanduser().resolve()
+    return f"sqlite:///{local / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(config: Config) -> str:
+    """run.tracking_uri, else MLFLOW_TRACKING_URI, else the local sqlite store under run.out_dir. Resolve this on
+    the driver and pass it to workers in the config: workers have another cwd, and maybe another environment."""
+    return config.run.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(config.run.out_dir)
+
+
+def sanitize_model_name(name: str) -> str:
+    """A registered-model name: letters, digits, `_ . -`; anything else becomes `-`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "nanogpt"
+
+
+@dataclass
+class _Op:
+    """A queued non-metric call, replayed in order once the store answers."""
+
+    what: str
+    fn: Callable[[], None]
+
+
+class MlflowTracker:
+    """`nanogpt.tracking.Tracker` on MLflow. Call `start(run_id)` first (or use `make_mlflow_tracker`).
+
+    Not thread-safe: call it from one thread (rank 0's training loop). MLflow's own system-metrics thread logs
+    beside it through its own client.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str = "nanogpt",
+        *,
+        run_name: str | None = None,
+        registered_model_name: str | None = None,
+        system_metrics: bool = True,
+        system_metrics_interval_s: float = 10.0,
+        retry_interval_s: float = 30.0,
+        max_retry_interval_s: float = 300.0,
+        failures_before_open: int = 1,
+        max_buffered_points: int = 10_000,
+        max_queued_calls: int = 1_000,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.registered_model_name = registered_model_name
+        self.system_metrics = system_metrics
+        self.system_metrics_interval_s = system_metrics_interval_s
+        self.retry_interval_s = retry_interval_s
+        self.max_retry_interval_s = max_retry_interval_s
+        self.failures_before_open = failures_before_open
+        if tracking_uri.startswith(("http://", "https://")):
+            for key, value in HTTP_ENV_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+        self._client: MlflowClient | None = None
+
+        self._run_id: str | None = None
+        self._resume_id: str | None = None
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self._disabled = False
+        self._metrics: collections.deque[Metric] = collections.deque(maxlen=max_buffered_points)
+        self._ops: collections.deque[_Op] = collections.deque(maxlen=max_queued_calls)
+        self._dropped_points = 0
+        self._best_dir: Path | None = None
+        self._monitor: Any = None
+        # circuit breaker
+        self._failures = 0
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._interval = retry_interval_s
+
+    @classmethod
+    def from_config(cls, config: Config, **kwargs: Any) -> MlflowTracker:
+        kwargs.setdefault("run_name", config.run.name)
+        return cls(resolve_tracking_uri(config), config.run.experiment, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    @property
+    def client(self) -> MlflowClient:
+        """Created at first use, inside a guarded call: a sqlite store connects (and may fail) right away."""
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id; None until the store has answered once."""
+        return self._run_id
+
+    @property
+    def reachable(self) -> bool:
+        """False while an outage is under way (calls are being buffered)."""
+        return self._down_since is None
+
+    @property
+    def num_buffered_points(self) -> int:
+        return len(self._metrics)
+
+    def start(self, run_id: str | None = None) -> str | None:
+        """Continue run `run_id` (from a checkpoint's state.json extra) or create a run; returns the run id, or None
+        when the store is unreachable (the run is then created at the first call that gets through)."""
+        self._resume_id = run_id
+        self._started = True
+        self._ensure_run(force=True)
+        return self._run_id
+
+    def _ensure_run(self, force: bool = False) -> bool:
+        if self._run_id is not None:
+            return True
+        if not self._started:
+            log.warning("MlflowTracker used before start(): starting a new run")
+            self._started = True
+        if self._guarded("start run", self._open_run, force=force) and self._run_id is None:
+            # the store answered and refused (e.g. the experiment is deleted): nothing will be recorded
+            log.error("MLflow at %s refused to create a run: tracking is off for this job", self.tracking_uri)
+            self._disabled = True
+            self._ops.clear()
+            self._metrics.clear()
+        return self._run_id is not None
+
+    def _open_run(self) -> None:
+        run = None
+        if self._resume_id:
+            try:
+                run = self.client.get_run(self._resume_id)
+            except MlflowException as e:
+                if not _is_rejection(e):
+                    raise
+                log.warning("MLflow run %s is not in %s (%s); starting a new run", self._resume_id,
+                            self.tracking_uri, e.message)
+        if run is not None:
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            self._run_id = run.info.run_id
+            log.info("MLflow: continuing run %s (%s) at %s", run.info.run_id, run.info.run_name, self.tracking_uri)
+        else:
+            experiment_id = self._experiment_id()
+            run = self.client.create_run(experiment_id, run_name=self.run_name)
+            self._run_id = run.info.run_id
+            log.info("MLflow: run %s (%s) in experiment %r at %s", run.info.run_id, run.info.run_name,
+                     self.experiment, self.tracking_uri)
+        if self.run_name is None:
+            self.run_name = run.info.run_name
+        self._start_system_metrics(resume=self._resume_id is not None)
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=self._artifact_location())
+        except MlflowException as e:  # another trial created it first
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise e from None
+            return found.experiment_id
+
+    def _artifact_location(self) -> str | None:
+        """Beside a sqlite database, not in the cwd (MLflow's default); a server chooses its own."""
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return None
+        db = Path(self.tracking_uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs or sqlite:///rel
+        return (db.parent / "mlartifacts" / sanitize_model_name(self.experiment)).as_uri()
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """CPU/memory/disk/network (psutil) and NVIDIA GPU (pynvml) every `system_metrics_interval_s`, as
+        `system/...` metrics. Skipped, with one info line, where psutil is missing; never fatal."""
+        if not self.system_metrics or self._monitor is not None:
+            return
+        if importlib.util.find_spec("psutil") is None:  # Ray processes see Ray's vendored psutil
+            log.info("MLflow system metrics are off: psutil is not installed (pip install psutil; pynvml for GPUs)")
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self._run_id, sampling_interval=self.system_metrics_interval_s, resume_logging=resume,
+                tracking_uri=self.tracking_uri,
+            )
+            self._monitor.start()
+        except Exception as e:
+            log.info("MLflow system metrics are off: %s", e)
+            self._monitor = None
+
+    def _stop_system_metrics(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as e:
+                log.debug("stopping MLflow system metrics: %s", e)
+            self._monitor = None
+
+    # ------------------------------------------------------------------------------------------ Tracker
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params as strings (≤ 6000 chars). On a continued run, keys already logged are not logged again; a key
+        whose value changed keeps its first value, and the new one goes to the tag `param_changed.<key>`."""
+        values = {str(k): _param_value(k, v) for k, v in params.items()}
+        self._queue("log params", lambda: self._log_params_now(values))
+
+    def _log_params_now(self, values: dict[str, str]) -> None:
+        existing = self.client.get_run(self._run_id).data.params
+        new = [Param(k, v) for k, v in values.items() if k not in existing]
+        changed = {f"param_changed.{k}": v for k, v in values.items() if k in existing and existing[k] != v}
+        for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self._run_id, params=chunk, synchronous=True)
+        if changed:
+            log.info("MLflow run %s: params changed since it was created: %s", self._run_id, sorted(changed))
+            self._set_tags_now({k: v for k, v in changed.items()})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        values = {str(k): str(v)[:MAX_TAG_VALUE_CHARS] for k, v in tags.items()}
+        self._queue("set tags", lambda: self._set_tags_now(values))
+
+    def _set_tags_now(self, values: Mapping[str, str]) -> None:
+        tags = [RunTag(k, v) for k, v in values.items()]
+        for chunk in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self._run_id, tags=chunk, synchronous=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Buffer the points, then send everything buffered in `log_batch` calls of ≤ 1000 points."""
+        timestamp = int(time.time() * 1000)
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                log.warning("metric %r=%r is not a number; not logged", key, value)
+                continue
+            if self._disabled:
+                return
+            if len(self._metrics) == self._metrics.maxlen:
+                self._dropped_points += 1
+            self._metrics.append(Metric(str(key), number, timestamp, int(step)))
+        self.flush()
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """A file, or a directory's contents, under `artifact_path`. Queued while the store is down (a path
+        that is gone by the time it answers is skipped)."""
+        src = Path(path)
+        if not src.exists():
+            log.warning("not logging %s to MLflow: no such file or directory", src)
+            return
+
+        def send() -> None:
+            if not src.exists():
+                log.warning("not logging %s to MLflow: it was removed before the store came back", src)
+            elif src.is_dir():
+                self.client.log_artifacts(self._run_id, str(src), artifact_path)
+            else:
+                self.client.log_artifact(self._run_id, str(src), artifact_path)
+
+        self._queue(f"log artifact {src}", send)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact, e.g. the sample generated at an eval: `samples/step_000250.txt`."""
+        self._queue(f"log text {artifact_file}", lambda: self.client.log_text(self._run_id, text, artifact_file))
+
+    def close(self, status: str = "FINISHED", loss_curve: bool = True) -> None:
+        """Flush what is buffered (one last try even while the breaker is open), log the loss-curve PNG, stop
+        system metrics and end the run with `status` (FINISHED | FAILED | KILLED). Idempotent."""
+        if self._closing or not self._started:
+            return
+        self._closing = True
+        self._retry_at = 0.0
+        self.flush()
+        if loss_curve and self._run_id is not None and self.reachable:
+            self.log_loss_curve()
+        self._stop_system_metrics()
+        if self._run_id is not None and self.reachable:
+            self._guarded("end run", lambda: self.client.set_terminated(self._run_id, status=status))
+        if self._metrics or self._ops:
+            log.warning("MLflow at %s stayed unreachable: %d metric points and %d calls were not recorded",
+                        self.tracking_uri, len(self._metrics), len(self._ops))
+        self._closed = True
+
+    # --------------------------------------------------------------------------------------- checkpoints
+
+    def log_checkpoint(self, path: str | os.PathLike, kind: str = "best", include_optimizer: bool | None = None) -> None:
+        """Log a checkpoint directory under `checkpoints/<kind>` (best | final). The optimizer and scaler state
+        (torch pickles, large) go with `final` only unless `include_optimizer` says otherwise; `best` is what
+        `register_best` registers: safetensors weights, config, tokenizer, manifest, state."""
+        if kind not in CHECKPOINT_KINDS:
+            raise ValueError(f"checkpoint kind must be one of {', '.join(CHECKPOINT_KINDS)}, got {kind!r}")
+        src = Path(path)
+        if not (src / "model.safetensors").is_file():
+            log.warning("not logging checkpoint %s to MLflow: no model.safetensors in it", src)
+            return
+        keep_optimizer = (kind == "final") if include_optimizer is None else include_optimizer
+        if kind == "best":
+            self._best_dir = src
+
+        def send() -> None:
+            if not src.is_dir():
+                log.warning("not logging checkpoint %s to MLflow: it was removed before the store came back", src)
+                return
+            with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-") as tmp:
+                staged = Path(tmp) / kind
+                _link_tree(src, staged, skip=() if keep_optimizer else FILES_NOT_REGISTERED)
+                self.client.log_artifacts(self._run_id, str(staged), f"checkpoints/{kind}")
+
+        self._queue(f"log checkpoint {src} as {kind}", send)
+
+    def register_best(self, name: str | None = None) -> str | None:
+        """Register `checkpoints/best` of this run as a new version of model `name` (default: the
+        `registered_model_name` given, else `<experiment>-<run name>`); returns the version, or None (with a
+        warning) when it cannot. Load it back with `resolve_checkpoint_uri(f"models:/{name}/{version}")`."""
+        self._retry_at = 0.0
+        if not self.flush():  # the best checkpoint may still be queued
+            log.warning("MLflow is unreachable: the best checkpoint was not registered")
+            return None
+        name = sanitize_model_name(name or self.registered_model_name or f"{self.experiment}-{self.run_name}")
+        versions: list[str] = []
+        self._guarded(f"register model {name}", lambda: versions.append(self._register_now(name)))
+        return versions[0] if versions else None
+
+    def _register_now(self, name: str) -> str:
+        logged = {Path(f.path).name for f in self.client.list_artifacts(self._run_id, "checkpoints/best")}
+        if "model.safetensors" not in logged:
+            raise MlflowException.invalid_parameter_value(
+                f"run {self._run_id} has no checkpoints/best/model.safetensors: call log_checkpoint(dir, 'best') first"
+            )
+        try:
+            self.client.create_registered_model(name, description="nanoGPT checkpoints: model.safetensors + config")
+        except MlflowException as e:
+            if "ALREADY_EXISTS" not in str(e.error_code):
+                raise
+        run = self.client.get_run(self._run_id)
+        tags = {"run_name": run.info.run_name or ""}
+        state = _read_state(self._best_dir)
+        if state:
+            tags.update({"step": str(state.get("step")), "best_val_loss": str(state.get("best_val_loss"))})
+        # Not mlflow.register_model: it wants an MLmodel file or a LoggedModel; a checkpoint is plain artifacts.
+        version = self.client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/checkpoints/best", run_id=self._run_id, tags=tags,
+        )
+        self.client.set_tag(self._run_id, "registered_model", f"models:/{name}/{version.version}")
+        log.info("MLflow: registered checkpoints/best of run %s as models:/%s/%s", self._run_id, name, version.version)
+        return str(version.version)
+
+    # -------------------------------------------------------------------------------------- loss curve
+
+    def log_loss_curve(self, artifact_file: str = "plots/loss_curve.png") -> None:
+        """A PNG of every `*loss*` metric (train and val) against step, from the run's full history (attempts
+        before a restart included)."""
+        def send() -> None:
+            keys = sorted(k for k in self.client.get_run(self._run_id).data.metrics
+                          if "loss" in k and not k.startswith("system/"))
+            if not keys:
+                return
+            curves = {k: sorted((m.step, m.value) for m in self.client.get_metric_history(self._run_id, k))
+                      for k in keys}
+            with tempfile.TemporaryDirectory(prefix="mlflow-plot-") as tmp:
+                png = Path(tmp) / Path(artifact_file).name
+                plot_loss_curves(curves, png, title=self.run_name or self._run_id or "")
+                folder = str(Path(artifact_file).parent)
+                self.client.log_artifact(self._run_id, str(png), None if folder == "." else folder)
+
+        self._queue(f"log {artifact_file}", send)
+
+    # ----------------------------------------------------------------------------------- the breaker
+
+    def flush(self) -> bool:
+        """Send what is queued and buffered; True when nothing is left. Returns at once while the breaker is open."""
+        if not self._ensure_run():
+            return False
+        while self._ops:
+            if not self._guarded(self._ops[0].what, self._ops[0].fn):
+                return False
+            self._ops.popleft()
+        while self._metrics:
+            batch = [self._metrics[i] for i in range(min(MAX_METRICS_PER_BATCH, len(self._metrics)))]
+            sent = self._guarded("log metrics", lambda b=batch: self.client.log_batch(self._run_id, metrics=b,
+                                                                                       synchronous=True))
+            if not sent:
+                return False
+            for _ in batch:
+                self._metrics.popleft()
+        return True
+
+    def _queue(self, what: str, fn: Callable[[], None]) -> None:
+        if self._disabled:
+            return
+        if self._closed:
+            log.warning("MlflowTracker is closed: %s ignored", what)
+            return
+        if len(self._ops) == self._ops.maxlen:
+            log.warning("MLflow call queue is full: dropping %s", self._ops[0].what)
+        self._ops.append(_Op(what, fn))
+        self.flush()
+
+    def _guarded(self, what: str, fn: Callable[[], None], force: bool = False) -> bool:
+        """Run `fn`; True when done (or rejected for good: dropped), False when the store is unreachable."""
+        now = time.monotonic()
+        if self._down_since is not None and now < self._retry_at and not force:
+            return False
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as e:
+            if _is_rejection(e):
+                log.warning("MLflow rejected %s: %s", what, _short(e))
+                return True
+            self._on_failure(what, e, time.monotonic() - t0)
+            return False
+        self._on_success()
+        return True
+
+    def _on_failure(self, what: str, error: Exception, seconds: float) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            self._interval = self.retry_interval_s
+            log.warning(
+                "MLflow at %s is unreachable (%s: %s). Training goes on; metrics are buffered (last %d points) "
+                "and retried every %.0f s.", self.tracking_uri, what, _short(error), self._metrics.maxlen,
+                self.retry_interval_s,
+            )
+        else:
+            log.debug("MLflow still unreachable (%s: %s)", what, _short(error))
+            if seconds > 1.0:  # a hung server costs a timeout per probe: probe less often
+                self._interval = min(self._interval * 2, self.max_retry_interval_s)
+        if self._failures >= self.failures_before_open:
+            self._retry_at = now + self._interval
+
+    def _on_success(self) -> None:
+        if self._down_since is not None:
+            log.warning("MLflow at %s is reachable again after %.0f s; sending %d buffered metric points%s",
+                        self.tracking_uri, time.monotonic() - self._down_since, len(self._metrics),
+                        f" ({self._dropped_points} older points were dropped)" if self._dropped_points else "")
+            self._down_since = None
+            self._dropped_points = 0
+            if self._monitor is not None and not _monitor_alive(self._monitor):  # it stops at its first error
+                self._monitor = None
+                self._start_system_metrics(resume=True)
+        self._failures = 0
+        self._retry_at = 0.0
+
+
+def make_mlflow_tracker(
+    config: Config,
+    *,
+    run_id: str | None = None,
+    world_size: int = 1,
+    device: Any = "cpu",
+    manifest: Any = None,
+    **kwargs: Any,
+) -> MlflowTracker:
+    """The tracker of a training job, started: run `run_id` continued (None: a new run), the flattened config as
+    params, `standard_tags` as tags, the resolved config and the dataset manifest as artifacts."""
+    tracker = MlflowTracker.from_config(config, **kwargs)
+    tracker.start(run_id)
+    tracker.log_params(config.to_flat())
+    tracker.set_tags(standard_tags(config, world_size, device, manifest))
+    tracker.log_text(config.to_yaml(), "config.yaml")
+    manifest_dict = _manifest_dict(manifest)
+    if manifest_dict is not None:
+        tracker.log_text(json.dumps(manifest_dict, indent=2, sort_keys=True, default=str) + "\n", "data/manifest.json")
+    return tracker
+
+
+def standard_tags(config: Config, world_size: int, device: Any, manifest: Any = None) -> dict[str, str]:
+    """Where and on what a run trained: git commit, package versions, world size, device, dataset fingerprint.
+    `device`: "cuda" / torch.device; `manifest`: a Manifest, its dict, or a path to manifest.json or its dir."""
+    tags = {
+        "world_size": str(world_size),
+        "python": platform.python_version(),
+        "preset.name": str(config.run.name or ""),
+        "model.init_from": config.model.init_from,
+    }
+    for package in ("torch", "ray", "mlflow", "numpy", "tiktoken"):
+        try:
+            tags[f"version.{package}"] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    commit, dirty = _git_commit(Path(__file__).resolve().parents[1])
+    if commit:
+        tags.update({"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower()})
+    device_type = str(device).split(":")[0]
+    tags["device.type"] = device_type
+    if device_type == "cuda":
+        try:
+            import torch
+
+            tags["device.name"] = torch.cuda.get_device_name()
+            tags["device.local_count"] = str(torch.cuda.device_count())
+        except Exception as e:  # no driver in this process: keep the type only
+            log.debug("no CUDA details: %s", e)
+    else:
+        tags["device.name"] = platform.processor() or platform.machine()
+        tags["device.local_count"] = str(os.cpu_count() or 1)
+    manifest_dict = _manifest_dict(manifest)
+    if manifest_dict is not None:
+        tags["data.fingerprint"] = manifest_fingerprint(manifest_dict)
+        for key in ("input_fingerprint", "settings_fingerprint", "vocab_size"):
+            if key in manifest_dict:
+                tags[f"data.{key}"] = str(manifest_dict[key])
+    return tags
+
+
+def manifest_fingerprint(manifest: Mapping[str, Any]) -> str:
+    """sha256 (16 hex) of the manifest without what changes between identical preparations (timings, date)."""
+    stable = {k: v for k, v in manifest.items() if k not in ("stats", "created_at")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plot_loss_curves(curves: Mapping[str, Iterable[tuple[int, float]]], png: str | os.PathLike, title: str = "") -> None:
+    """Loss against step, one line per metric, to a PNG (Agg canvas: no pyplot state, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, points in curves.items():
+        points = [(s, v) for s, v in points if math.isfinite(v)]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=key, marker="o" if len(points) < 20 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.savefig(png, format="png")
+
+
+# ---------------------------------------------------------------------------------------- checkpoint URIs
+
+
+def resolve_checkpoint_uri(uri: str, dst: str | os.PathLike | None = None, tracking_uri: str | None = None) -> str:
+    """A local checkpoint directory for `uri`:
+    - a local path (or file://): itself;
+    - `models:/<name>/<version>`, `models:/<name>@<alias>`, `models:/<name>/latest`, `runs:/<run_id>/<path>`,
+      or an artifact-store URI (s3://, mlflow-artifacts:/...): downloaded into `dst` (default: a new temp dir).
+    `tracking_uri` (default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db) is also the registry URI."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("", "file"):
+        path = Path(urllib.parse.urlparse(uri).path if scheme else uri).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {uri} does not exist")
+        return str(path.resolve())
+    import mlflow.artifacts
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="nanogpt-ckpt-"))
+    try:
+        # models:/ is resolved here: MLflow's own resolution reads the global registry URI, not the one passed
+        source = _model_version_source(uri, tracking_uri) if scheme == "models" else uri
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+    except MlflowException as e:
+        raise FileNotFoundError(f"checkpoint {uri} could not be resolved at {tracking_uri}: {_short(e)}") from e
+    if not Path(local).exists() or (Path(local).is_dir() and not any(Path(local).iterdir())):
+        raise FileNotFoundError(f"checkpoint {uri} at {tracking_uri} has no files")
+    return str(Path(local).resolve())
+
+
+def _model_version_source(uri: str, registry_uri: str) -> str:
+    """`models:/<name>/<version>`, `models:/<name>/latest` or `models:/<name>@<alias>`, each optionally followed by
+    `/<path>`: the artifact URI of that model version's files."""
+    parts = uri.removeprefix("models:/").strip("/").split("/")
+    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    if "@" in parts[0]:
+        name, alias = parts[0].split("@", 1)
+        version, rest = client.get_model_version_by_alias(name, alias).version, parts[1:]
+    elif len(parts) >= 2 and (parts[1].isdigit() or parts[1] == "latest"):
+        name, version, rest = parts[0], parts[1], parts[2:]
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise MlflowException(f"registered model {name!r} has no versions", error_code="RESOURCE_DOES_NOT_EXIST")
+            version = str(max(int(v.version) for v in versions))
+    else:
+        raise MlflowException.invalid_parameter_value(
+            f"{uri}: expected models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias>"
+        )
+    source = client.get_model_version_download_uri(name, str(version))
+    return "/".join([source.rstrip("/"), *rest])
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _is_rejection(error: Exception) -> bool:
+    """A request the store answered and refused (4xx other than timeout/rate limit): retrying will not help."""
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return 400 <= status < 500 and status not in (408, 429)
+    return isinstance(error, (ValueError, TypeError))
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+    text = error.message if isinstance(error, MlflowException) else f"{type(error).__name__}: {error}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _param_value(key: Any, value: Any) -> str:
+    text = str(value)
+    if len(text) > MAX_PARAM_VALUE_CHARS:
+        log.warning("param %s is %d chars; MLflow keeps %d", key, len(text), MAX_PARAM_VALUE_CHARS)
+        text = text[:MAX_PARAM_VALUE_CHARS]
+    return text
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _link_tree(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
+    """Hard-link (copy across devices) `src`'s files into `dst`, leaving out the names in `skip`."""
+    skip = set(skip)
+    for file in src.rglob("*"):
+        rel = file.relative_to(src)
+        if rel.parts[0] in skip or not file.is_file():
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, target)
+        except OSError:
+            shutil.copy2(file, target)
+
+
+def _read_state(checkpoint: Path | None) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _manifest_dict(manifest: Any) -> dict[str, Any] | None:
+    if manifest is None:
+        return None
+    if hasattr(manifest, "to_dict"):
+        return manifest.to_dict()
+    if isinstance(manifest, Mapping):
+        return dict(manifest)
+    path = Path(manifest)
+    if path.is_dir():
+        path = path / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("dataset manifest %s unreadable: %s", manifest, e)
+        return None
+
+
+def _git_commit(directory: Path) -> tuple[str | None, bool]:
+    """(HEAD commit, whether tracked files have changes) of the checkout holding `directory`; (None, False) when
+    it is not a git checkout or git is missing."""
+    try:
+        head = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        return head or None, bool(status)
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+
+
+def _monitor_alive(monitor: Any) -> bool:
+    thread = getattr(monitor, "_process", None)
+    return thread is not None and thread.is_alive()

@@ -1,0 +1,230 @@
+"""MlflowTracker against real MLflow: the local sqlite store (no server), a real `mlflow server`, and that server
+dying mid-run. No mocks.
+
+    .venv/bin/python -m pytest tests/test_mlflow_tracking.py            # ~1 min, most of it server start-ups
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
+
+from nanogpt.config import Config
+from pipelines.mlflow_tracking import MlflowTracker, make_mlflow_tracker, resolve_checkpoint_uri
+
+pytest_plugins = ("tests.mlflow_server",)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRAIN = [(0, 4.17), (1, 3.9021), (2, 3.5), (3, 3.125), (4, 2.875)]  # (step, loss)
+VAL = [(2, 3.61), (4, 2.99)]
+
+
+def make_config(out_dir: Path, name: str, experiment: str, tracking_uri: str | None = None, **changes) -> Config:
+    return Config().replace(run__out_dir=str(out_dir), run__name=name, run__experiment=experiment,
+                            run__tracking_uri=tracking_uri, **changes)
+
+
+def fake_checkpoint(path: Path, config: Config, step: int, val_loss: float) -> Path:
+    """The files of a nanogpt checkpoint directory, with tiny tensors."""
+    path.mkdir(parents=True)
+    save_file({"transformer.wte.weight": torch.randn(8, 4), "lm_head.bias": torch.arange(8.0)},
+              str(path / "model.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, path / "optimizer.pt")
+    (path / "config.yaml").write_text(config.to_yaml())
+    (path / "tokenizer.json").write_text(json.dumps({"name": "char", "vocab_size": 8}))
+    (path / "manifest.json").write_text(json.dumps({"vocab_size": 8}))
+    (path / "state.json").write_text(json.dumps({"step": step, "best_val_loss": val_loss, "extra": {}}))
+    return path
+
+
+def log_losses(tracker: MlflowTracker, train=TRAIN, val=VAL) -> None:
+    val = dict(val)
+    for step, loss in train:
+        metrics = {"train/loss": loss, "lr": 1e-3 * (step + 1)}
+        if step in val:
+            metrics["val/loss"] = val[step]
+        tracker.log_metrics(metrics, step=step)
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    """Every file under `path`, recursively."""
+    found = set()
+    for info in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, info.path) if info.is_dir else {info.path}
+    return found
+
+
+def check_round_trip(client: MlflowClient, tracker: MlflowTracker, config: Config, checkpoint: Path,
+                     version: str | None, tmp_path: Path) -> None:
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert history(client, run.info.run_id, "train/loss") == TRAIN
+    assert history(client, run.info.run_id, "val/loss") == VAL
+    assert run.data.params == {k: str(v) for k, v in config.to_flat().items()}
+    tags = run.data.tags
+    assert tags["world_size"] == "2" and tags["device.type"] == "cpu"
+    assert tags["version.torch"] == torch.__version__ and tags["version.mlflow"] and tags["version.ray"]
+    assert len(tags["data.fingerprint"]) == 16
+    assert len(tags.get("git.commit", "0" * 40)) == 40  # present whenever the tests run in a git checkout
+
+    files = artifact_paths(client, run.info.run_id)
+    assert {"config.yaml", "data/manifest.json", "samples/step_000002.txt", "plots/loss_curve.png",
+            "checkpoints/best/model.safetensors", "checkpoints/best/config.yaml", "checkpoints/best/state.json",
+            "checkpoints/final/model.safetensors", "checkpoints/final/optimizer.pt"} <= files
+    assert "checkpoints/best/optimizer.pt" not in files  # the registered model carries no pickle
+    got = Path(client.download_artifacts(run.info.run_id, "samples/step_000002.txt", str(tmp_path / "dl")))
+    assert got.read_text() == "ROMEO: sample at step 2"
+    png = Path(client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path / "dl")))
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5_000
+
+    assert version == "1"
+    name = f"{config.run.experiment}-{config.run.name}"
+    mv = client.get_model_version(name, version)
+    assert mv.run_id == run.info.run_id
+    assert mv.source == f"{run.info.artifact_uri}/checkpoints/best"
+    assert mv.tags["step"] == "4" and mv.tags["best_val_loss"] == "2.99"
+    assert run.data.tags["registered_model"] == f"models:/{name}/1"
+
+    original = (checkpoint / "model.safetensors").read_bytes()
+    for i, uri in enumerate([f"models:/{name}/1", f"models:/{name}/latest", f"runs:/{run.info.run_id}/checkpoints/best"]):
+        local = Path(resolve_checkpoint_uri(uri, dst=tmp_path / f"resolved{i}", tracking_uri=tracker.tracking_uri))
+        assert (local / "model.safetensors").read_bytes() == original, uri
+        assert (local / "state.json").is_file() and not (local / "optimizer.pt").exists()
+
+
+def run_training_like_job(config: Config, checkpoint: Path, **tracker_kwargs) -> tuple[MlflowTracker, str | None]:
+    tracker = make_mlflow_tracker(config, world_size=2, device="cpu", manifest={"vocab_size": 8, "stats": {"s": 1}},
+                                  **tracker_kwargs)
+    log_losses(tracker)
+    tracker.log_text("ROMEO: sample at step 2", "samples/step_000002.txt")
+    tracker.log_checkpoint(checkpoint, "best")
+    tracker.log_checkpoint(checkpoint, "final")
+    version = tracker.register_best()
+    tracker.close()
+    return tracker, version
+
+
+# ------------------------------------------------------------------------------------------- local store
+
+
+def test_local_store_round_trip_without_server(tmp_path):
+    import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path, as in every Ray worker)
+
+    out = tmp_path / "out"
+    config = make_config(out, "shakespeare", "local-exp")
+    checkpoint = fake_checkpoint(tmp_path / "checkpoint_000004", config, step=4, val_loss=2.99)
+    tracker, version = run_training_like_job(config, checkpoint, system_metrics_interval_s=0.3)
+
+    assert tracker.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
+    assert (out / "mlflow.db").is_file()
+    assert list((out / "mlartifacts" / "local-exp").glob(f"{tracker.run_id}/artifacts/checkpoints/best/*"))
+    client = MlflowClient(tracker.tracking_uri)
+    check_round_trip(client, tracker, config, checkpoint, version, tmp_path)
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+
+
+def test_local_resume_keeps_one_run_and_tags_changed_params(tmp_path):
+    config = make_config(tmp_path / "out", "resumed", "resume-exp")
+    first = make_mlflow_tracker(config, system_metrics=False)
+    log_losses(first, train=TRAIN[:3], val=VAL[:1])  # then the worker "dies": no close()
+
+    resumed = config.replace(model__init_from="resume")
+    second = make_mlflow_tracker(resumed, run_id=first.run_id, system_metrics=False)
+    assert second.run_id == first.run_id
+    log_losses(second, train=TRAIN[3:], val=VAL[1:])
+    second.close()
+
+    client = MlflowClient(second.tracking_uri)
+    run = client.get_run(first.run_id)
+    assert history(client, run.info.run_id, "train/loss") == TRAIN
+    assert run.data.params["model.init_from"] == "scratch"  # MLflow params are immutable: first value kept
+    assert run.data.tags["param_changed.model.init_from"] == "resume"
+    assert run.data.tags["model.init_from"] == "resume"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_unknown_run_id_starts_a_new_run_and_bad_uris_name_themselves(tmp_path):
+    config = make_config(tmp_path / "out", "fresh", "exp")
+    tracker = make_mlflow_tracker(config, run_id="0123456789abcdef0123456789abcdef", system_metrics=False)
+    assert tracker.run_id and tracker.run_id != "0123456789abcdef0123456789abcdef"
+    tracker.close()
+    assert resolve_checkpoint_uri(str(tmp_path)) == str(tmp_path.resolve())
+    with pytest.raises(FileNotFoundError, match="no/such/dir"):
+        resolve_checkpoint_uri(str(tmp_path / "no/such/dir"))
+    with pytest.raises(FileNotFoundError, match="models:/missing/1"):
+        resolve_checkpoint_uri("models:/missing/1", dst=tmp_path / "x", tracking_uri=tracker.tracking_uri)
+
+
+# ------------------------------------------------------------------------------------------ real server
+
+
+@pytest.mark.slow
+def test_server_round_trip_resume_and_alias(mlflow_server, tmp_path):
+    config = make_config(tmp_path / "out", "gpt-tiny", "server-exp", tracking_uri=mlflow_server.uri)
+    checkpoint = fake_checkpoint(tmp_path / "checkpoint_000004", config, step=4, val_loss=2.99)
+    tracker, version = run_training_like_job(config, checkpoint, system_metrics=False)
+    client = MlflowClient(mlflow_server.uri)
+    check_round_trip(client, tracker, config, checkpoint, version, tmp_path)
+    assert not (tmp_path / "out" / "mlflow.db").exists()  # everything went to the server
+
+    # init_from=resume: the run id comes back from the checkpoint and the same run goes on
+    later = [(5, 2.75), (6, 2.5)]
+    resumed = make_mlflow_tracker(config, run_id=tracker.run_id, system_metrics=False)
+    log_losses(resumed, train=later, val=[])
+    resumed.close()
+    assert history(client, tracker.run_id, "train/loss") == TRAIN + later
+    assert len(client.search_runs([client.get_experiment_by_name("server-exp").experiment_id])) == 1
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+    client.set_registered_model_alias("server-exp-gpt-tiny", "champion", version)
+    local = resolve_checkpoint_uri("models:/server-exp-gpt-tiny@champion", dst=tmp_path / "alias",
+                                   tracking_uri=mlflow_server.uri)
+    assert (Path(local) / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_server_dying_mid_run_never_stalls_training_and_buffered_metrics_arrive(mlflow_server, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="pipelines.mlflow_tracking")
+    config = make_config(tmp_path / "out", "outage", "outage-exp", tracking_uri=mlflow_server.uri)
+    tracker = make_mlflow_tracker(config, system_metrics=False, retry_interval_s=1.0)
+    for step in range(3):
+        tracker.log_metrics({"train/loss": 5.0 - step}, step=step)
+
+    mlflow_server.kill()
+    durations = []
+    for step in range(3, 23):
+        t0 = time.monotonic()
+        tracker.log_metrics({"train/loss": 5.0 - step / 10}, step=step)
+        if step == 10:
+            tracker.log_text("sample during the outage", "samples/step_000010.txt")
+        durations.append(time.monotonic() - t0)
+        time.sleep(0.1)  # a training step: the breaker re-probes the dead server every second
+    assert max(durations) < 2.0, durations
+    assert sum(durations) < 5.0, durations
+    assert not tracker.reachable and tracker.num_buffered_points == 20
+    outage_warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(outage_warnings) == 1, [r.getMessage() for r in caplog.records]
+
+    mlflow_server.start()  # same port, same database
+    time.sleep(1.1)  # past the breaker's retry time
+    tracker.log_metrics({"train/loss": 0.5}, step=23)
+    assert tracker.reachable and tracker.num_buffered_points == 0
+    tracker.close()
+
+    client = MlflowClient(mlflow_server.uri)
+    steps = [s for s, _ in history(client, tracker.run_id, "train/loss")]
+    assert steps == list(range(24))
+    assert "samples/step_000010.txt" in artifact_paths(client, tracker.run_id, "samples")
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
