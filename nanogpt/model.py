@@ -532,8 +532,8 @@ def load_nanogpt_ckpt(path: str | os.PathLike[str]) -> GPT:
             f"could not load {path} with torch.load(weights_only=True): {e}\n"
             "nanoGPT's ckpt.pt holds only tensors and plain values (its 'config' is a dict of str/int/float/bool); "
             "a checkpoint with other objects (e.g. a custom class in 'config') is refused for safety. If you trust "
-            "the file, load it yourself with torch.load(path, map_location='cpu', weights_only=False) and pass "
-            "the dict to nanogpt.model.build_from_nanogpt_ckpt."
+            "the file, unpickle it yourself (at your own risk) and pass the dict to "
+            "nanogpt.model.build_from_nanogpt_ckpt."
         ) from e
     for key in ("model", "model_args"):
         if key not in checkpoint:
