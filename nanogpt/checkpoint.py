@@ -1,0 +1,425 @@
+"""Checkpoints: one directory per checkpoint, written atomically, loadable with no pickle.
+
+    checkpoint_000250/
+        model.safetensors   weights, nanoGPT's key names (no `_orig_mod.`/`module.` prefix ever), tied lm_head once
+        optimizer.pt        AdamW state_dict (tensors and plain values: torch.load(weights_only=True) reads it)
+        scaler.pt           GradScaler state, only for float16 training
+        config.yaml         the resolved Config
+        tokenizer.json      the dataset's tokenizer description (tokenizers.tokenizer_from_dict rebuilds it)
+        manifest.json       a copy of the dataset manifest the run trained on
+        state.json          step, best_val_loss, model_args, seed, world_size, tokens_seen, extra; written LAST
+
+The directory is built under a temporary sibling name and renamed into place once state.json is in it, so a
+directory named like a checkpoint is complete, and a directory without state.json (a copy that was cut short) is
+refused with `CheckpointError`. `step` is the number of optimizer updates the weights have had: training resumed
+from it makes update `step` next, exactly as the uninterrupted run did.
+
+    save_checkpoint("out/checkpoint_000250", model=model, optimizer=opt, step=250, best_val_loss=1.9, config=cfg)
+    ckpt = load_checkpoint("out/checkpoint_000250")          # Checkpoint(model_state=..., step=250, ...)
+    model, config = load_model("out/checkpoint_000250")      # a GPT in eval mode, and the run's Config
+    export_nanogpt_ckpt("out/checkpoint_000250", "ckpt.pt")  # nanoGPT's sample.py loads it
+    export_hf_dir("out/checkpoint_000250", "hf/")            # transformers.GPT2LMHeadModel.from_pretrained("hf/")
+
+`LocalReporter` is the plain-process `Reporter` for `nanogpt.train.train`: it moves each reported checkpoint into
+`out_dir/checkpoint_<step:06d>` and keeps the best (by val_loss) plus the latest `num_to_keep`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from nanogpt.config import Config, ConfigError
+from nanogpt.model import GPT, GPTConfig, clean_state_dict
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCALER_FILE = "scaler.pt"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.json"  # LocalReporter's record of what was reported with the checkpoint
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")
+# nanoGPT's GPTConfig fields: what its ckpt.pt carries as model_args (GPTConfig(**model_args) must work there)
+NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, incomplete or unreadable; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    """nanoGPT keys, both of the tied `transformer.wte.weight` / `lm_head.weight` present (one tensor)."""
+    model_args: dict[str, Any]
+    """The GPTConfig the weights belong to."""
+    optimizer_state: dict[str, Any] | None
+    scaler_state: dict[str, Any] | None
+    step: int
+    best_val_loss: float
+    """math.inf before any evaluation."""
+    config: Config
+    tokenizer: dict[str, Any] | None
+    manifest_json: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    """All of state.json (seed, world_size, tokens_seen, versions, ...)."""
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, in any nesting."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
+            not isinstance(model, GPT) and isinstance(getattr(model, "module", None), torch.nn.Module)
+        ):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(
+    dir: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    step: int,
+    best_val_loss: float,
+    config: Config,
+    tokenizer: dict[str, Any] | None = None,
+    manifest_json: str | None = None,
+    extra: dict[str, Any] | None = None,
+    world_size: int = 1,
+    tokens_seen: int | None = None,
+) -> Path:
+    """Write a checkpoint directory at `dir` (which must not exist, or be empty) atomically; return its path."""
+    from safetensors.torch import save_file
+
+    final = Path(dir)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise CheckpointError(f"{final}: already exists and is not an empty directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        raw = unwrap_model(model)
+        tensors, tied = _dedup_tied(clean_state_dict(raw.state_dict()))
+        save_file(tensors, str(staging / MODEL_FILE), metadata={"format": "pt", "tied": json.dumps(tied)})
+        files = [MODEL_FILE]
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+            files.append(OPTIMIZER_FILE)
+        if scaler is not None and scaler.is_enabled():
+            torch.save(scaler.state_dict(), staging / SCALER_FILE)
+            files.append(SCALER_FILE)
+        (staging / CONFIG_FILE).write_text(config.to_yaml())
+        files.append(CONFIG_FILE)
+        if tokenizer is not None:
+            (staging / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False) + "\n")
+            files.append(TOKENIZER_FILE)
+        if manifest_json is not None:
+            (staging / MANIFEST_FILE).write_text(manifest_json)
+            files.append(MANIFEST_FILE)
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": int(step),
+            "best_val_loss": float(best_val_loss) if math.isfinite(best_val_loss) else None,  # JSON has no inf
+            "model_args": dataclasses.asdict(raw.config),
+            "seed": config.train.seed,
+            "world_size": int(world_size),
+            "tokens_seen": int(tokens_seen) if tokens_seen is not None else None,
+            "files": files,
+            "extra": extra or {},
+            "versions": {"torch": torch.__version__},
+        }
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        for name in files + [STATE_FILE]:
+            _fsync(staging / name)
+        if final.exists():
+            final.rmdir()  # empty (checked above): os.replace needs the name free or an empty directory
+        os.replace(staging, final)
+        _fsync(final.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def is_checkpoint(dir: str | os.PathLike) -> bool:
+    """True for a complete checkpoint directory (its state.json, written last, is there)."""
+    return (Path(dir) / STATE_FILE).is_file()
+
+
+def load_checkpoint(
+    dir: str | os.PathLike, map_location: str | torch.device = "cpu", *, with_optimizer: bool = True
+) -> Checkpoint:
+    """Read a checkpoint directory. Missing or unreadable files raise CheckpointError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(dir)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    state_path = path / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path}: missing, so {path} is not a complete checkpoint (an interrupted save or copy?)")
+    state = _read(state_path, json.loads)
+    for name in state.get("files", []):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing from the checkpoint (state.json lists it)")
+
+    model_path = path / MODEL_FILE
+    try:
+        model_state = load_file(str(model_path), device=str(map_location))
+        with safe_open(str(model_path), framework="pt") as f:
+            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{model_path}: unreadable ({type(e).__name__}: {e})") from None
+    for alias, kept in tied.items():
+        model_state[alias] = model_state[kept]
+
+    optimizer_state = scaler_state = None
+    if with_optimizer and (path / OPTIMIZER_FILE).is_file():
+        optimizer_state = _read(path / OPTIMIZER_FILE, lambda p: torch.load(p, map_location=map_location, weights_only=True), binary=True)
+    if (path / SCALER_FILE).is_file():
+        scaler_state = _read(path / SCALER_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True), binary=True)
+    config = _read(path / CONFIG_FILE, lambda text: Config.from_dict(yaml.safe_load(text) or {}, source=str(path / CONFIG_FILE)))
+    tokenizer = _read(path / TOKENIZER_FILE, json.loads) if (path / TOKENIZER_FILE).is_file() else None
+    manifest_json = (path / MANIFEST_FILE).read_text() if (path / MANIFEST_FILE).is_file() else None
+    try:
+        step = int(state["step"])
+        best = state["best_val_loss"]
+        model_args = dict(state["model_args"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{state_path}: malformed ({type(e).__name__}: {e})") from None
+    return Checkpoint(
+        path=path,
+        model_state=model_state,
+        model_args=model_args,
+        optimizer_state=optimizer_state,
+        scaler_state=scaler_state,
+        step=step,
+        best_val_loss=math.inf if best is None else float(best),
+        config=config,
+        tokenizer=tokenizer,
+        manifest_json=manifest_json,
+        extra=dict(state.get("extra") or {}),
+        state=state,
+    )
+
+
+def build_model(ckpt: Checkpoint, dropout: float | None = None) -> GPT:
+    """The GPT a checkpoint describes, its weights loaded strictly (on the device the state was loaded to)."""
+    args = dict(ckpt.model_args)
+    if dropout is not None:
+        args["dropout"] = dropout
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    model = GPT(GPTConfig(**{k: v for k, v in args.items() if k in known}))
+    try:
+        model.load_state_dict(ckpt.model_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt.path / MODEL_FILE}: does not match its model_args {args}: {e}") from None
+    return model
+
+
+def load_model(dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Config]:
+    """The checkpoint's GPT on `device`, in eval mode, and the Config it was trained with (no optimizer read)."""
+    ckpt = load_checkpoint(dir, map_location="cpu", with_optimizer=False)
+    model = build_model(ckpt).to(device)
+    model.eval()
+    return model, ckpt.config
+
+
+def export_nanogpt_ckpt(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write nanoGPT's `ckpt.pt` ({model, optimizer, model_args, iter_num, best_val_loss, config}) from a checkpoint.
+
+    Plain types only (config is a flat dict of str/int/float/bool/None), so nanoGPT's sample.py and
+    `torch.load(weights_only=True)` read it. Written to a temporary name and renamed (nanoGPT overwrites in place).
+    """
+    ckpt = load_checkpoint(ckpt_dir, map_location="cpu")
+    flat = ckpt.config.to_flat()
+    bare: dict[str, Any] = {}
+    for key, value in flat.items():  # nanoGPT's config keys have no section: add the unambiguous bare names
+        name = key.split(".", 1)[1]
+        bare[name] = value if name not in bare else _AMBIGUOUS
+    config = {**{k: v for k, v in bare.items() if v is not _AMBIGUOUS}, **flat}
+    payload = {
+        "model": ckpt.model_state,
+        "optimizer": ckpt.optimizer_state,
+        "model_args": {k: ckpt.model_args[k] for k in NANOGPT_MODEL_ARGS},
+        "iter_num": ckpt.step,
+        "best_val_loss": ckpt.best_val_loss,
+        "config": config,
+    }
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def export_hf_dir(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, vocab_size: int | None = None) -> Path:
+    """A Hugging Face GPT-2 directory (config.json + model.safetensors) from a checkpoint (nanogpt.hf.export_hf).
+    vocab_size cuts a padded vocabulary back to the tokenizer's (50304 -> 50257)."""
+    from nanogpt.hf import export_hf
+
+    model, _ = load_model(ckpt_dir)
+    return export_hf(model, out_dir, vocab_size=vocab_size)
+
+
+# ------------------------------------------------------------------------------------------ plain-process reporter
+
+
+def checkpoint_dirs(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete `checkpoint_<step>` directory under out_dir, by step."""
+    root = Path(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_NAME.match(p.name)
+        if m and is_checkpoint(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
+    """The complete checkpoint of out_dir with the highest step, or None."""
+    found = checkpoint_dirs(out_dir)
+    return str(found[-1][1]) if found else None
+
+
+class LocalReporter:
+    """The `Reporter` of a plain process: each reported checkpoint is moved to out_dir/checkpoint_<step:06d>
+    (copied under a temporary name and renamed when the source is on another filesystem), with the reported
+    metrics beside it in metrics.json. Kept: the latest `num_to_keep` (None: all) and the best by val_loss among
+    checkpoints evaluated at their own step. Every report's metrics are appended to `history`."""
+
+    def __init__(self, out_dir: str | os.PathLike, num_to_keep: int | None = None) -> None:
+        if num_to_keep is not None and num_to_keep < 1:
+            raise ValueError(f"num_to_keep must be >= 1 or None, got {num_to_keep}")
+        self.out_dir = Path(out_dir)
+        self.num_to_keep = num_to_keep
+        self.history: list[dict[str, float]] = []
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        self.history.append(dict(metrics))
+        if checkpoint_dir is None:
+            return
+        step = int(metrics["step"])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.out_dir / f"checkpoint_{step:06d}"
+        staging = self.out_dir / f".{dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            try:
+                os.rename(checkpoint_dir, staging)  # same filesystem: instant
+            except OSError:
+                shutil.copytree(checkpoint_dir, staging)
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            (staging / METRICS_FILE).write_text(json.dumps({k: _json_number(v) for k, v in metrics.items()}) + "\n")
+            if dest.exists():  # a rerun reaching the same step: the new checkpoint wins
+                trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+                os.rename(dest, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(staging, dest)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        log.info("saved checkpoint %s", dest)
+        self._prune()
+
+    def _prune(self) -> None:
+        if self.num_to_keep is None:
+            return
+        found = checkpoint_dirs(self.out_dir)
+        keep = {p for _, p in found[-self.num_to_keep:]}
+        scored = [(m["val_loss"], s, p) for s, p in found if (m := _read_metrics(p)) is not None
+                  and m.get("val_loss") is not None and m.get("val_loss_step", s) == s]
+        if scored:
+            keep.add(min(scored)[2])
+        for _, p in found:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+_AMBIGUOUS = object()
+
+
+def _dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors for safetensors (contiguous, on CPU, each storage once) and {dropped key: kept key} for the ties."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in state.items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in seen:
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().cpu().contiguous()
+    return tensors, tied
+
+
+def _read(path: Path, parse, binary: bool = False):
+    try:
+        return parse(path) if binary else parse(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # json/yaml/pickle errors come in many types; all mean the file is damaged
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _json_number(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

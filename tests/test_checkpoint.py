@@ -1,0 +1,207 @@
+"""Checkpoint directories: exact round trip, no wrapper prefixes on disk, atomicity, nanoGPT and HF exports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from nanogpt.checkpoint import (
+    CheckpointError,
+    LocalReporter,
+    checkpoint_dirs,
+    export_hf_dir,
+    export_nanogpt_ckpt,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    unwrap_model,
+)
+from nanogpt.config import Config
+from nanogpt.model import GPT, GPTConfig, load_nanogpt_ckpt
+
+CONFIG = Config.from_dict({"model": dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)})
+TOKENIZER = {"name": "char", "vocab_size": 3, "chars": ["a", "b", "c"]}
+
+
+def trained_model(steps: int = 2) -> tuple[GPT, torch.optim.Optimizer]:
+    """A tiny GPT and its AdamW after a few updates, so the optimizer has state to save."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    for _ in range(steps):
+        idx = torch.randint(0, 64, (2, 16))
+        _, loss = model(idx, idx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+def save(path: Path, model, optimizer=None, step: int = 7, best: float = 1.25) -> Path:
+    return save_checkpoint(path, model=model, optimizer=optimizer, step=step, best_val_loss=best, config=CONFIG,
+                           tokenizer=TOKENIZER, manifest_json='{"vocab_size": 3}\n', extra={"run_id": "abc"})
+
+
+def disk_keys(ckpt: Path) -> list[str]:
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+def test_round_trip_is_exact(tmp_path):
+    model, optimizer = trained_model()
+    path = save(tmp_path / "checkpoint_000007", model, optimizer)
+    ckpt = load_checkpoint(path)
+    assert (ckpt.step, ckpt.best_val_loss, ckpt.extra, ckpt.tokenizer) == (7, 1.25, {"run_id": "abc"}, TOKENIZER)
+    assert ckpt.config == CONFIG and ckpt.manifest_json == '{"vocab_size": 3}\n'
+    assert ckpt.model_args == {"block_size": 16, "vocab_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                               "dropout": 0.0, "bias": True}
+    sd = model.state_dict()
+    assert set(ckpt.model_state) == set(sd)
+    assert all(torch.equal(ckpt.model_state[k], sd[k]) for k in sd)
+    saved, original = ckpt.optimizer_state, optimizer.state_dict()
+    assert saved["param_groups"] == original["param_groups"]
+    for i, state in original["state"].items():
+        for name, value in state.items():
+            assert torch.equal(saved["state"][i][name], value), (i, name)
+    # the tied matrix is stored once and comes back tied
+    assert "lm_head.weight" not in disk_keys(path)
+    loaded, config = load_model(path)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight and not loaded.training and config == CONFIG
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(loaded(idx)[0], model.eval()(idx)[0])
+
+
+def test_best_val_loss_inf_round_trips(tmp_path):
+    model, _ = trained_model(0)
+    path = save(tmp_path / "c", model, best=math.inf)
+    assert json.loads((path / "state.json").read_text())["best_val_loss"] is None
+    assert load_checkpoint(path).best_val_loss == math.inf and load_checkpoint(path).optimizer_state is None
+
+
+def test_no_prefix_reaches_disk_from_a_compiled_model(tmp_path):
+    model, _ = trained_model(0)
+    compiled = torch.compile(model)  # wrapping only: its state_dict keys carry `_orig_mod.`
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    path = save(tmp_path / "c", compiled)
+    assert not [k for k in disk_keys(path) if "_orig_mod" in k or k.startswith("module.")]
+    assert unwrap_model(compiled) is model
+
+
+def test_no_prefix_reaches_disk_from_ddp(tmp_path):
+    model, _ = trained_model(0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(torch.compile(model))
+        assert all(k.startswith("module._orig_mod.") for k in wrapped.state_dict())
+        path = save(tmp_path / "c", wrapped)
+    finally:
+        dist.destroy_process_group()
+    assert sorted(disk_keys(path)) == sorted(k for k in model.state_dict() if k != "lm_head.weight")
+    assert unwrap_model(wrapped) is model
+
+
+def test_half_written_dir_is_not_a_checkpoint(tmp_path):
+    model, optimizer = trained_model(1)
+    path = save(tmp_path / "checkpoint_000007", model, optimizer)
+    partial = tmp_path / "checkpoint_000009"
+    partial.mkdir()
+    for name in ("model.safetensors", "config.yaml"):  # a copy cut short before state.json
+        (partial / name).write_bytes((path / name).read_bytes())
+    with pytest.raises(CheckpointError, match=r"state.json: missing"):
+        load_checkpoint(partial)
+    assert latest_checkpoint(tmp_path) == str(path)
+    assert [s for s, _ in checkpoint_dirs(tmp_path)] == [7]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "config.yaml", "state.json"])
+def test_corrupt_or_missing_file_is_named(tmp_path, victim):
+    model, optimizer = trained_model(1)
+    path = save(tmp_path / "c", model, optimizer)
+    (path / victim).write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match=victim):
+        load_checkpoint(path)
+    if victim != "state.json":
+        (path / victim).unlink()
+        with pytest.raises(CheckpointError, match=rf"{victim}: missing"):
+            load_checkpoint(path)
+
+
+def test_saving_over_an_existing_checkpoint_is_refused(tmp_path):
+    model, _ = trained_model(0)
+    path = save(tmp_path / "c", model)
+    with pytest.raises(CheckpointError, match="already exists"):
+        save(path, model)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left behind
+
+
+def test_export_nanogpt_ckpt_loads_with_weights_only(tmp_path):
+    model, optimizer = trained_model()
+    path = save(tmp_path / "c", model, optimizer)
+    out = export_nanogpt_ckpt(path, tmp_path / "ckpt.pt")
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert set(ckpt) == {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
+    assert ckpt["iter_num"] == 7 and ckpt["best_val_loss"] == 1.25
+    assert ckpt["config"]["model.n_layer"] == 2 and ckpt["config"]["n_layer"] == 2
+    assert "seed" not in ckpt["config"]  # data.seed and train.seed: ambiguous without a section
+    assert all(v is None or isinstance(v, (str, int, float, bool)) for v in ckpt["config"].values())
+    # nanoGPT's sample.py: GPTConfig(**model_args), then a strict load_state_dict
+    fresh = GPT(GPTConfig(**ckpt["model_args"]))
+    fresh.load_state_dict(ckpt["model"], strict=True)
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(fresh.eval()(idx)[0], model.eval()(idx)[0])
+    assert torch.equal(load_nanogpt_ckpt(out).eval()(idx)[0], model(idx)[0])
+    # nanoGPT's optimizer (same two groups, same parameter order) takes the state
+    fresh.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").load_state_dict(ckpt["optimizer"])
+
+
+def test_export_hf_dir_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, _ = trained_model()
+    path = save(tmp_path / "c", model)
+    out = export_hf_dir(path, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model.eval()(idx, idx)[0], rtol=1e-4, atol=1e-4)
+
+
+def report_checkpoint(reporter: LocalReporter, tmp_path: Path, model, step: int, val_loss: float | None) -> None:
+    src = save(tmp_path / "tmp" / f"checkpoint_{step:06d}", model, step=step)
+    metrics = {"step": step, "loss": 1.0}
+    if val_loss is not None:
+        metrics.update(val_loss=val_loss, val_loss_step=step)
+    reporter.report(metrics, str(src))
+    assert not src.exists()  # the reporter took it over
+
+
+def test_local_reporter_keeps_best_and_latest(tmp_path):
+    model, _ = trained_model(0)
+    reporter = LocalReporter(tmp_path / "out", num_to_keep=2)
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, None)]:
+        report_checkpoint(reporter, tmp_path, model, step, val)
+    assert [s for s, _ in checkpoint_dirs(tmp_path / "out")] == [2, 4, 5]  # best (step 2) + the latest two
+    assert latest_checkpoint(tmp_path / "out") == str(tmp_path / "out" / "checkpoint_000005")
+    assert json.loads((tmp_path / "out" / "checkpoint_000002" / "metrics.json").read_text())["val_loss"] == 1.0
+    reporter.report({"step": 6, "val_loss": 0.5}, None)  # metrics only
+    assert len(reporter.history) == 6 and len(checkpoint_dirs(tmp_path / "out")) == 3
+    assert latest_checkpoint(tmp_path / "nowhere") is None
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_files_are_plain_and_loadable_without_pickle(tmp_path):
+    model, optimizer = trained_model(1)
+    path = save(tmp_path / "c", model, optimizer)
+    assert sorted(os.listdir(path)) == sorted(
+        ["model.safetensors", "optimizer.pt", "config.yaml", "tokenizer.json", "manifest.json", "state.json"]
+    )
+    torch.load(path / "optimizer.pt", weights_only=True)
+    state = json.loads((path / "state.json").read_text())
+    assert state["files"] == ["model.safetensors", "optimizer.pt", "config.yaml", "tokenizer.json", "manifest.json"]
