@@ -43,8 +43,9 @@ class ModelConfig:
     a char vocabulary is used as is (nanoGPT's meta.pkl behaviour)."""
     dropout: float = 0.0
     """0 for pretraining, 0.1+ for finetuning (nanoGPT's advice)."""
-    bias: bool = True
-    """Bias in Linear and LayerNorm layers, like GPT-2; False is a bit better and faster."""
+    bias: bool = False
+    """Bias in Linear and LayerNorm layers: True like GPT-2; False (nanoGPT train.py's default) is a bit better and
+    faster. Pretrained GPT-2 weights always have biases."""
     init_from: str = "scratch"
     """scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF GPT-2 directory."""
 

@@ -263,16 +263,15 @@ def export_hf(model: GPT, out_dir: str | os.PathLike[str], vocab_size: int | Non
     The vocabulary is exported as the model has it: a model trained with nanoGPT's padded 50304 exports 50304
     logits, of which the 47 past GPT-2's 50257 are never produced by the tokenizer (and are pushed down in
     training). Pass vocab_size=50257 to cut wte/lm_head to the tokenizer's size; the kept logits are unchanged.
-    The weights keep their dtype; lm_head.weight is not written (tied to transformer.wte.weight).
+    The weights keep their dtype; lm_head.weight is not written (tied to transformer.wte.weight). HF GPT-2 always
+    has biases: a bias=False model (nanoGPT's default) is exported with zero biases, which computes the same thing.
     """
     safetensors_torch = _require("safetensors.torch")
-    if not model.config.bias:
-        raise ValueError("HF GPT-2 always has biases; a model with bias=False cannot be exported to it")
     if vocab_size is not None and not 0 < vocab_size <= model.config.vocab_size:
         raise ValueError(f"vocab_size must be in (0, {model.config.vocab_size}], got {vocab_size}")
     nanogpt_to_hf = {v: k for k, v in HF_TO_NANOGPT.items() if v is not None}
     tensors = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in _with_zero_biases(model.state_dict()).items():
         if key == "lm_head.weight":
             continue
         template, layer = _layer_template(key)
@@ -288,4 +287,15 @@ def export_hf(model: GPT, out_dir: str | os.PathLike[str], vocab_size: int | Non
     (out / "config.json").write_text(json.dumps(hf_config_dict(model.config, vocab_size), indent=2) + "\n")
     safetensors_torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     logger.info("exported %d tensors to %s", len(tensors), out)
+    return out
+
+
+def _with_zero_biases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the zero bias of every LayerNorm and Linear that has none (bias=False), sized by its output."""
+    out = dict(state_dict)
+    for key, weight in state_dict.items():
+        if key.endswith(".weight") and key not in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"):
+            bias_key = key.removesuffix(".weight") + ".bias"
+            if bias_key not in out:
+                out[bias_key] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     return out

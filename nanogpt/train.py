@@ -187,6 +187,14 @@ def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def default_vocab_size(manifest: shards.Manifest) -> int:
+    """model.vocab_size=null: nanoGPT's choice. GPT-2 BPE is padded to 50304; a char vocabulary (its meta.pkl) is
+    used as is, so the shakespeare_char recipes reproduce nanoGPT's numbers."""
+    if manifest.tokenizer.get("name") == "char":
+        return manifest.vocab_size
+    return padded_vocab_size(manifest.vocab_size)
+
+
 def dropout_seed(seed: int, step: int, g: int) -> int:
     """The torch seed for micro-batch g of step `step` (a different stream from the data's, same inputs)."""
     return int(np.random.SeedSequence([seed % 2**63, step, g, 1]).generate_state(1, np.uint64)[0])
@@ -474,7 +482,7 @@ def _build_model(config: Config, manifest: shards.Manifest, checkpoint: Checkpoi
             )
         model = build_model(checkpoint, dropout=mc.dropout)
     elif mc.init_from == "scratch":
-        vocab_size = mc.vocab_size if mc.vocab_size is not None else padded_vocab_size(manifest.vocab_size)
+        vocab_size = mc.vocab_size if mc.vocab_size is not None else default_vocab_size(manifest)
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
         model = GPT(GPTConfig(
             n_layer=mc.n_layer, n_head=mc.n_head, n_embd=mc.n_embd, block_size=mc.block_size,
@@ -491,7 +499,7 @@ def _build_model(config: Config, manifest: shards.Manifest, checkpoint: Checkpoi
         raise ConfigError(
             f"the model's vocabulary has {model.config.vocab_size} tokens but the dataset's tokenizer "
             f"({manifest.tokenizer.get('name')}) has {manifest.vocab_size}: set model.vocab_size >= "
-            f"{manifest.vocab_size} (or null to use the dataset's, padded to {padded_vocab_size(manifest.vocab_size)})"
+            f"{manifest.vocab_size} (or null to use the dataset's: {default_vocab_size(manifest)})"
         )
     return model
 

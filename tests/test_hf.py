@@ -93,6 +93,15 @@ def test_export_loads_in_transformers(tmp_path, idx):
         assert torch.equal(again.state_dict()[key], value), key
 
 
+def test_export_of_a_bias_free_model_writes_zero_biases(tmp_path, idx):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=T, vocab_size=V, bias=False)).eval()
+    export_hf(model, tmp_path)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.count_nonzero(hf_model.transformer.h[1].mlp.c_fc.bias) == 0
+    torch.testing.assert_close(hf_logits(hf_model, idx), model(idx, idx)[0], atol=1e-5, rtol=0)
+
+
 def test_export_keeps_padded_vocab_or_cuts_it(tmp_path, idx):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=T, vocab_size=128)).eval()  # padded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,14 @@ from nanogpt.checkpoint import LocalReporter, checkpoint_dirs, load_checkpoint
 from nanogpt.config import Config, ConfigError
 from nanogpt.model import GPT
 from nanogpt.tracking import JsonlTracker
-from nanogpt.train import NonFiniteError, TrainContext, micro_steps_per_rank, resolve_dtype, train
+from nanogpt.train import (
+    NonFiniteError,
+    TrainContext,
+    default_vocab_size,
+    micro_steps_per_rank,
+    resolve_dtype,
+    train,
+)
 from tests.test_batches import make_char_shards
 
 TINY = {
@@ -258,10 +266,14 @@ def test_vocab_smaller_than_the_dataset_is_a_config_error(data_dir, tmp_path):
         run(tiny_config(model=dict(vocab_size=16)), data_dir, tmp_path / "out")
 
 
-def test_scratch_vocab_is_the_dataset_vocab_padded_to_64(data_dir, tmp_path):
+def test_scratch_vocab_is_the_char_vocab_as_is_and_gpt2_padded_to_64(data_dir, tmp_path):
     run(tiny_config(train=dict(max_iters=4)), data_dir, tmp_path / "out")
     ckpt = load_checkpoint(tmp_path / "out" / "checkpoint_000004")
-    assert shards.load_manifest(data_dir).vocab_size < 64 and ckpt.model_args["vocab_size"] == 64
+    char_vocab = shards.load_manifest(data_dir).vocab_size
+    assert ckpt.model_args["vocab_size"] == char_vocab  # nanoGPT's meta.pkl vocabulary, unpadded
+    gpt2 = dataclasses.replace(shards.load_manifest(data_dir), tokenizer={"name": "gpt2", "vocab_size": 50257},
+                               vocab_size=50257)
+    assert default_vocab_size(gpt2) == 50304
 
 
 def test_resume_with_a_different_architecture_is_a_config_error(data_dir, tmp_path):
