@@ -65,7 +65,7 @@ from nanogpt.metrics import bits_per_byte, perplexity
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.sampling import sample_text
 from nanogpt.tokenizers import tokenizer_from_dict
-from nanogpt.tracking import NullTracker, Tracker
+from nanogpt.tracking import RUN_ID_KEY, NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,6 @@ def train(
     mfu_dtype = "tf32" if dtype == torch.float32 else dtype
     tokenizer = tokenizer_from_dict(manifest.tokenizer) if (tc.sample_tokens > 0 and main) else None
     val_bytes = getattr(manifest.splits.get("val"), "num_bytes", 0) or 0
-    run_id = getattr(tracker, "run_id", None)
     if main:
         log.info(
             "tokens per iteration will be: %s (%d workers x %d micro-steps x %d x %d)",
@@ -360,7 +359,8 @@ def train(
                     best_val_loss=best_val_loss, config=config, tokenizer=manifest.tokenizer,
                     manifest_json=manifest.to_json(), world_size=ctx.world_size,
                     tokens_seen=step * tokens_per_step,
-                    extra={"val_loss": val_loss, "val_loss_step": val_loss_step, "tracking_run_id": run_id},
+                    # read at every save: a tracker that was unreachable at the start may have its run by now
+                    extra={"val_loss": val_loss, "val_loss_step": val_loss_step, RUN_ID_KEY: tracker.run_id},
                 ),
             )
         if tc.eval_only or is_last:
