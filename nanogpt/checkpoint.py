@@ -184,8 +184,11 @@ def load_checkpoint(
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing, so {path} is not a complete checkpoint (an interrupted save or copy?)")
     state = _read(state_path, json.loads)
+    # Training state (optimizer, scaler) is only needed to resume: a weights-only copy (the MLflow registered model
+    # leaves it out) loads for sampling and evaluation.
+    optional = () if with_optimizer else (OPTIMIZER_FILE, SCALER_FILE)
     for name in state.get("files", []):
-        if not (path / name).is_file():
+        if name not in optional and not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing from the checkpoint (state.json lists it)")
 
     model_path = path / MODEL_FILE
@@ -201,7 +204,7 @@ def load_checkpoint(
     optimizer_state = scaler_state = None
     if with_optimizer and (path / OPTIMIZER_FILE).is_file():
         optimizer_state = _read(path / OPTIMIZER_FILE, lambda p: torch.load(p, map_location=map_location, weights_only=True), binary=True)
-    if (path / SCALER_FILE).is_file():
+    if with_optimizer and (path / SCALER_FILE).is_file():
         scaler_state = _read(path / SCALER_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True), binary=True)
     config = _read(path / CONFIG_FILE, lambda text: Config.from_dict(yaml.safe_load(text) or {}, source=str(path / CONFIG_FILE)))
     tokenizer = _read(path / TOKENIZER_FILE, json.loads) if (path / TOKENIZER_FILE).is_file() else None

@@ -183,9 +183,13 @@ class RunConfig:
     """Ray Train restarts the worker group from the last checkpoint up to this many times (-1: forever)."""
     num_to_keep: int | None = 2
     """Checkpoints kept besides the best; None keeps all."""
+    tracker: str = "mlflow"
+    """mlflow | none (metrics.jsonl in the run directory is written either way)."""
     tracking_uri: str | None = None
-    """MLflow tracking URI; None: MLFLOW_TRACKING_URI, else a local sqlite store under out_dir."""
+    """MLflow tracking URI; None: MLFLOW_TRACKING_URI, else a local sqlite store, <out_dir>/mlflow.db."""
     experiment: str = "nanogpt"
+    registered_model: str | None = None
+    """The MLflow registered model that each run's best checkpoint becomes a version of; None: the experiment name."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_workers", "cpus_per_worker")
@@ -193,6 +197,7 @@ class RunConfig:
             raise ConfigError("run.gpus_per_worker must be positive when run.use_gpu is true")
         if self.max_failures < -1:
             raise ConfigError(f"run.max_failures must be >= -1, got {self.max_failures}")
+        _one_of(self, "tracker", ("mlflow", "none"))
         if self.num_to_keep is not None and self.num_to_keep < 1:
             raise ConfigError(f"run.num_to_keep must be >= 1 or null, got {self.num_to_keep}")
 

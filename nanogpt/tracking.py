@@ -38,7 +38,9 @@ class Tracker(Protocol):
 
     def log_text(self, text: str, artifact_file: str) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run: FINISHED, or FAILED when training raised."""
+        ...
 
 
 class NullTracker:
@@ -61,7 +63,7 @@ class NullTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         pass
 
 
@@ -102,7 +104,7 @@ class JsonlTracker:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(text)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self._file.close()
 
     def read(self) -> list[dict]:
@@ -147,9 +149,9 @@ class MultiTracker:
         for t in self.trackers:
             t.log_text(text, artifact_file)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         for t in self.trackers:
-            t.close()
+            t.close(status)
 
 
 def _plain(value: object) -> object:

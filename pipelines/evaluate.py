@@ -42,6 +42,7 @@ from nanogpt.metrics import bits_per_byte, perplexity
 from nanogpt.model import GPT
 from nanogpt.tokenizers import Tokenizer, TokenizerError, tokenizer_from_dict
 from nanogpt.train import resolve_device, resolve_dtype
+from pipelines.sample import local_checkpoint_dir
 
 log = logging.getLogger("nanogpt.evaluate")
 
@@ -124,7 +125,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         epilog="With --config, any config field can be set as --section.key=value (e.g. --train.batch_size=4).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint directory written by pipelines/pretrain.py")
+    source.add_argument("--checkpoint", help="a checkpoint directory written by pipelines/pretrain.py, or an MLflow "
+                        "models:/<name>/<version> or runs:/<run id>/checkpoints/best URI")
+    parser.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ (default: MLFLOW_TRACKING_URI, "
+                        "else out/mlflow.db)")
     source.add_argument("--config", help="a preset (eval_gpt2, eval_gpt2_medium, ...) or YAML: model.init_from is "
                                          "the pretrained model")
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", help="prepared shards (default: data.dir)")
@@ -147,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.checkpoint:
-            ckpt = load_checkpoint(args.checkpoint, with_optimizer=False)
+            with local_checkpoint_dir(args.checkpoint, args.tracking_uri) as ckpt_dir:  # read whole: then dropped
+                ckpt = load_checkpoint(ckpt_dir, with_optimizer=False)
             config = ckpt.config
             if ckpt.tokenizer is None:
                 raise CheckpointError(f"{args.checkpoint}: has no tokenizer.json")

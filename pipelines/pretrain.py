@@ -68,7 +68,7 @@ from nanogpt.config import Config, ConfigError, load_config
 from nanogpt.corpus import CorpusError
 from nanogpt.shards import MANIFEST_NAME, Manifest, ShardError, verify
 from nanogpt.tokenizers import TokenizerError
-from nanogpt.tracking import JsonlTracker, NullTracker, Tracker
+from nanogpt.tracking import RUN_ID_KEY, JsonlTracker, MultiTracker, NullTracker, Tracker
 from nanogpt.train import TrainContext, micro_steps_per_rank
 
 log = logging.getLogger("nanogpt.pretrain")
@@ -106,6 +106,8 @@ class PretrainOutcome:
     latest_checkpoint: str | None
     summary: dict[str, Any]
     """What rank 0's worker function returned (steps, tokens/s, ...)."""
+    tracking: dict[str, str] | None = None
+    """MLflow: tracking_uri, run_id and, when the best checkpoint was registered, model_uri (models:/name/version)."""
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -144,14 +146,22 @@ def pretrain(
         verify(data_dir)
     _warn_if_cluster_too_small(config)
 
-    # The config the workers (and every checkpoint's config.yaml) see: resolved name, storage and data paths.
+    # The config the workers (and every checkpoint's config.yaml) see: resolved name, storage and data paths, and
+    # the tracking store (a relative sqlite path or another environment on a worker would split the run).
     config = config.replace(run__name=plan.name, run__out_dir=plan.storage_path, data__dir=data_dir)
+    if config.run.tracker == "mlflow":
+        from pipelines.mlflow_tracking import resolve_tracking_uri
+
+        config = config.replace(run__tracking_uri=resolve_tracking_uri(config))
     trainer = build_trainer(config, plan, fault=fault, collect_step_times=collect_step_times)
     log.info("run %s -> %s (%d workers)%s", plan.name, plan.run_dir, config.run.num_workers,
              f", resuming from {plan.resume_from}" if plan.resume_from else
              (", continuing from its latest checkpoint" if plan.continues_run else ""))
     result = trainer.fit()  # raises ray.train.TrainingFailedError when the workers fail beyond run.max_failures
-    return _outcome(plan, result, ray.train)
+    outcome = _outcome(plan, result, ray.train)
+    if config.run.tracker == "mlflow":
+        outcome.tracking = finish_tracking(config, outcome)
+    return outcome
 
 
 def validate(config: Config) -> None:
@@ -259,13 +269,52 @@ class RayReporter:
         ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def make_tracker(config: Config, ctx: TrainContext, run_dir: str) -> Tracker:
-    """The one place that decides where metrics go: rank 0 appends to <run_dir>/metrics.jsonl (the worker's
-    working directory when the run lives at a URI); every other rank records nothing."""
+def make_tracker(config: Config, ctx: TrainContext, run_dir: str, resume_dir: str | None = None) -> Tracker:
+    """The one place that decides where metrics go. Rank 0 appends to <run_dir>/metrics.jsonl (the worker's working
+    directory when the run lives at a URI) and, with run.tracker=mlflow, logs to MLflow: the run recorded in the
+    checkpoint it resumes from (after a worker restart or init_from=resume), else a new one. Other ranks: nothing."""
     if ctx.rank != 0:
         return NullTracker()
     directory = os.getcwd() if _is_uri(run_dir) else run_dir
-    return JsonlTracker(os.path.join(directory, METRICS_FILE))
+    jsonl = JsonlTracker(os.path.join(directory, METRICS_FILE))
+    if config.run.tracker != "mlflow":
+        return jsonl
+    from pipelines.mlflow_tracking import make_mlflow_tracker
+
+    run_id = _checkpoint_state(resume_dir).get("extra", {}).get(RUN_ID_KEY) if resume_dir else None
+    mlflow = make_mlflow_tracker(config, run_id=run_id, world_size=ctx.world_size, device=ctx.device,
+                                 manifest=config.data.dir)
+    return MultiTracker(jsonl, mlflow)
+
+
+def finish_tracking(config: Config, outcome: PretrainOutcome) -> dict[str, str] | None:
+    """On the driver, after fit(): log the best and the final checkpoint to the job's MLflow run and register the
+    best as a new version of run.registered_model. Tracking failures are warnings (the run's result stands)."""
+    from pipelines.mlflow_tracking import MlflowTracker, sanitize_model_name
+
+    if outcome.latest_checkpoint is None:
+        return None
+    with contextlib.ExitStack() as stack:
+        final_dir = stack.enter_context(_local_checkpoint(outcome.latest_checkpoint))
+        run_id = _checkpoint_state(final_dir).get("extra", {}).get(RUN_ID_KEY)
+        if run_id is None:
+            log.warning("the final checkpoint records no MLflow run (was the store unreachable all along?): "
+                        "checkpoints not logged to MLflow")
+            return None
+        model_name = sanitize_model_name(config.run.registered_model or config.run.experiment)
+        tracker = MlflowTracker.from_config(config, registered_model_name=model_name, system_metrics=False)
+        tracker.start(run_id)
+        version = None
+        if outcome.best_checkpoint is not None:
+            tracker.log_checkpoint(stack.enter_context(_local_checkpoint(outcome.best_checkpoint)), "best")
+        tracker.log_checkpoint(final_dir, "final")
+        if outcome.best_checkpoint is not None:
+            version = tracker.register_best()
+        tracker.close(loss_curve=False)  # the worker drew the loss curve when it closed the run
+    info = {"tracking_uri": tracker.tracking_uri, "run_id": run_id}
+    if version is not None:
+        info["model_uri"] = f"models:/{model_name}/{version}"
+    return info
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -297,14 +346,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     if checkpoint is None and config.model.init_from == "resume":
         raise CheckpointError(f"model.init_from=resume but Ray has no checkpoint for run {config.run.name}")
-    tracker = make_tracker(config, ctx, loop_config["run_dir"])
-    try:
-        # as_directory: the checkpoint itself when local, else a download that lives until the block ends (the
-        # loop reads it completely before its first update)
-        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_dir:
+    # as_directory: the checkpoint itself when local, else a download that lives until the block ends (the loop
+    # reads it completely before its first update)
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_dir:
+        tracker = make_tracker(config, ctx, loop_config["run_dir"], resume_dir)
+        try:
             result = train(config, loop_config["data_dir"], ctx, RayReporter(), tracker=tracker,
                            resume_from=resume_dir, on_step=_chain(hooks))
-    finally:
+        except BaseException:
+            tracker.close(status="FAILED")
+            raise
         tracker.close()
     if ctx.rank != 0:
         return None
@@ -369,9 +420,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--sample-start", default="\n", help="the sample's prompt (default: a newline)")
     parser.add_argument("--export-nanogpt", metavar="PATH", help="write the best checkpoint as nanoGPT's ckpt.pt")
     parser.add_argument("--export-hf", metavar="DIR", help="write the best checkpoint as a Hugging Face GPT-2 dir")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (same as --run.tracking_uri; default: "
+                        "MLFLOW_TRACKING_URI, else <run.out_dir>/mlflow.db)")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a running cluster, else local)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance started here")
     args, overrides = parser.parse_known_args(argv)
+    if args.tracking_uri:
+        overrides.append(f"--run.tracking_uri={args.tracking_uri}")
     return args, overrides
 
 
@@ -400,6 +455,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no checkpoint was reported")
         return 0
     print(f"best checkpoint: {outcome.best_checkpoint} (step {outcome.best_step}, val loss {outcome.best_val_loss:.4f})")
+    if outcome.tracking:
+        print(f"MLflow: run {outcome.tracking['run_id']} at {outcome.tracking['tracking_uri']}"
+              + (f"; registered {outcome.tracking['model_uri']}" if "model_uri" in outcome.tracking else ""))
     if args.sample or args.export_nanogpt or args.export_hf:
         with _local_checkpoint(outcome.best_checkpoint) as ckpt_dir:
             if args.export_nanogpt:
@@ -464,6 +522,16 @@ def _local_checkpoint(path: str):
 
     with ray.train.Checkpoint(path).as_directory() as d:
         yield d
+
+
+def _checkpoint_state(ckpt_dir: str) -> dict[str, Any]:
+    """A checkpoint's state.json (step, best_val_loss, extra); {} when unreadable."""
+    import json
+
+    try:
+        return json.loads(Path(ckpt_dir, "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _sample(ckpt_dir: str, start: str, max_new_tokens: int) -> str:

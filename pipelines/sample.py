@@ -2,12 +2,14 @@
 
     python pipelines/sample.py --checkpoint out/<run>/checkpoint_000300 --start "ROMEO:" --num_samples 3
     python pipelines/sample.py --checkpoint out/<run>/checkpoint_000300 --start FILE:prompt.txt --max_new_tokens 200
+    python pipelines/sample.py --checkpoint models:/nanogpt/3 --tracking-uri sqlite:///out/mlflow.db
     python pipelines/sample.py --init_from gpt2 --start "What is the answer to life?" --top_p 0.9
     python pipelines/sample.py --init_from path/to/hf_gpt2_dir --device cuda
 
 --start takes the prompt text, or FILE:<path> to read it from a file (nanoGPT's convention); the default is a
 newline for a char model and <|endoftext|> for GPT-2. --checkpoint is a checkpoint directory as pretrain.py writes
-them (a local path, or an s3:// / gs:// URI when Ray is installed). The draws are seeded (--seed): the same command
+them (a local path, an s3:// / gs:// URI, or an MLflow models:/<name>/<version> or runs:/<id>/checkpoints/best URI
+from the tracking store given by --tracking-uri, MLFLOW_TRACKING_URI or pretrain's default out/mlflow.db). The draws are seeded (--seed): the same command
 prints the same text. Samples are printed separated by a line of dashes, as nanoGPT does.
 """
 # ruff: noqa: E402 -- the sys.path line below must run before the project imports
@@ -23,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 
 from nanogpt.checkpoint import CheckpointError, build_model, load_checkpoint
@@ -82,8 +86,21 @@ def generate_from_checkpoint(
 
 
 @contextlib.contextmanager
-def local_checkpoint_dir(path: str):
-    """A checkpoint path as a local directory: itself, or a download of an s3:// / gs:// URI (through Ray)."""
+def local_checkpoint_dir(path: str, tracking_uri: str | None = None):
+    """A checkpoint as a local directory: a path as is; an MLflow `models:/<name>/<version>` (or `@alias`,
+    `/latest`) or `runs:/<run id>/checkpoints/best` URI downloaded from the tracking store (`tracking_uri`, else
+    MLFLOW_TRACKING_URI, else pretrain's default local store out/mlflow.db); an s3:// / gs:// URI through Ray."""
+    if path.startswith(("models:/", "runs:/")):
+        from nanogpt.config import RunConfig
+        from pipelines.mlflow_tracking import default_tracking_uri, resolve_checkpoint_uri
+
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(RunConfig().out_dir)
+        with tempfile.TemporaryDirectory(prefix="nanogpt-ckpt-") as tmp:
+            try:
+                yield resolve_checkpoint_uri(path, tmp, tracking_uri=uri)
+            except FileNotFoundError as e:
+                raise CheckpointError(str(e)) from None
+        return
     if "://" not in path:
         yield path
         return
@@ -97,7 +114,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sample from a nanoGPT checkpoint or pretrained GPT-2.",
                                      allow_abbrev=False)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint directory written by pipelines/pretrain.py")
+    source.add_argument("--checkpoint", help="a checkpoint directory written by pipelines/pretrain.py, or an MLflow "
+                        "models:/<name>/<version> or runs:/<run id>/checkpoints/best URI")
     source.add_argument("--init_from", "--init-from", dest="init_from",
                         help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local Hugging Face GPT-2 directory")
     parser.add_argument("--start", default="", help='the prompt, or FILE:<path> (default: "\\n" / <|endoftext|>)')
@@ -108,6 +126,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="keep the k likeliest tokens (0: all)")
     parser.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None,
                         help="nucleus sampling: keep the likeliest tokens up to this probability mass")
+    parser.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ (default: MLFLOW_TRACKING_URI, "
+                        "else out/mlflow.db)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -131,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt = read_prompt(args.start)
         with contextlib.ExitStack() as stack:
             if args.checkpoint:
-                model, tokenizer = load_checkpoint_model(stack.enter_context(local_checkpoint_dir(args.checkpoint)),
+                model, tokenizer = load_checkpoint_model(stack.enter_context(local_checkpoint_dir(args.checkpoint, args.tracking_uri)),
                                                          device)
             else:
                 model, tokenizer = load_pretrained_model(args.init_from, device)

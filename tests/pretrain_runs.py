@@ -13,7 +13,8 @@ from nanogpt.config import Config, DataConfig, load_config
 from pipelines.pretrain import PRESET_DIR, PretrainOutcome, pretrain
 
 # The debug preset, 30 updates with an eval and a checkpoint every 10; 2 micro-batches per step, so 1 or 2 workers.
-DEBUG_ARGS = ["--train.max_iters=30", "--train.eval_interval=10", "--optim.lr_decay_iters=30"]
+# MLflow is off here (tests/test_pretrain_mlflow.py covers it): each new sqlite store costs ~7 s of migrations.
+DEBUG_ARGS = ["--train.max_iters=30", "--train.eval_interval=10", "--optim.lr_decay_iters=30", "--run.tracker=none"]
 TOKENS_PER_STEP = 8 * 32 * 2  # batch_size * block_size * gradient_accumulation_steps of the debug preset
 
 _memo: dict[str, object] = {}
