@@ -125,9 +125,9 @@ def pretrain(
     """Validate `config`, make sure the shards exist, then train with a TorchTrainer and return where the best
     checkpoint is. Config and data errors (USER_ERRORS) are raised before any trainer starts.
 
-    `fault` (TEST-ONLY fault injection): {"kill_at_step": k, "rank": r, "marker": path}: the worker of rank r
-    SIGKILLs itself right after update k if `marker` does not exist yet (it creates it first, so the restarted worker
-    group runs through). `collect_step_times` (bench only): rank 0 returns the perf_counter time of every update."""
+    `fault` (TEST-ONLY fault injection): {"kill_at_step": k, "rank": r, "marker": path, "delay_s": 3.0}: the worker
+    of rank r SIGKILLs itself delay_s after update k if `marker` does not exist yet (it creates it first, so the
+    restarted worker group runs through). `collect_step_times` (bench only): rank 0 returns the perf_counter time of every update."""
     validate(config)
     plan = plan_run(config, preset)
     data_dir = _resolve_local_path(config.data.dir)
@@ -385,9 +385,14 @@ def _fault_hook(fault: dict[str, Any] | None, rank: int) -> Callable[[int, dict]
     if not fault or rank != fault.get("rank", 1):
         return None
     kill_at, marker = int(fault["kill_at_step"]), Path(fault["marker"])
+    # Ray Train's controller collects reports (and so registers checkpoints) at its health-check poll, every 2 s
+    # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker dying sooner after a report restarts from the checkpoint before.
+    # Real failures come minutes after a checkpoint; the default delay lets one poll pass, as they would.
+    delay_s = float(fault.get("delay_s", 3.0))
 
     def kill(step: int, metrics: dict) -> None:
         if step == kill_at and not marker.exists():
+            time.sleep(delay_s)
             marker.write_text(f"killed rank {rank} (pid {os.getpid()}) after update {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -68,9 +68,9 @@ def test_worker_killed_midrun_resumes_bit_exactly(ray_local, root, shards, refer
     outcome = pretrain(config, fault={"kill_at_step": 15, "rank": 1, "marker": str(marker)})
     assert marker.is_file(), "the fault hook did not fire"
     run_dir = Path(outcome.plan.run_dir)
-    # the restarted group resumed from checkpoint_000010, so updates 10..15 were logged twice
+    # the restarted group resumed from checkpoint_000010 (not from scratch), so only updates 10..15 were logged twice
     logged = [r["step"] for r in records(run_dir) if "loss" in r]
-    assert logged.count(12) == 2 and logged.count(20) == 1
+    assert [logged.count(step) for step in (5, 9, 10, 15, 16, 20)] == [1, 1, 2, 2, 1, 1]
     assert step_losses(run_dir) == step_losses(reference.plan.run_dir)  # bit-equal, every one of the 30 updates
     ours, theirs = eval_records(run_dir), eval_records(reference.plan.run_dir)
     assert {s: r["val_loss"] for s, r in ours.items()} == {s: r["val_loss"] for s, r in theirs.items()}
