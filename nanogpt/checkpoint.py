@@ -43,6 +43,7 @@ import yaml
 
 from nanogpt.config import Config, ConfigError
 from nanogpt.model import GPT, GPTConfig, clean_state_dict
+from nanogpt.shards import fsync_dir  # files and directories alike
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,11 @@ def save_checkpoint(
         }
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         for name in files + [STATE_FILE]:
-            _fsync(staging / name)
+            fsync_dir(staging / name)
         if final.exists():
             final.rmdir()  # empty (checked above): os.replace needs the name free or an empty directory
         os.replace(staging, final)
-        _fsync(final.parent)
+        fsync_dir(final.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -414,15 +415,3 @@ def _json_number(value: Any) -> Any:
         return None
     return value
 
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
