@@ -1,0 +1,339 @@
+"""pipelines/prepare.py end to end on a real Ray local cluster, real tiktoken, real shards on disk.
+
+nanoGPT's figures on Tiny Shakespeare: char-level 1,003,854 train / 111,540 val tokens (vocabulary 65);
+GPT-2 BPE 301,966 / 36,059. Outputs are shared through module-scoped fixtures: each Ray Data run costs seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanogpt.config import ConfigError, DataConfig, load_config
+from nanogpt.corpus import CorpusError, fingerprint, is_val_document, resolve_input
+from nanogpt.shards import MANIFEST_NAME, load_split, read_shard, verify
+from nanogpt.tokenizers import tokenizer_from_dict
+from pipelines.prepare import PRESET_DIR, main, pipeline_settings, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+EOT = 50256
+
+
+def preset(name: str, *overrides: str) -> DataConfig:
+    return load_config(name, list(overrides), search_dirs=[PRESET_DIR]).data
+
+
+def split_tokens(out: Path, split: str) -> np.ndarray:
+    shards = load_split(out, split)
+    return np.concatenate([np.asarray(s) for s in shards]) if shards else np.empty(0, np.uint16)
+
+
+def shard_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def char_out(ray_local, shakespeare_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shakespeare_char")
+    prepare(preset("shakespeare_char"), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bpe_out(ray_local, shakespeare_path, tiktoken_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shakespeare")
+    prepare(preset("shakespeare"), out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ nanoGPT's datasets
+
+
+def test_char_shards_decode_to_the_original_text(char_out, shakespeare_path):
+    text = shakespeare_path.read_text()
+    manifest = verify(char_out)  # every shard hashed against the manifest
+    tok = tokenizer_from_dict(manifest.tokenizer)
+    train, val = split_tokens(char_out, "train"), split_tokens(char_out, "val")
+    assert (len(train), len(val), tok.vocab_size) == (1_003_854, 111_540, 65)
+    assert tok.decode(train) + tok.decode(val) == text
+    assert tok.decode(val) == text[int(len(text) * 0.9):]  # nanoGPT's data[int(n*0.9):]
+
+
+def test_char_manifest_contents(char_out, shakespeare_path):
+    text = shakespeare_path.read_text()
+    m = verify(char_out)
+    assert m.tokenizer == {"name": "char", "vocab_size": 65, "chars": sorted(set(text))}
+    assert (m.vocab_size, m.dtype, m.num_documents) == (65, "uint16", 1)
+    assert m.split_rule == {"split": "tail", "val_fraction": 0.1, "seed": 2357, "unit": "characters"}
+    assert {k: (s.num_tokens, len(s.shards), s.num_documents) for k, s in m.splits.items()} == {
+        "train": (1_003_854, 1, 1), "val": (111_540, 1, 1)}
+    for s in m.splits["train"].shards + m.splits["val"].shards:
+        assert s.sha256 == hashlib.sha256((char_out / s.name).read_bytes()).hexdigest()
+    assert m.input_fingerprint == resolve_input(str(shakespeare_path)).fingerprint()
+    assert m.settings_fingerprint == fingerprint(pipeline_settings(preset("shakespeare_char")))
+    assert m.settings["tokenizer"] == "char" and m.shard_size == 100_000_000
+    assert m.inputs["num_files"] == 1 and m.inputs["num_bytes"] == len(text.encode())
+    assert m.stats["num_characters"] == len(text) and m.stats["num_replaced_characters"] == 0
+    assert m.stats["tokens_per_second"] > 0
+    datetime.fromisoformat(m.created_at)
+    assert json.loads((char_out / MANIFEST_NAME).read_text())["dtype"] == "uint16"
+    assert shard_files(char_out) == ["manifest.json", "train_000000.bin", "val_000000.bin"]
+
+
+def test_bpe_shards_are_tiktokens_encoding(bpe_out, shakespeare_path, gpt2):
+    text = shakespeare_path.read_text()
+    n = int(len(text) * 0.9)
+    train, val = split_tokens(bpe_out, "train"), split_tokens(bpe_out, "val")
+    assert (len(train), len(val)) == (301_966, 36_059)
+    assert train.tolist() == gpt2.encode_ordinary(text[:n])
+    assert val.tolist() == gpt2.encode_ordinary(text[n:])
+    m = verify(bpe_out)
+    assert m.tokenizer == {"name": "gpt2", "vocab_size": 50257, "eot_token": 50256} and m.dtype == "uint16"
+
+
+# ------------------------------------------------------------------------------------------ determinism, shards
+
+
+@pytest.fixture(scope="module")
+def shakespeare_files(shakespeare_path, tmp_path_factory) -> Path:
+    """Tiny Shakespeare as 8 files of paragraphs, so that 1 and 4 blocks really divide the work differently."""
+    paragraphs = shakespeare_path.read_text().split("\n\n")
+    root = tmp_path_factory.mktemp("plays")
+    for i, part in enumerate(np.array_split(np.array(paragraphs, dtype=object), 8)):
+        (root / f"part{i}.txt").write_text("\n\n".join(part))
+    return root
+
+
+def expected_random_split(root: Path, gpt2, val_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Reference: documents in file order, GPT-2 tokens + EOT, each routed by the seeded per-document hash."""
+    out = {"train": [], "val": []}
+    for file_index, path in enumerate(sorted(root.iterdir())):
+        docs = path.read_text().split("\n\n")
+        val = is_val_document(seed, file_index, np.arange(len(docs)), val_fraction)
+        for doc, is_val in zip(docs, val):
+            if doc:
+                out["val" if is_val else "train"] += gpt2.encode_ordinary(doc) + [EOT]
+    return out
+
+
+@pytest.mark.slow
+def test_same_shards_whatever_the_parallelism(ray_local, shakespeare_files, tiktoken_cache, tmp_path, gpt2):
+    common = dict(input=str(shakespeare_files), tokenizer="gpt2", split="random", val_fraction=0.1, separator="\n\n",
+                  append_eot=True, shard_size=40_000)
+    one, four = tmp_path / "one", tmp_path / "four"
+    m1 = prepare(DataConfig(**common, num_blocks=1), one)
+    m4 = prepare(DataConfig(**common, num_blocks=4), four)
+    assert shard_files(one) == shard_files(four)
+    for name in m1.shard_names():
+        assert (one / name).read_bytes() == (four / name).read_bytes(), name
+    assert m1.splits == m4.splits and m1.settings_fingerprint == m4.settings_fingerprint
+
+    # Several shards of exactly shard_size tokens (the last shorter), whose concatenation is the reference.
+    expected = expected_random_split(shakespeare_files, gpt2, 0.1, 2357)
+    for split in ("train", "val"):
+        sizes = [s.num_tokens for s in m1.splits[split].shards]
+        assert all(n == 40_000 for n in sizes[:-1]) and 0 < sizes[-1] <= 40_000
+        assert split_tokens(one, split).tolist() == expected[split]
+    assert len(m1.splits["train"].shards) >= 8
+    assert m1.num_documents == sum(1 for p in shakespeare_files.iterdir() for d in p.read_text().split("\n\n") if d)
+
+
+# ------------------------------------------------------------------------------------------ input formats
+
+
+def expected_tail_split(docs: list[str], val_fraction: float, gpt2, eot: bool) -> dict[str, list[int]]:
+    """Reference for the tail rule on documents: the first int(n * (1 - val_fraction)) characters are train; the
+    document holding the cut is tokenized as two halves (each ending with EOT when eot)."""
+    end = [EOT] if eot else []
+    cut = int(sum(map(len, docs)) * (1 - val_fraction))
+    train, val, seen = [], [], 0
+    for doc in docs:
+        if seen + len(doc) <= cut:
+            train += gpt2.encode_ordinary(doc) + end
+        elif seen >= cut:
+            val += gpt2.encode_ordinary(doc) + end
+        else:
+            k = cut - seen
+            train += gpt2.encode_ordinary(doc[:k]) + end
+            val += gpt2.encode_ordinary(doc[k:]) + end
+        seen += len(doc)
+    return {"train": train, "val": val}
+
+
+def test_jsonl_parquet_and_text_in_one_directory(ray_local, tiktoken_cache, tmp_path, gpt2):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    jsonl = [{"text": "The first document.\n", "id": 1}, {"text": "Ünïcödé and emoji 🙂", "id": 2}, {"text": ""}]
+    (root / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in jsonl))
+    pq.write_table(pa.table({"text": ["Parquet row zero.", "Parquet row one, a little longer."]}), root / "b.parquet")
+    (root / "c.txt").write_text("A plain text file\nwith two lines.\n")
+    docs = [r["text"] for r in jsonl if r["text"]] + ["Parquet row zero.", "Parquet row one, a little longer."] + [
+        "A plain text file\nwith two lines.\n"]
+
+    out = tmp_path / "out"
+    m = prepare(DataConfig(input=str(root), tokenizer="gpt2", val_fraction=0.2, append_eot=True), out)
+
+    expected = expected_tail_split(docs, 0.2, gpt2, eot=True)
+    assert split_tokens(out, "train").tolist() == expected["train"]
+    assert split_tokens(out, "val").tolist() == expected["val"]
+    assert m.num_documents == 5 and m.stats["num_empty_documents_skipped"] == 1 and m.inputs["num_files"] == 3
+
+
+def test_local_hugging_face_dataset(ray_local, tiktoken_cache, tmp_path, gpt2):
+    import datasets
+
+    texts = [f"Document number {i}: " + "words " * (i % 7) for i in range(60)]
+    datasets.Dataset.from_dict({"id": list(range(60)), "text": texts}).save_to_disk(str(tmp_path / "ds"))
+    data = preset("openwebtext", f"--data.input={tmp_path / 'ds'}", "--data.val_fraction=0.25", "--data.num_blocks=3")
+    out = tmp_path / "out"
+    m = prepare(data, out)
+    val = is_val_document(2357, 0, np.arange(60), 0.25)
+    for split, want in (("train", ~val), ("val", val)):
+        expected = [t for i, text in enumerate(texts) if want[i] for t in gpt2.encode_ordinary(text) + [EOT]]
+        assert split_tokens(out, split).tolist() == expected
+    assert m.inputs["kind"] == "hf" and m.split_rule["split"] == "random" and m.num_documents == 60
+
+    # The tail rule reads the document holding the cut back from the dataset to tokenize its halves.
+    # 0.2 puts the cut inside a document, 0.15 exactly between two.
+    for val_fraction, num_documents in ((0.2, 61), (0.15, 60)):
+        m = prepare(DataConfig(input=str(tmp_path / "ds"), tokenizer="gpt2", val_fraction=val_fraction), out)
+        expected = expected_tail_split(texts, val_fraction, gpt2, eot=False)
+        assert split_tokens(out, "train").tolist() == expected["train"]
+        assert split_tokens(out, "val").tolist() == expected["val"]
+        assert m.splits["train"].num_documents + m.splits["val"].num_documents == num_documents  # the cut one twice
+
+
+@pytest.mark.slow
+def test_vocabulary_over_65536_characters_gives_uint32_shards(ray_local, tmp_path):
+    text = "".join(chr(0x10000 + i) for i in range(70_000))  # 70,000 distinct supplementary-plane characters
+    (tmp_path / "wide.txt").write_text(text)
+    out = tmp_path / "out"
+    m = prepare(DataConfig(input=str(tmp_path / "wide.txt"), tokenizer="char"), out)
+    assert (m.vocab_size, m.dtype) == (70_000, "uint32")
+    assert read_shard(out / "train_000000.bin").dtype == np.uint32
+    tok = tokenizer_from_dict(m.tokenizer)
+    assert tok.decode(split_tokens(out, "train")) + tok.decode(split_tokens(out, "val")) == text
+
+
+# ------------------------------------------------------------------------------------------ reruns, CLI
+
+
+def test_rerun_is_a_noop_and_force_rebuilds(ray_local, tmp_path, caplog):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 20)
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="nanogpt.prepare")
+    argv = ["--input", str(corpus), "--tokenizer", "char", "--out", str(out), "--data.shard_size=300"]
+    assert main(argv) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert len(before) == 1 + 3 + 1  # manifest, 3 train shards of <= 300 tokens, 1 val shard
+
+    caplog.clear()
+    assert main(argv) == 0
+    assert "up to date" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    assert main([*argv, "--force"]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
+
+    corpus.write_text(corpus.read_text() + "Whether 'tis nobler in the mind to suffer\n")  # changed input: rebuilt
+    assert main(argv) == 0
+    assert verify(out).num_tokens("train") + verify(out).num_tokens("val") == len(corpus.read_text())
+
+
+def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
+    assert main(["--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.txt: no such file or directory" in caplog.text
+    assert main(["--input", str(tmp_path)]) == 2
+    assert "no output directory" in caplog.text
+    with pytest.raises(ConfigError, match="needs an end-of-text token"):
+        prepare(DataConfig(input=str(tmp_path), tokenizer="char", append_eot=True), tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_script_runs_as_a_plain_command(tmp_path, shakespeare_path):
+    """`python pipelines/prepare.py ...` from another directory: its own local Ray, imports through sys.path."""
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": ""}
+    cmd = [sys.executable, str(REPO / "pipelines" / "prepare.py"), "--input", str(shakespeare_path),
+           "--tokenizer", "char", "--out", str(out), "--address", "local", "--num-cpus", "1"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "prepared 1 documents" in result.stderr
+    assert verify(out).num_tokens("train") == 1_003_854
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+BAD_INPUTS = {
+    "empty corpus": ({"a.txt": b"", "b.txt": b""}, {}, r"empty corpus \(2 files"),
+    "undecodable bytes": ({"bad.txt": b"fine \xff\xfe not fine"}, {"encoding_errors": "fail"},
+                          r"bad\.txt: byte offset 5: not UTF-8"),
+    "jsonl line not JSON": ({"d.jsonl": b'{"text": "ok"}\n{"text": \n'}, {}, r"d\.jsonl: line 2: not valid JSON"),
+    "jsonl field missing": ({"d.jsonl": b'{"text": "ok"}\n{"body": "x"}\n'}, {},
+                            r"d\.jsonl: line 2: no field 'text' \(fields: body\)"),
+    "parquet column missing": ({"d.parquet": None}, {}, r"d\.parquet: no column 'text' \(columns: body\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_clear_error_and_leaves_nothing(ray_local, tmp_path, case):
+    files, overrides, message = BAD_INPUTS[case]
+    root = tmp_path / "in"
+    root.mkdir()
+    for name, data in files.items():
+        if name.endswith(".parquet"):
+            pq.write_table(pa.table({"body": ["no text column"]}), root / name)
+        else:
+            (root / name).write_bytes(data)
+    out = tmp_path / "out"
+    with pytest.raises(CorpusError, match=message):
+        prepare(DataConfig(input=str(root), tokenizer="char", **overrides), out)
+    assert shard_files(out) == []
+
+
+def test_bad_input_keeps_a_previous_complete_output(ray_local, tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("a perfectly good corpus\n" * 10)
+    bad.write_bytes(b"\xff" * 10)
+    out = tmp_path / "out"
+    before = prepare(DataConfig(input=str(good), tokenizer="char"), out)
+    with pytest.raises(CorpusError, match="byte offset 0"):
+        prepare(DataConfig(input=str(bad), tokenizer="char", encoding_errors="fail"), out)
+    assert verify(out) == before
+
+
+def test_undecodable_bytes_replaced_and_counted(ray_local, tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"fine \xff\xfe not fine")
+    m = prepare(DataConfig(input=str(tmp_path / "bad.txt"), tokenizer="char", val_fraction=0.0), tmp_path / "out")
+    assert m.stats["num_replaced_characters"] == 2
+    assert tokenizer_from_dict(m.tokenizer).decode(split_tokens(tmp_path / "out", "train")) == "fine \ufffd\ufffd not fine"
+    assert m.splits["val"].num_tokens == 0 and m.splits["val"].shards == []
+
+
+def test_missing_hf_column_is_named(ray_local, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(CorpusError, match=r"no column 'text' \(columns: body\)"):
+        prepare(DataConfig(input=str(tmp_path / "ds"), tokenizer="char"), tmp_path / "out")
