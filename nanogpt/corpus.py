@@ -94,7 +94,7 @@ def resolve_named_corpus(name: str, cache: str | os.PathLike | None = None) -> P
     except CorpusError as e:
         raise CorpusError(
             f"{e}. Offline, point at a local copy of {name}: {corpus.env_var}=/path/input.txt, or pass the file "
-            "itself (--input /path/input.txt); for GPT-2 tokens also set TIKTOKEN_CACHE_DIR to a pre-seeded "
+            "itself (--data.input=/path/input.txt to pretrain.py, --input /path/input.txt to prepare.py); for GPT-2 tokens also set TIKTOKEN_CACHE_DIR to a pre-seeded "
             "tiktoken cache."
         ) from None
     return path
