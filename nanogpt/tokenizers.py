@@ -157,6 +157,16 @@ class CharTokenizer:
         return {"name": self.name, "vocab_size": self.vocab_size, "chars": list(self.chars)}
 
 
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """The UTF-8 byte length of every token id (what it adds to the text): the denominator of bits per byte."""
+    if isinstance(tokenizer, CharTokenizer):
+        return np.array([len(c.encode("utf-8")) for c in tokenizer.chars], dtype=np.int64)
+    if isinstance(tokenizer, GPT2Tokenizer):
+        enc = tokenizer._enc
+        return np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
+    raise TokenizerError(f"bits per byte: no byte lengths for tokenizer {tokenizer.name!r}")
+
+
 def build_tokenizer(name: str, **kw: Any) -> Tokenizer:
     """"gpt2", or "char" with `chars=[...]` (or `text=...` to take the vocabulary from a corpus)."""
     if name == "gpt2":

@@ -24,8 +24,8 @@ Metrics, logged to the tracker on rank 0 with the step as above:
                              on CPU or an unknown GPU)
   every eval                 val_loss and train_loss (mean loss over a FIXED set of eval_iters * batch_size windows
                              of each split, split across ranks and all-reduced: the same whatever the world size),
-                             val_perplexity, best_val_loss, tokens (tokens trained on so far), and val_bpb when the
-                             manifest records the val split's UTF-8 bytes
+                             val_perplexity, best_val_loss, tokens (tokens trained on so far), and val_bpb (bits per
+                             byte: the val loss over the UTF-8 bytes of the same windows' targets)
 Reports (`Reporter.report`) go out from every rank at every eval and every checkpoint step, with step, val_loss,
 val_loss_step (the step val_loss was measured at), best_val_loss, tokens and, after step 0, loss.
 """
@@ -64,7 +64,7 @@ from nanogpt.config import Config, ConfigError, OptimConfig
 from nanogpt.metrics import bits_per_byte, perplexity
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.sampling import sample_text
-from nanogpt.tokenizers import tokenizer_from_dict
+from nanogpt.tokenizers import token_byte_lengths, tokenizer_from_dict
 from nanogpt.tracking import RUN_ID_KEY, NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -270,8 +270,8 @@ def train(
     autocast = torch.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     # MFU against the peak of what the matmuls run on: tensor-core TF32 for float32 on CUDA (enabled above)
     mfu_dtype = "tf32" if dtype == torch.float32 else dtype
-    tokenizer = tokenizer_from_dict(manifest.tokenizer) if (tc.sample_tokens > 0 and main) else None
-    val_bytes = getattr(manifest.splits.get("val"), "num_bytes", 0) or 0
+    tokenizer = tokenizer_from_dict(manifest.tokenizer)
+    byte_lengths = token_byte_lengths(tokenizer)  # bits per byte: the UTF-8 bytes of the evaluated val targets
     if main:
         log.info(
             "tokens per iteration will be: %s (%d workers x %d micro-steps x %d x %d)",
@@ -285,14 +285,17 @@ def train(
             "micro_steps_per_rank": micro_steps,
         })
 
-    def evaluate() -> tuple[float, float]:
-        """(val_loss, train_loss) over the fixed eval windows, this rank's share, (sum, count) all-reduced."""
+    def evaluate() -> tuple[float, float, float]:
+        """(val_loss, train_loss, val_bpb) over the fixed eval windows, this rank's share, (sum, count) all-reduced."""
         model.eval()
         num_windows = tc.eval_iters * tc.batch_size
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # val sum, val count, train sum, train count
+        # val sum, val count, train sum, train count, val target bytes
+        totals = torch.zeros(5, dtype=torch.float64, device=device)
         with torch.no_grad():
             for i, windows in enumerate((val_windows, train_windows)):
                 for x, y in windows.eval_batches(num_windows, tc.batch_size, ctx.rank, ctx.world_size):
+                    if i == 0:
+                        totals[4] += float(byte_lengths[y].sum())
                     x, y = to_device(x, y, device)
                     with autocast:
                         _, loss = eval_model(x, y)
@@ -301,8 +304,9 @@ def train(
                     totals[2 * i + 1] += x.size(0)
         _all_reduce_sum(totals, ctx)
         model.train()
-        val_sum, val_count, train_sum, train_count = totals.tolist()
-        return val_sum / val_count, train_sum / train_count
+        val_sum, val_count, train_sum, train_count, val_bytes = totals.tolist()
+        val_loss = val_sum / val_count
+        return val_loss, train_sum / train_count, bits_per_byte(val_loss, int(val_count) * block_size, int(val_bytes))
 
     step = start_step
     resumed = checkpoint is not None
@@ -325,7 +329,7 @@ def train(
         )
         improved = False
         if do_eval:
-            val_loss, train_loss = evaluate()
+            val_loss, train_loss, val_bpb = evaluate()
             val_loss_step = step
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)  # never overwritten by a worse value (unlike nanoGPT)
@@ -333,12 +337,10 @@ def train(
                 log.info("step %d: train loss %.4f, val loss %.4f", step, train_loss, val_loss)
                 eval_metrics = {
                     "val_loss": val_loss, "train_loss": train_loss, "val_perplexity": perplexity(val_loss),
-                    "best_val_loss": best_val_loss, "tokens": step * tokens_per_step,
+                    "best_val_loss": best_val_loss, "tokens": step * tokens_per_step, "val_bpb": val_bpb,
                 }
-                if val_bytes:
-                    eval_metrics["val_bpb"] = bits_per_byte(val_loss, manifest.num_tokens("val"), val_bytes)
                 tracker.log_metrics(eval_metrics, step)
-                if tokenizer is not None:
+                if tc.sample_tokens > 0:
                     text = sample_text(raw_model, tokenizer, "", tc.sample_tokens, seed=tc.seed, device=device, dtype=dtype)[0]
                     tracker.log_text(text, f"samples/step_{step:06d}.txt")
         if tc.checkpoint_interval > 0:

@@ -31,7 +31,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from nanogpt import shards
@@ -40,7 +39,7 @@ from nanogpt.checkpoint import CheckpointError, build_model, load_checkpoint
 from nanogpt.config import ConfigError, load_config
 from nanogpt.metrics import bits_per_byte, perplexity
 from nanogpt.model import GPT
-from nanogpt.tokenizers import Tokenizer, TokenizerError, tokenizer_from_dict
+from nanogpt.tokenizers import Tokenizer, TokenizerError, token_byte_lengths, tokenizer_from_dict
 from nanogpt.train import resolve_device, resolve_dtype
 from pipelines.sample import local_checkpoint_dir
 
@@ -61,18 +60,6 @@ class EvalResult:
     num_bytes: int
     block_size: int
     seconds: float
-
-
-def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 byte length of every token id: what the token adds to the text's bytes."""
-    if tokenizer.name == "char":
-        return np.array([len(c.encode("utf-8")) for c in tokenizer.chars], dtype=np.int64)
-    if tokenizer.name == "gpt2":
-        import tiktoken
-
-        enc = tiktoken.get_encoding("gpt2")
-        return np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
-    raise TokenizerError(f"bits per byte: no byte lengths for tokenizer {tokenizer.name!r}")
 
 
 @torch.no_grad()

@@ -58,6 +58,7 @@ def test_evaluate_matches_the_runs_val_loss(run, capsys):
     # Tiny Shakespeare is ASCII: one byte per character token, so bits per byte = loss / ln 2
     assert result["num_bytes"] == result["num_tokens"]
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=1e-12)
+    assert result["bits_per_byte"] == pytest.approx(eval_records(run.plan.run_dir)[run.best_step]["val_bpb"], abs=1e-5)
     assert all(math.isfinite(result[k]) for k in ("loss", "perplexity", "bits_per_byte"))
 
 

@@ -90,6 +90,8 @@ def test_short_run_loss_decreases_and_reports(data_dir, tmp_path):
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_time_ms"} <= set(iters[0]) and "mfu" not in iters[0]
     assert [m["step"] for m in evals] == [0, 4, 8, 12]
     assert evals[-1]["val_perplexity"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    # bits per byte over the same windows: every character of this ASCII text is one UTF-8 byte
+    assert all(m["val_bpb"] == pytest.approx(m["val_loss"] / math.log(2), rel=1e-12) for m in evals)
     assert [m["loss"] for m in iters] == pytest.approx(result.losses, rel=0, abs=0)
 
 
