@@ -51,7 +51,8 @@ def run_ray(config: Config, data_dir: Path, out_dir: Path, name: str, num_worker
                                 train__gradient_accumulation_steps=num_workers)
     config = config.replace(
         train__max_iters=total, optim__lr_decay_iters=max(config.optim.lr_decay_iters, total),
-        run__num_workers=num_workers, run__cpus_per_worker=cpus_per_worker, run__name=name,
+        # Ray's overhead alone: MLflow off (its tracker is measured by nothing here; metrics.jsonl stays on)
+        run__tracker="none", run__num_workers=num_workers, run__cpus_per_worker=cpus_per_worker, run__name=name,
         run__out_dir=str(out_dir), data__dir=str(data_dir),
     )
     start = time.perf_counter()
