@@ -64,7 +64,7 @@ from nanogpt.config import Config, ConfigError, OptimConfig
 from nanogpt.metrics import bits_per_byte, perplexity
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.sampling import sample_text
-from nanogpt.tokenizers import token_byte_lengths, tokenizer_from_dict
+from nanogpt.tokenizers import TokenizerError, token_byte_lengths, tokenizer_from_dict
 from nanogpt.tracking import RUN_ID_KEY, NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -270,8 +270,16 @@ def train(
     autocast = torch.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     # MFU against the peak of what the matmuls run on: tensor-core TF32 for float32 on CUDA (enabled above)
     mfu_dtype = "tf32" if dtype == torch.float32 else dtype
-    tokenizer = tokenizer_from_dict(manifest.tokenizer)
-    byte_lengths = token_byte_lengths(tokenizer)  # bits per byte: the UTF-8 bytes of the evaluated val targets
+    # Bits per byte need the tokenizer (the UTF-8 bytes of the evaluated val targets). A worker that cannot load it
+    # (GPT-2 BPE with no tiktoken files) still trains: val_bpb is left out, with a warning.
+    try:
+        tokenizer = tokenizer_from_dict(manifest.tokenizer)
+        byte_lengths = token_byte_lengths(tokenizer)
+    except TokenizerError as e:
+        if tc.sample_tokens > 0:
+            raise
+        log.warning("no val_bpb: %s", e)
+        tokenizer = byte_lengths = None
     if main:
         log.info(
             "tokens per iteration will be: %s (%d workers x %d micro-steps x %d x %d)",
@@ -286,7 +294,7 @@ def train(
         })
 
     def evaluate() -> tuple[float, float, float]:
-        """(val_loss, train_loss, val_bpb) over the fixed eval windows, this rank's share, (sum, count) all-reduced."""
+        """(val_loss, train_loss, val_bpb or None) over the fixed eval windows, this rank's share, (sum, count) all-reduced."""
         model.eval()
         num_windows = tc.eval_iters * tc.batch_size
         # val sum, val count, train sum, train count, val target bytes
@@ -294,7 +302,7 @@ def train(
         with torch.no_grad():
             for i, windows in enumerate((val_windows, train_windows)):
                 for x, y in windows.eval_batches(num_windows, tc.batch_size, ctx.rank, ctx.world_size):
-                    if i == 0:
+                    if i == 0 and byte_lengths is not None:
                         totals[4] += float(byte_lengths[y].sum())
                     x, y = to_device(x, y, device)
                     with autocast:
@@ -306,7 +314,8 @@ def train(
         model.train()
         val_sum, val_count, train_sum, train_count, val_bytes = totals.tolist()
         val_loss = val_sum / val_count
-        return val_loss, train_sum / train_count, bits_per_byte(val_loss, int(val_count) * block_size, int(val_bytes))
+        val_bpb = bits_per_byte(val_loss, int(val_count) * block_size, int(val_bytes)) if val_bytes else None
+        return val_loss, train_sum / train_count, val_bpb
 
     step = start_step
     resumed = checkpoint is not None
@@ -337,8 +346,10 @@ def train(
                 log.info("step %d: train loss %.4f, val loss %.4f", step, train_loss, val_loss)
                 eval_metrics = {
                     "val_loss": val_loss, "train_loss": train_loss, "val_perplexity": perplexity(val_loss),
-                    "best_val_loss": best_val_loss, "tokens": step * tokens_per_step, "val_bpb": val_bpb,
+                    "best_val_loss": best_val_loss, "tokens": step * tokens_per_step,
                 }
+                if val_bpb is not None:
+                    eval_metrics["val_bpb"] = val_bpb
                 tracker.log_metrics(eval_metrics, step)
                 if tc.sample_tokens > 0:
                     text = sample_text(raw_model, tokenizer, "", tc.sample_tokens, seed=tc.seed, device=device, dtype=dtype)[0]
