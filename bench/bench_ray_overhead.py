@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +41,25 @@ from pipelines.pretrain import PRESET_DIR, pretrain  # noqa: E402
 from pipelines.ray_session import init_ray  # noqa: E402
 
 log = logging.getLogger("bench_ray_overhead")
+
+
+@dataclass
+class StepTimes:
+    """An on_step hook: rank 0 appends `step perf_counter()` after every update to `path` (a local file)."""
+
+    path: str
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{step} {time.perf_counter()!r}\n")
+
+    @staticmethod
+    def read(path: str | Path) -> dict[int, float]:
+        """{step: time}; a step written twice (after a restart): the last wins."""
+        return {int(a): float(b) for a, b in (line.split() for line in Path(path).read_text().splitlines())}
 
 
 def run_ray(config: Config, data_dir: Path, out_dir: Path, name: str, num_workers: int, cpus_per_worker: float,
@@ -55,10 +75,11 @@ def run_ray(config: Config, data_dir: Path, out_dir: Path, name: str, num_worker
         run__tracker="none", run__num_workers=num_workers, run__cpus_per_worker=cpus_per_worker, run__name=name,
         run__out_dir=str(out_dir), data__dir=str(data_dir),
     )
+    stamps_file = out_dir / f"{name}.step_times"
     start = time.perf_counter()
-    outcome = pretrain(config, collect_step_times=True)
+    outcome = pretrain(config, on_step=[StepTimes(str(stamps_file))])
     wall = time.perf_counter() - start
-    stamps = dict(outcome.summary["step_times"])  # step -> perf_counter after that update
+    stamps = StepTimes.read(stamps_file)  # step -> perf_counter after that update
     evals = set(range(0, total + 1, config.train.eval_interval))
     dts = [stamps[i] - stamps[i - 1] for i in range(max(warmup, 1), total) if i not in evals]
     tokens_per_step = config.train.batch_size * config.model.block_size * config.train.gradient_accumulation_steps

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/be
 from nanogpt import shards  # noqa: E402
 from nanogpt.config import Config, apply_overrides  # noqa: E402
 from nanogpt.tokenizers import CharTokenizer  # noqa: E402
-from nanogpt.train import TrainContext, resolve_device, train  # noqa: E402
+from nanogpt.train import TrainContext, train  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
@@ -96,7 +96,7 @@ def run_plain(config: Config, data_dir: str | Path, iters: int, warmup: int = 10
                             optim__warmup_iters=min(config.optim.warmup_iters, config.optim.lr_decay_iters - 1))
     stamps: list[float] = []
     reporter = DiscardReporter()
-    result = train(config, str(data_dir), TrainContext(device=resolve_device(config.train.device)), reporter,
+    result = train(config, str(data_dir), TrainContext(), reporter,
                    on_step=lambda step, metrics: stamps.append(time.perf_counter()))
     # stamps[i] closes update i; update i's time is stamps[i] - stamps[i-1] (no eval runs in between unless
     # eval_interval divides i, and those intervals are dropped)

@@ -14,7 +14,8 @@ directory named like a checkpoint is complete, and a directory without state.jso
 refused with `CheckpointError`. `step` is the number of optimizer updates the weights have had: training resumed
 from it makes update `step` next, exactly as the uninterrupted run did.
 
-    save_checkpoint("out/checkpoint_000250", model=model, optimizer=opt, step=250, best_val_loss=1.9, config=cfg)
+    save_checkpoint("out/checkpoint_000250", model_state=model.state_dict(), model_args=model.config, step=250,
+                    best_val_loss=1.9, config=cfg)
     ckpt = load_checkpoint("out/checkpoint_000250")          # Checkpoint(model_state=..., step=250, ...)
     model, config = load_model("out/checkpoint_000250")      # a GPT in eval mode, and the run's Config
     export_nanogpt_ckpt("out/checkpoint_000250", "ckpt.pt")  # nanoGPT's sample.py loads it
@@ -42,7 +43,7 @@ import torch
 import yaml
 
 from nanogpt.config import Config, ConfigError
-from nanogpt.model import GPT, GPTConfig, clean_state_dict
+from nanogpt.model import GPT, MODEL_ARGS, GPTConfig, clean_state_dict
 from nanogpt.shards import fsync_dir  # files and directories alike
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"  # LocalReporter's record of what was reported with the checkpoint
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")
-# nanoGPT's GPTConfig fields: what its ckpt.pt carries as model_args (GPTConfig(**model_args) must work there)
-NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
 
 class CheckpointError(Exception):
@@ -85,25 +84,13 @@ class Checkpoint:
     """All of state.json (seed, world_size, tokens_seen, versions, ...)."""
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, in any nesting."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
-            not isinstance(model, GPT) and isinstance(getattr(model, "module", None), torch.nn.Module)
-        ):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def save_checkpoint(
     dir: str | os.PathLike,
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scaler: torch.amp.GradScaler | None = None,
+    model_state: dict[str, torch.Tensor],
+    model_args: GPTConfig,
+    optimizer_state: dict[str, Any] | None = None,
+    scaler_state: dict[str, Any] | None = None,
     step: int,
     best_val_loss: float,
     config: Config,
@@ -113,7 +100,8 @@ def save_checkpoint(
     world_size: int = 1,
     tokens_seen: int | None = None,
 ) -> Path:
-    """Write a checkpoint directory at `dir` (which must not exist, or be empty) atomically; return its path."""
+    """Write a checkpoint directory at `dir` (which must not exist, or be empty) atomically; return its path.
+    `model_state`: the full state with nanoGPT's keys (parallel.Strategy.model_state_dict), for `model_args`."""
     from safetensors.torch import save_file
 
     final = Path(dir)
@@ -123,15 +111,14 @@ def save_checkpoint(
     staging = final.with_name(f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        raw = unwrap_model(model)
-        tensors, tied = _dedup_tied(clean_state_dict(raw.state_dict()))
+        tensors, tied = _dedup_tied(clean_state_dict(model_state))
         save_file(tensors, str(staging / MODEL_FILE), metadata={"format": "pt", "tied": json.dumps(tied)})
         files = [MODEL_FILE]
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, staging / OPTIMIZER_FILE)
             files.append(OPTIMIZER_FILE)
-        if scaler is not None and scaler.is_enabled():
-            torch.save(scaler.state_dict(), staging / SCALER_FILE)
+        if scaler_state:
+            torch.save(scaler_state, staging / SCALER_FILE)
             files.append(SCALER_FILE)
         (staging / CONFIG_FILE).write_text(config.to_yaml())
         files.append(CONFIG_FILE)
@@ -145,7 +132,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "step": int(step),
             "best_val_loss": float(best_val_loss) if math.isfinite(best_val_loss) else None,  # JSON has no inf
-            "model_args": dataclasses.asdict(raw.config),
+            "model_args": dataclasses.asdict(model_args),
             "seed": config.train.seed,
             "world_size": int(world_size),
             "tokens_seen": int(tokens_seen) if tokens_seen is not None else None,
@@ -166,6 +153,12 @@ def save_checkpoint(
     return final
 
 
+def read_state(dir: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's state.json (step, best_val_loss, model_args, extra, ...); CheckpointError when it is
+    missing or unreadable. The one reader of that file."""
+    return _read(Path(dir) / STATE_FILE, json.loads)
+
+
 def is_checkpoint(dir: str | os.PathLike) -> bool:
     """True for a complete checkpoint directory (its state.json, written last, is there)."""
     return (Path(dir) / STATE_FILE).is_file()
@@ -184,7 +177,7 @@ def load_checkpoint(
     state_path = path / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing, so {path} is not a complete checkpoint (an interrupted save or copy?)")
-    state = _read(state_path, json.loads)
+    state = read_state(path)
     # Training state (optimizer, scaler) is only needed to resume: a weights-only copy (the MLflow registered model
     # leaves it out) loads for sampling and evaluation.
     optional = () if with_optimizer else (OPTIMIZER_FILE, SCALER_FILE)
@@ -237,8 +230,7 @@ def build_model(ckpt: Checkpoint, dropout: float | None = None) -> GPT:
     args = dict(ckpt.model_args)
     if dropout is not None:
         args["dropout"] = dropout
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    model = GPT(GPTConfig(**{k: v for k, v in args.items() if k in known}))
+    model = GPT(GPTConfig(**{k: v for k, v in args.items() if k in MODEL_ARGS}))
     try:
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as e:
@@ -270,7 +262,7 @@ def export_nanogpt_ckpt(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike
     payload = {
         "model": ckpt.model_state,
         "optimizer": ckpt.optimizer_state,
-        "model_args": {k: ckpt.model_args[k] for k in NANOGPT_MODEL_ARGS},
+        "model_args": {k: ckpt.model_args[k] for k in MODEL_ARGS},
         "iter_num": ckpt.step,
         "best_val_loss": ckpt.best_val_loss,
         "config": config,

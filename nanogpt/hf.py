@@ -1,7 +1,7 @@
 """Hugging Face GPT-2 weights in both directions, as a name map plus a transpose list (litgpt style).
 
-    model = GPT.from_pretrained("gpt2")                  # hub: gpt2, gpt2-medium, gpt2-large, gpt2-xl
-    model = GPT.from_pretrained("/path/to/hf_gpt2_dir")   # config.json + model.safetensors | pytorch_model.bin
+    model = from_pretrained("gpt2")                      # hub: gpt2, gpt2-medium, gpt2-large, gpt2-xl
+    model = from_pretrained("/path/to/hf_gpt2_dir")       # config.json + model.safetensors | pytorch_model.bin
     export_hf(model, "out/hf")                            # transformers.GPT2LMHeadModel.from_pretrained("out/hf")
 
 Needs the optional extra `pip install 'nanogpt-ray[hf]'` (safetensors, huggingface_hub via transformers); the
@@ -200,7 +200,7 @@ def load_hf_state_dict(model: GPT, hf_state_dict: dict[str, torch.Tensor]) -> No
             sd[key].copy_(converted[key])
 
 
-def load_hf_gpt2(model_type_or_dir: str | os.PathLike[str], override_args: dict[str, Any] | None = None) -> GPT:
+def from_pretrained(model_type_or_dir: str | os.PathLike[str], override_args: dict[str, Any] | None = None) -> GPT:
     """GPT from a local HF GPT-2 directory, or from the hub for 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
     (an existing directory of that name wins). Only `dropout` may be overridden (nanoGPT's rule: everything else
     is fixed by the weights). The model comes back in train mode, on the CPU, in fp32."""

@@ -111,8 +111,11 @@ def mfu(flops_per_iter: float, dt: float, peak: float | None) -> float | None:
 
 
 def perplexity(loss: float) -> float:
-    """exp(mean cross-entropy in nats per token)."""
-    return math.exp(loss)
+    """exp(mean cross-entropy in nats per token); inf past float range (a diverged run's loss of 1e4)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def bits_per_byte(loss_nats_per_token: float, num_tokens: int, num_bytes: int) -> float:

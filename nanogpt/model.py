@@ -12,7 +12,7 @@ One file, top to bottom, torch only:
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65))
     logits, loss = model(idx, targets)            # (B, T, V), scalar
     out = model.eval().generate(idx, 100, temperature=0.8, top_k=200)   # KV-cached, same tokens as uncached
-    model = GPT.from_pretrained("gpt2")            # or a local Hugging Face GPT-2 directory (nanogpt.hf)
+    model = nanogpt.hf.from_pretrained("gpt2")     # or a local Hugging Face GPT-2 directory
 
 Nothing here knows about devices, DDP or the training loop: wrap the model from outside
 (`torch.compile(model)`, `DistributedDataParallel(model)`), and strip the wrappers' key prefixes with
@@ -53,13 +53,20 @@ class GPTConfig:
     """True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster."""
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in SIZE_FIELDS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+# The fields that fix the shapes of the weights: a checkpoint can only be loaded by a model that agrees on all of
+# them (dropout may change). The one list of them; MODEL_ARGS is what nanoGPT's ckpt.pt carries as model_args.
+MODEL_ARGS = tuple(f.name for f in fields(GPTConfig))
+ARCHITECTURE_FIELDS = tuple(name for name in MODEL_ARGS if name != "dropout")
+SIZE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 
 
 class LayerNorm(nn.Module):
@@ -318,16 +325,6 @@ class GPT(nn.Module):
         # a new config object: nanoGPT mutates it in place, which also changes the caller's config
         self.config = replace(self.config, block_size=block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
-    @classmethod
-    def from_pretrained(
-        cls, model_type: str | os.PathLike[str], override_args: dict[str, Any] | None = None
-    ) -> GPT:
-        """GPT-2 weights from the Hugging Face hub ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or from a
-        local Hugging Face GPT-2 directory. Only `dropout` may be overridden. Needs `nanogpt-ray[hf]`."""
-        from nanogpt.hf import load_hf_gpt2  # lazy: the conversion code needs safetensors/huggingface_hub
-
-        return load_hf_gpt2(model_type, override_args)
 
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str

@@ -1,6 +1,9 @@
-"""Text samples from a GPT: nanoGPT's sample.py as a function, on the model's KV cache.
+"""Text samples from a GPT: nanoGPT's sample.py as functions, on the model's KV cache.
 
     texts = sample_text(model, tokenizer, "ROMEO:", max_new_tokens=200, num_samples=3, temperature=0.8, top_k=200)
+    texts = generate_from_checkpoint("out/run/checkpoint_000300", "ROMEO:", max_new_tokens=200)
+    model, tokenizer = load_checkpoint_model("out/run/checkpoint_000300", device="cuda")
+    model, tokenizer = load_pretrained_model("gpt2")          # or a local Hugging Face GPT-2 directory
 
 The draws come from a private torch.Generator seeded with `seed`: the same call gives the same text, and the
 caller's global RNG (which the training loop reseeds for dropout) is neither read nor advanced.
@@ -9,11 +12,56 @@ caller's global RNG (which the training loop reseeds for dropout) is neither rea
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
+from nanogpt.checkpoint import Checkpoint, CheckpointError, build_model, load_checkpoint
+from nanogpt.config import ConfigError
 from nanogpt.model import GPT, sample_next_token
-from nanogpt.tokenizers import Tokenizer
+from nanogpt.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_dict
+
+
+def load_checkpoint_model(ckpt_dir: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """The checkpoint's GPT (eval mode, on `device`) and the tokenizer its data was made with."""
+    return checkpoint_model(load_checkpoint(ckpt_dir, map_location="cpu", with_optimizer=False), device)
+
+
+def checkpoint_model(ckpt: Checkpoint, device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """A loaded checkpoint's GPT (eval mode, on `device`) and its tokenizer."""
+    if ckpt.tokenizer is None:
+        raise CheckpointError(f"{ckpt.path}: has no tokenizer.json, so its token ids cannot be decoded")
+    model = build_model(ckpt, dropout=0.0).to(device)
+    model.eval()
+    return model, tokenizer_from_dict(ckpt.tokenizer)
+
+
+def load_pretrained_model(init_from: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """gpt2 / gpt2-medium / gpt2-large / gpt2-xl (Hugging Face hub) or a local HF GPT-2 directory, GPT-2 BPE."""
+    from nanogpt.hf import from_pretrained  # needs the `hf` extra
+
+    model = from_pretrained(init_from, dict(dropout=0.0)).to(device)
+    model.eval()
+    return model, build_tokenizer("gpt2")
+
+
+def read_prompt(start: str) -> str:
+    """nanoGPT's --start: the text itself, or FILE:<path> for a file's contents."""
+    if start.startswith("FILE:"):
+        path = Path(start[len("FILE:"):])
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--start {start}: cannot read {path} ({e.strerror})") from None
+    return start
+
+
+def generate_from_checkpoint(
+    ckpt_dir: str, start: str = "\n", *, max_new_tokens: int = 500, num_samples: int = 1, temperature: float = 0.8,
+    top_k: int | None = 200, top_p: float | None = None, seed: int = 1337, device: str = "cpu",
+) -> list[str]:
+    model, tokenizer = load_checkpoint_model(ckpt_dir, device)
+    return sample_text(model, tokenizer, start, max_new_tokens, num_samples, temperature, top_k, top_p, seed, device)
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:

@@ -17,17 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-RUN_ID_KEY = "tracking_run_id"
-"""The key of a checkpoint's state.json "extra" dict that holds the tracker's run id."""
-
 
 @runtime_checkable
 class Tracker(Protocol):
-    @property
-    def run_id(self) -> str | None:
-        """The tracking run this job writes to, saved in every checkpoint so a resumed job continues it."""
-        ...
-
     def log_params(self, params: dict) -> None: ...
 
     def set_tags(self, tags: dict) -> None: ...
@@ -45,8 +37,6 @@ class Tracker(Protocol):
 
 class NullTracker:
     """Records nothing."""
-
-    run_id = None
 
     def log_params(self, params: dict) -> None:
         pass
@@ -71,8 +61,6 @@ class JsonlTracker:
     """Appends `{"step": step, **metrics}` to a JSON-lines file, one line per `log_metrics` call (flushed, so a
     crashed run keeps what it logged). Params and tags go to `params.json` / `tags.json`, texts and artifacts
     into the same directory. Non-finite floats are written as null (JSON has no NaN)."""
-
-    run_id = None
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -124,10 +112,6 @@ class MultiTracker:
 
     def __init__(self, *trackers: Tracker) -> None:
         self.trackers = trackers
-
-    @property
-    def run_id(self) -> str | None:
-        return next((t.run_id for t in self.trackers if t.run_id is not None), None)
 
     def log_params(self, params: dict) -> None:
         for t in self.trackers:

@@ -4,11 +4,14 @@ checkpoints go) is passed in as a `TrainContext` and a `Reporter`.
 
     from nanogpt.config import load_config
     from nanogpt.checkpoint import LocalReporter
-    from nanogpt.train import TrainContext, resolve_device, train
+    from nanogpt.train import TrainContext, train
 
     cfg = load_config("shakespeare_char_cpu", ["--train.max_iters=200"], search_dirs=["pipelines/configs"])
-    ctx = TrainContext(device=resolve_device(cfg.train.device))
-    result = train(cfg, "data/shakespeare_char", ctx, LocalReporter("out/run", cfg.run.num_to_keep))
+    result = train(cfg, "data/shakespeare_char", TrainContext(), LocalReporter("out/run", cfg.run.num_to_keep))
+
+The loop is short: each piece is a module of its own. init_from.py builds the model, devices.py resolves device
+and dtype, parallel.py wraps the model (DDP today), step.py makes one update and holds the non-finite policy,
+evaluation.py the one evaluation, schedule.py says when to evaluate and save (and the learning rate).
 
 Steps. `step` counts optimizer updates. Everything recorded at step s describes the weights after s updates:
 the eval at s, the checkpoint at s (state.json "step": s), and the training metrics of update s (its loss was
@@ -32,8 +35,6 @@ val_loss_step (the step val_loss was measured at), best_val_loss, tokens and, af
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import math
 import shutil
@@ -46,49 +47,42 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt import shards
-from nanogpt.batches import TokenWindows, global_micro_batch, to_device
-from nanogpt.checkpoint import (  # noqa: F401  (LocalReporter, latest_checkpoint: the plain process's Reporter)
-    Checkpoint,
-    LocalReporter,
-    build_model,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    unwrap_model,
-)
-from nanogpt.config import Config, ConfigError, OptimConfig
-from nanogpt.metrics import bits_per_byte, perplexity
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.batches import TokenWindows, micro_steps_per_rank
+from nanogpt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nanogpt.config import Config
+from nanogpt.devices import Precision
+from nanogpt.evaluation import evaluate_windows
+from nanogpt.init_from import initial_model
+from nanogpt.metrics import perplexity
+from nanogpt.model import GPT
+from nanogpt.parallel import Strategy, strategy_for
 from nanogpt.sampling import sample_text
-from nanogpt.tokenizers import TokenizerError, token_byte_lengths, tokenizer_from_dict
-from nanogpt.tracking import RUN_ID_KEY, NullTracker, Tracker
+from nanogpt.schedule import lr_at, should_eval, should_save
+from nanogpt.step import NonFiniteError, NonFinitePolicy, StepStats, apply_update, compute_gradients
+from nanogpt.tokenizers import Tokenizer, TokenizerError, token_byte_lengths, tokenizer_from_dict
+from nanogpt.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
-# The architecture fields a resumed run must agree on with its checkpoint (dropout and init_from may change).
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
-
-
-class NonFiniteError(RuntimeError):
-    """A step's loss or gradient norm was NaN/inf; raised before the optimizer update, naming the step."""
+OnStep = Callable[[int, dict], None]
+"""on_step(step, metrics): called on every rank after each update (or skipped step); keep it cheap."""
 
 
 @dataclass
 class TrainContext:
-    """Where this copy of the loop runs. A plain process: the defaults, with `device=resolve_device(...)`."""
+    """Where this copy of the loop runs. A plain process: the defaults. When world_size > 1 the caller has
+    initialized torch.distributed (Ray Train and torchrun do)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: str = "cpu"
-    """Resolved, e.g. "cuda:0" (see resolve_device)."""
-    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
-    """E.g. Ray's prepare_model. None: DistributedDataParallel when world_size > 1, else no wrapping. When
-    world_size > 1 the caller has initialized torch.distributed (Ray Train and torchrun do)."""
+    device: str | None = None
+    """E.g. "cuda:0" (Ray's device for this worker); None: config.train.device, resolved here."""
+    shards_hashed: bool = False
+    """True when the launcher has hashed the shards against their manifest already (a Ray driver does, once per
+    launch): the loop then checks headers and sizes only. Otherwise local rank 0 hashes them before step 0."""
 
 
 class Reporter(Protocol):
@@ -114,92 +108,6 @@ class TrainResult:
     num_skipped: int = 0
 
 
-# ------------------------------------------------------------------------------------------ pure pieces
-
-
-def lr_at(step: int, optim: OptimConfig) -> float:
-    """nanoGPT's get_lr: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not optim.decay_lr:
-        return optim.learning_rate
-    # 1) linear warmup for warmup_iters steps ((it+1)/(warmup+1): the first update already has a non-zero lr)
-    if step < optim.warmup_iters:
-        return optim.learning_rate * (step + 1) / (optim.warmup_iters + 1)
-    # 2) if it > lr_decay_iters, return min learning rate
-    if step > optim.lr_decay_iters:
-        return optim.min_lr
-    # 3) in between, use cosine decay down to min learning rate
-    decay_ratio = (step - optim.warmup_iters) / (optim.lr_decay_iters - optim.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
-    return optim.min_lr + coeff * (optim.learning_rate - optim.min_lr)
-
-
-def micro_steps_per_rank(gradient_accumulation_steps: int, world_size: int) -> int:
-    """Micro-batches each rank runs per optimizer step, so that the step's total stays the same on any world size."""
-    if world_size < 1:
-        raise ConfigError(f"world size must be >= 1, got {world_size}")
-    if gradient_accumulation_steps % world_size:
-        valid = [n for n in range(1, gradient_accumulation_steps + 1) if gradient_accumulation_steps % n == 0]
-        raise ConfigError(
-            f"train.gradient_accumulation_steps={gradient_accumulation_steps} (micro-batches per optimizer step, "
-            f"summed over workers) is not divisible by the {world_size} workers; use a worker count that divides it "
-            f"({', '.join(map(str, valid))}) or a multiple of {world_size} as gradient_accumulation_steps"
-        )
-    return gradient_accumulation_steps // world_size
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> cuda if available, else mps, else cpu. Asking for an absent accelerator is a ConfigError."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    kind = torch.device(device).type
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device} but CUDA is not available; use --train.device=cpu or auto")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"train.device={device} but MPS is not available; use --train.device=cpu or auto")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """"auto" -> bfloat16 on a CUDA GPU that supports it, float16 on an older one, float32 elsewhere.
-    float16 needs CUDA (its GradScaler); on any other device it is a ConfigError."""
-    kind = torch.device(device).type
-    if dtype == "auto":
-        if kind == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype == "float16" and kind != "cuda":
-        raise ConfigError(
-            f"train.dtype=float16 needs a CUDA device (loss scaling with GradScaler), not {device}; "
-            "use --train.dtype=float32 or bfloat16"
-        )
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ConfigError(f"train.dtype must be auto, float32, bfloat16 or float16; got {dtype!r}") from None
-
-
-def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
-    """Round up to a multiple of 64 (50257 -> 50304): faster matmuls, the extra logits are never targets."""
-    return -(-vocab_size // multiple) * multiple
-
-
-def default_vocab_size(manifest: shards.Manifest) -> int:
-    """model.vocab_size=null: nanoGPT's choice. GPT-2 BPE is padded to 50304; a char vocabulary (its meta.pkl) is
-    used as is, so the shakespeare_char recipes reproduce nanoGPT's numbers."""
-    if manifest.tokenizer.get("name") == "char":
-        return manifest.vocab_size
-    return padded_vocab_size(manifest.vocab_size)
-
-
-def dropout_seed(seed: int, step: int, g: int) -> int:
-    """The torch seed for micro-batch g of step `step` (a different stream from the data's, same inputs)."""
-    return int(np.random.SeedSequence([seed % 2**63, step, g, 1]).generate_state(1, np.uint64)[0])
-
-
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -210,343 +118,304 @@ def train(
     reporter: Reporter,
     tracker: Tracker | None = None,
     resume_from: str | None = None,
-    on_step: Callable[[int, dict], None] | None = None,
+    on_step: OnStep | None = None,
 ) -> TrainResult:
     """Train (or, with train.eval_only, evaluate) per `config` on the token shards in `data_dir`.
 
     `resume_from`: a checkpoint directory to continue from (model.init_from=resume is resolved by the caller).
-    `on_step(step, metrics)`: called on every rank after each update (or skipped step); keep it cheap.
-    Raises ConfigError / shards.ShardError / CheckpointError before step 0, NonFiniteError at a bad step.
+    The shards are verified before anything is built (hashed too, unless ctx.shards_hashed). Raises ConfigError / ShardError / CheckpointError before step 0, NonFiniteError at a bad step.
     """
-    tc, oc = config.train, config.optim
-    main = ctx.rank == 0
-    tracker = tracker if (tracker is not None and main) else NullTracker()  # rank 0 records; others stay quiet
-    device = resolve_device(ctx.device)
-    device_type = torch.device(device).type
-    dtype = resolve_dtype(tc.dtype, device)
-    micro_steps = micro_steps_per_rank(tc.gradient_accumulation_steps, ctx.world_size)
+    run = _Run.build(config, data_dir, ctx, reporter, tracker, resume_from)
+    state = run.start_state()
+    tc = config.train
+    policy = NonFinitePolicy(tc.max_nonfinite_skips)
+    meter = Throughput(run.tokens_per_step)
+    while True:
+        evaluated = should_eval(state.step, tc, state.start_step, state.resumed)
+        improved = run.evaluate(state) if evaluated else False
+        saving = should_save(state.step, tc, state.start_step, evaluated, improved)
+        if evaluated or saving:
+            run.report(state, saving)
+        if tc.eval_only or state.step >= tc.max_iters:
+            break
+        t0 = time.perf_counter()
+        stats = run.update(state.step, policy)
+        dt = time.perf_counter() - t0
+        state.record(stats)
+        meter.add(dt, first=state.step == state.start_step)
+        if state.step % tc.log_interval == 0 and run.main:
+            run.log_interval(state.step, stats, meter.take_interval())
+        if on_step is not None:
+            on_step(state.step, {**run.step_metrics(state.step, stats), "step_time_ms": dt * 1000})
+        state.step += 1
+    return state.result(meter.tokens_per_s(), policy.num_skipped)
 
-    # data: checked before anything is built (a damaged shard names itself here, not at step 1234). Hashing
-    # every byte once per machine is enough: the other ranks check headers, sizes and token counts.
-    manifest = shards.verify(data_dir, check_hashes=ctx.local_rank == 0)
-    checkpoint = load_checkpoint(resume_from, map_location="cpu") if resume_from else None
-    model = _build_model(config, manifest, checkpoint)
-    block_size = model.config.block_size
-    train_windows = TokenWindows(shards.load_split(data_dir, "train"), block_size)
-    val_windows = TokenWindows(shards.load_split(data_dir, "val"), block_size)
-    tokens_per_step = tc.batch_size * block_size * tc.gradient_accumulation_steps
 
-    if device_type == "cuda":
-        if torch.device(device).index is not None:
-            torch.cuda.set_device(torch.device(device))
-        torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
-        torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-    model.to(device)
-    # GradScaler only for float16: bfloat16 has float32's exponent range and needs no loss scaling
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
-    optimizer = model.configure_optimizers(oc.weight_decay, oc.learning_rate, (oc.beta1, oc.beta2), device_type)
-    start_step, best_val_loss = 0, math.inf
-    if checkpoint is not None:
+@dataclass
+class LoopState:
+    """What the loop knows between steps (all of it a function of the checkpoint it started from and the steps
+    since): nothing here needs saving beyond what a checkpoint holds."""
+
+    step: int
+    start_step: int
+    resumed: bool
+    best_val_loss: float = math.inf
+    val_loss: float | None = None
+    val_loss_step: int | None = None
+    train_loss: float | None = None
+    last_loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+
+    def record(self, stats: StepStats) -> None:
+        self.losses.append(stats.loss if stats.finite else math.nan)
+        if stats.finite:
+            self.last_loss = stats.loss
+
+    def report_metrics(self, tokens_per_step: int) -> dict[str, float]:
+        metrics = {"step": self.step, "best_val_loss": self.best_val_loss, "tokens": self.step * tokens_per_step}
+        if self.val_loss is not None:
+            metrics.update(val_loss=self.val_loss, val_loss_step=self.val_loss_step)
+        if self.last_loss is not None:
+            metrics["loss"] = self.last_loss
+        return metrics
+
+    def result(self, tokens_per_s: float | None, num_skipped: int) -> TrainResult:
+        return TrainResult(step=self.step, start_step=self.start_step, best_val_loss=self.best_val_loss,
+                           val_loss=self.val_loss, train_loss=self.train_loss, losses=self.losses,
+                           tokens_per_s=tokens_per_s, num_skipped=num_skipped)
+
+
+class Throughput:
+    """Step times: the mean over each log interval, and tokens/s over the call without its first step (which
+    pays for warm-up and compilation)."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.interval_time, self.interval_steps = 0.0, 0
+        self.total_time, self.total_steps = 0.0, 0
+
+    def add(self, dt: float, first: bool) -> None:
+        self.interval_time += dt
+        self.interval_steps += 1
+        if not first:
+            self.total_time += dt
+            self.total_steps += 1
+
+    def take_interval(self) -> float:
+        """The mean step time since the last call, in seconds; starts a new interval."""
+        mean = self.interval_time / self.interval_steps
+        self.interval_time, self.interval_steps = 0.0, 0
+        return mean
+
+    def tokens_per_s(self) -> float | None:
+        return self.tokens_per_step * self.total_steps / self.total_time if self.total_time > 0 else None
+
+
+# ------------------------------------------------------------------------------------------ what the loop runs on
+
+
+@dataclass
+class _Run:
+    """Everything train() builds before step 0, and the loop's actions on it."""
+
+    config: Config
+    strategy: Strategy
+    precision: Precision
+    manifest: shards.Manifest
+    raw_model: GPT
+    eval_model: torch.nn.Module
+    """Compiled (when asked) but never DDP-wrapped: ranks may run different numbers of eval batches."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_windows: TokenWindows
+    val_windows: TokenWindows
+    micro_steps: int
+    tokenizer: Tokenizer | None
+    byte_lengths: np.ndarray | None
+    reporter: Reporter
+    tracker: Tracker
+    start_step: int = 0
+    best_val_loss: float = math.inf
+    resumed: bool = False
+    resumed_val: tuple[float | None, int | None] = (None, None)
+
+    @property
+    def main(self) -> bool:
+        return self.strategy.rank == 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        tc = self.config.train
+        return tc.batch_size * self.raw_model.config.block_size * tc.gradient_accumulation_steps
+
+    @classmethod
+    def build(cls, config: Config, data_dir: str, ctx: TrainContext, reporter: Reporter, tracker: Tracker | None,
+              resume_from: str | None) -> _Run:
+        tc, oc = config.train, config.optim
+        precision = Precision.resolve(ctx.device or tc.device, tc.dtype)
+        micro_steps = micro_steps_per_rank(tc.gradient_accumulation_steps, ctx.world_size)
+        # data first: a damaged shard names itself here, not at step 1234
+        manifest = shards.verify(data_dir, check_hashes=not ctx.shards_hashed and ctx.local_rank == 0)
+        checkpoint = load_checkpoint(resume_from, map_location="cpu") if resume_from else None
+        model = initial_model(config, manifest, checkpoint)
+        block_size = model.config.block_size
+        windows = {split: TokenWindows(shards.load_split(data_dir, split), block_size) for split in ("train", "val")}
+        precision.activate()
+        model.to(precision.device)
+        strategy = strategy_for(ctx.rank, ctx.world_size, precision.device)
+        if tc.compile and ctx.rank == 0:
+            log.info("compiling the model... (takes a ~minute)")
+        eval_model = torch.compile(model) if tc.compile else model
+        wrapped = strategy.wrap(eval_model).train()
+        # the optimizer over the wrapped model's parameters, built after wrapping (FSDP2 needs that order)
+        optimizer = model.configure_optimizers(oc.weight_decay, oc.learning_rate, (oc.beta1, oc.beta2),
+                                               precision.device_type)
+        scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.needs_loss_scaling)
+        tokenizer, byte_lengths = _tokenizer_for_bpb(manifest, need_tokenizer=tc.sample_tokens > 0)
+        run = cls(config=config, strategy=strategy, precision=precision, manifest=manifest, raw_model=model,
+                  eval_model=eval_model, model=wrapped, optimizer=optimizer, scaler=scaler,
+                  train_windows=windows["train"], val_windows=windows["val"], micro_steps=micro_steps,
+                  tokenizer=tokenizer, byte_lengths=byte_lengths, reporter=reporter,
+                  tracker=tracker if (tracker is not None and ctx.rank == 0) else NullTracker())
+        if checkpoint is not None:
+            run.restore(checkpoint)
+        if run.main:
+            run.announce()
+        return run
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from a checkpoint: optimizer and loss-scaler state, step, best and last val loss."""
         if checkpoint.optimizer_state is not None:
-            optimizer.load_state_dict(checkpoint.optimizer_state)
+            self.optimizer.load_state_dict(checkpoint.optimizer_state)
         else:
             log.warning("%s has no optimizer state: AdamW starts from zero moments", checkpoint.path)
-        if scaler.is_enabled() and checkpoint.scaler_state:
-            scaler.load_state_dict(checkpoint.scaler_state)
-        start_step, best_val_loss = checkpoint.step, checkpoint.best_val_loss
-        if main:
-            log.info("resuming from %s at step %d (best val loss %.4f)", checkpoint.path, start_step, best_val_loss)
-    raw_model = model
-    if tc.compile:
-        if main:
-            log.info("compiling the model... (takes a ~minute)")
-        model = torch.compile(model)
-    eval_model = model  # evaluated without the DDP wrapper: ranks may run different numbers of eval batches
-    if ctx.wrap_model is not None:
-        model = ctx.wrap_model(model)
-    elif ctx.world_size > 1:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+        if self.scaler.is_enabled() and checkpoint.scaler_state:
+            self.scaler.load_state_dict(checkpoint.scaler_state)
+        self.resumed, self.start_step, self.best_val_loss = True, checkpoint.step, checkpoint.best_val_loss
+        # reports before the next eval carry the checkpoint's last val loss
+        self.resumed_val = (checkpoint.extra.get("val_loss"), checkpoint.extra.get("val_loss_step"))
+        if self.main:
+            log.info("resuming from %s at step %d (best val loss %.4f)", checkpoint.path, self.start_step,
+                     self.best_val_loss)
 
-    autocast = torch.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    # MFU against the peak of what the matmuls run on: tensor-core TF32 for float32 on CUDA (enabled above)
-    mfu_dtype = "tf32" if dtype == torch.float32 else dtype
-    # Bits per byte need the tokenizer (the UTF-8 bytes of the evaluated val targets). A worker that cannot load it
-    # (GPT-2 BPE with no tiktoken files) still trains: val_bpb is left out, with a warning.
-    try:
-        tokenizer = tokenizer_from_dict(manifest.tokenizer)
-        byte_lengths = token_byte_lengths(tokenizer)
-    except TokenizerError as e:
-        if tc.sample_tokens > 0:
-            raise
-        log.warning("no val_bpb: %s", e)
-        tokenizer = byte_lengths = None
-    if main:
-        log.info(
-            "tokens per iteration will be: %s (%d workers x %d micro-steps x %d x %d)",
-            f"{tokens_per_step:,}", ctx.world_size, micro_steps, tc.batch_size, block_size,
-        )
-        if checkpoint is None:
-            tracker.log_params(config.to_flat())
-        tracker.set_tags({
-            "num_params": raw_model.get_num_params(), "world_size": ctx.world_size, "device": device,
-            "dtype": str(dtype).removeprefix("torch."), "tokens_per_step": tokens_per_step,
-            "micro_steps_per_rank": micro_steps,
+    def announce(self) -> None:
+        """Rank 0: the step's geometry to the log, and what only this process knows as tags to the tracker (the
+        config is the caller's to log as params: it knows whether the run is new)."""
+        tc = self.config.train
+        log.info("tokens per iteration will be: %s (%d workers x %d micro-steps x %d x %d)",
+                 f"{self.tokens_per_step:,}", self.strategy.world_size, self.micro_steps, tc.batch_size,
+                 self.raw_model.config.block_size)
+        self.tracker.set_tags({
+            "num_params": self.raw_model.get_num_params(), "world_size": self.strategy.world_size,
+            "device": self.precision.device, "dtype": str(self.precision.dtype).removeprefix("torch."),
+            "tokens_per_step": self.tokens_per_step, "micro_steps_per_rank": self.micro_steps,
         })
 
-    def evaluate() -> tuple[float, float, float]:
-        """(val_loss, train_loss, val_bpb or None) over the fixed eval windows, this rank's share, (sum, count) all-reduced."""
-        model.eval()
-        num_windows = tc.eval_iters * tc.batch_size
-        # val sum, val count, train sum, train count, val target bytes
-        totals = torch.zeros(5, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for i, windows in enumerate((val_windows, train_windows)):
-                for x, y in windows.eval_batches(num_windows, tc.batch_size, ctx.rank, ctx.world_size):
-                    if i == 0 and byte_lengths is not None:
-                        totals[4] += float(byte_lengths[y].sum())
-                    x, y = to_device(x, y, device)
-                    with autocast:
-                        _, loss = eval_model(x, y)
-                    # the loss is a mean over the batch's B*T targets, all windows T long: B * loss sums the windows'
-                    totals[2 * i] += loss.double() * x.size(0)
-                    totals[2 * i + 1] += x.size(0)
-        _all_reduce_sum(totals, ctx)
-        model.train()
-        val_sum, val_count, train_sum, train_count, val_bytes = totals.tolist()
-        val_loss = val_sum / val_count
-        val_bpb = bits_per_byte(val_loss, int(val_count) * block_size, int(val_bytes)) if val_bytes else None
-        return val_loss, train_sum / train_count, val_bpb
+    def start_state(self) -> LoopState:
+        val_loss, val_loss_step = self.resumed_val
+        return LoopState(step=self.start_step, start_step=self.start_step, resumed=self.resumed,
+                         best_val_loss=self.best_val_loss, val_loss=val_loss, val_loss_step=val_loss_step)
 
-    step = start_step
-    resumed = checkpoint is not None
-    losses: list[float] = []
-    val_loss = train_loss = None
-    val_loss_step = None
-    if checkpoint is not None:  # reports before the next eval carry the checkpoint's last val loss
-        val_loss, val_loss_step = checkpoint.extra.get("val_loss"), checkpoint.extra.get("val_loss_step")
-    last_loss: float | None = None
-    num_skipped = 0
-    interval_time, interval_steps = 0.0, 0
-    total_time, total_steps = 0.0, 0
-    model.train()
+    # -------------------------------------------------------------------------------------- the loop's actions
 
-    while True:
-        # ---- evaluate, checkpoint and report the weights after `step` updates (nanoGPT's order: before the update)
-        is_last = step >= tc.max_iters
-        do_eval = tc.eval_only or (
-            (step % tc.eval_interval == 0 or is_last) and not (resumed and step == start_step)  # done before saving
-        )
-        improved = False
-        if do_eval:
-            val_loss, train_loss, val_bpb = evaluate()
-            val_loss_step = step
-            improved = val_loss < best_val_loss
-            best_val_loss = min(best_val_loss, val_loss)  # never overwritten by a worse value (unlike nanoGPT)
-            if main:
-                log.info("step %d: train loss %.4f, val loss %.4f", step, train_loss, val_loss)
-                eval_metrics = {
-                    "val_loss": val_loss, "train_loss": train_loss, "val_perplexity": perplexity(val_loss),
-                    "best_val_loss": best_val_loss, "tokens": step * tokens_per_step,
-                }
-                if val_bpb is not None:
-                    eval_metrics["val_bpb"] = val_bpb
-                tracker.log_metrics(eval_metrics, step)
-                if tc.sample_tokens > 0:
-                    text = sample_text(raw_model, tokenizer, "", tc.sample_tokens, seed=tc.seed, device=device, dtype=dtype)[0]
-                    tracker.log_text(text, f"samples/step_{step:06d}.txt")
-        if tc.checkpoint_interval > 0:
-            do_save = step > start_step and (step % tc.checkpoint_interval == 0 or is_last)
-        else:
-            do_save = do_eval and step > start_step and (tc.always_save_checkpoint or improved)
-        do_save = do_save and not tc.eval_only
-        if do_eval or do_save:
-            metrics = {"step": step, "best_val_loss": best_val_loss, "tokens": step * tokens_per_step}
-            if val_loss is not None:
-                metrics.update(val_loss=val_loss, val_loss_step=val_loss_step)
-            if last_loss is not None:
-                metrics["loss"] = last_loss
-            _report(
-                reporter, metrics, ctx, do_save,
-                functools.partial(
-                    save_checkpoint, model=raw_model, optimizer=optimizer, scaler=scaler, step=step,
-                    best_val_loss=best_val_loss, config=config, tokenizer=manifest.tokenizer,
-                    manifest_json=manifest.to_json(), world_size=ctx.world_size,
-                    tokens_seen=step * tokens_per_step,
-                    # read at every save: a tracker that was unreachable at the start may have its run by now
-                    extra={"val_loss": val_loss, "val_loss_step": val_loss_step, RUN_ID_KEY: tracker.run_id},
-                ),
+    def evaluate(self, state: LoopState) -> bool:
+        """Val and train loss of the weights after state.step updates (nanoGPT's order: before the update);
+        True when the val loss improved on the best. A non-finite val loss stops the run before it is saved."""
+        tc = self.config.train
+        common = dict(num_windows=tc.eval_iters * tc.batch_size, batch_size=tc.batch_size,
+                      precision=self.precision, strategy=self.strategy)
+        val = evaluate_windows(self.eval_model, self.val_windows, byte_lengths=self.byte_lengths, **common)
+        train = evaluate_windows(self.eval_model, self.train_windows, **common)
+        if not math.isfinite(val.loss):
+            raise NonFiniteError(f"step {state.step}: the val loss is {val.loss}: the weights diverged; stopped "
+                                 "without saving them (the last checkpoint stays the latest); lower "
+                                 "optim.learning_rate")
+        improved = val.loss < state.best_val_loss
+        state.best_val_loss = min(state.best_val_loss, val.loss)  # never overwritten by a worse value (nanoGPT is)
+        state.val_loss, state.val_loss_step, state.train_loss = val.loss, state.step, train.loss
+        if self.main:
+            log.info("step %d: train loss %.4f, val loss %.4f", state.step, train.loss, val.loss)
+            metrics = {"val_loss": val.loss, "train_loss": train.loss, "val_perplexity": perplexity(val.loss),
+                       "best_val_loss": state.best_val_loss, "tokens": state.step * self.tokens_per_step}
+            if val.bits_per_byte is not None:
+                metrics["val_bpb"] = val.bits_per_byte
+            self.tracker.log_metrics(metrics, state.step)
+            if tc.sample_tokens > 0:
+                text = sample_text(self.raw_model, self.tokenizer, "", tc.sample_tokens, seed=tc.seed,
+                                   device=self.precision.device, dtype=self.precision.dtype)[0]
+                self.tracker.log_text(text, f"samples/step_{state.step:06d}.txt")
+        return improved
+
+    def report(self, state: LoopState, save: bool) -> None:
+        """Every rank reports (a reporter may be a barrier); with `save`, rank 0 first writes the checkpoint into
+        a fresh temporary directory and hands it over with the report."""
+        metrics = state.report_metrics(self.tokens_per_step)
+        if not save:
+            self.reporter.report(metrics, None)
+            return
+        model_state = self.strategy.model_state_dict(self.raw_model)  # collective under FSDP: every rank
+        optimizer_state = self.strategy.optimizer_state_dict(self.raw_model, self.optimizer)
+        if not self.main:
+            self.reporter.report(metrics, None)
+            return
+        tmp_root = Path(tempfile.mkdtemp(prefix="nanogpt-ckpt-"))
+        try:
+            ckpt_dir = save_checkpoint(
+                tmp_root / f"checkpoint_{state.step:06d}", model_state=model_state,
+                model_args=self.raw_model.config, optimizer_state=optimizer_state,
+                scaler_state=self.scaler.state_dict() if self.scaler.is_enabled() else None, step=state.step,
+                best_val_loss=state.best_val_loss, config=self.config, tokenizer=self.manifest.tokenizer,
+                manifest_json=self.manifest.to_json(), world_size=self.strategy.world_size,
+                tokens_seen=state.step * self.tokens_per_step,
+                extra={"val_loss": state.val_loss, "val_loss_step": state.val_loss_step},
             )
-        if tc.eval_only or is_last:
-            break
+            self.reporter.report(metrics, str(ckpt_dir))
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
 
-        # ---- one optimizer update: micro_steps micro-batches on this rank, the gradients averaged by DDP
-        t0 = time.perf_counter()
-        lr = lr_at(step, oc)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        first = global_micro_batch(ctx.rank, 0, micro_steps)
-        x, y = to_device(*train_windows.train_batch(tc.seed, step, first, tc.batch_size), device)
-        for micro_step in range(micro_steps):
-            g = global_micro_batch(ctx.rank, micro_step, micro_steps)
-            # Dropout draws from torch's global RNG. Reseeding it from (seed, step, g) makes the masks a function of
-            # where the loop is: a resumed run draws exactly the uninterrupted run's masks with no RNG state in
-            # the checkpoint, and micro-batch g gets the same masks whatever the number of workers.
-            torch.manual_seed(dropout_seed(tc.seed, step, g))
-            # only the last micro-step all-reduces the gradients (DDP); the others just accumulate them locally
-            last = micro_step == micro_steps - 1
-            sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(x, y)
-                    scaled = loss / micro_steps  # scale the loss to account for gradient accumulation
-                if not last:  # fetch the next micro-batch while the forward pass runs on the GPU (nanoGPT)
-                    x, y = to_device(*train_windows.train_batch(tc.seed, step, g + 1, tc.batch_size), device)
-                scaler.scale(scaled).backward()
-            loss_sum += loss.detach().float()
-        scaler.unscale_(optimizer)  # a no-op without float16; clipping and the norm need true gradients
-        if oc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        # One small all-reduce per step: the loss averaged over ranks, and whether any rank saw a non-finite value,
-        # so every rank skips or stops at the same step (a rank leaving alone would hang the others in DDP).
-        # With float16, inf gradients are the GradScaler's business (it skips the update and lowers the scale).
-        bad = ~torch.isfinite(loss_sum)
-        if not scaler.is_enabled():
-            bad = bad | ~torch.isfinite(grad_norm)
-        stats = torch.stack([loss_sum / micro_steps, bad.float(), grad_norm.float()])
-        _all_reduce_sum(stats, ctx)
-        step_loss, num_bad, norm = stats.tolist()
-        step_loss /= ctx.world_size
-        norm /= ctx.world_size  # the same on every rank (the gradients are all-reduced)
-        step_metrics = {"loss": step_loss, "lr": lr, "grad_norm": norm}
-        if num_bad > 0:
-            num_skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()  # float16: a NaN/inf gradient lowers the loss scale
-            if num_skipped > tc.max_nonfinite_skips:
-                raise NonFiniteError(
-                    f"step {step}: non-finite loss {step_loss} or gradient norm {norm}; stopped before the optimizer "
-                    f"update (the weights are those after {step} updates). train.max_nonfinite_skips="
-                    f"{tc.max_nonfinite_skips} lets a run skip such steps; lower optim.learning_rate or use bfloat16 "
-                    "if it keeps happening"
-                )
-            if main:
-                log.warning(
-                    "step %d: non-finite loss %s or gradient norm %s: update skipped (%d of %d allowed)",
-                    step, step_loss, norm, num_skipped, tc.max_nonfinite_skips,
-                )
-            losses.append(math.nan)
-            step_metrics["skipped"] = 1.0
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory
-            losses.append(step_loss)
-            last_loss = step_loss
-        dt = time.perf_counter() - t0
-        interval_time += dt
-        interval_steps += 1
-        if step > start_step:  # the first step of a call pays for warm-up (and compilation)
-            total_time += dt
-            total_steps += 1
-
-        if step % tc.log_interval == 0 and main:
-            step_time = interval_time / interval_steps
-            tokens_per_s = tokens_per_step / step_time
-            mfu = raw_model.estimate_mfu(tc.batch_size * micro_steps, step_time, device=device, dtype=mfu_dtype)
-            mfu_text = "n/a" if mfu is None else f"{mfu * 100:.2f}%"
-            log.info("iter %d: loss %.4f, time %.2fms, mfu %s", step, step_loss, step_time * 1000, mfu_text)
-            log_metrics = {**step_metrics, "step_time_ms": step_time * 1000, "tokens_per_s": tokens_per_s}
-            if mfu is not None:
-                log_metrics["mfu"] = mfu
-            tracker.log_metrics(log_metrics, step)
-            interval_time, interval_steps = 0.0, 0
-        if on_step is not None:
-            on_step(step, {**step_metrics, "step_time_ms": dt * 1000})
-        step += 1
-
-    return TrainResult(
-        step=step,
-        start_step=start_step,
-        best_val_loss=best_val_loss,
-        val_loss=val_loss,
-        train_loss=train_loss,
-        losses=losses,
-        tokens_per_s=tokens_per_step * total_steps / total_time if total_time > 0 else None,
-        num_skipped=num_skipped,
-    )
-
-
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def _build_model(config: Config, manifest: shards.Manifest, checkpoint: Checkpoint | None) -> GPT:
-    """The model to train, on the CPU: from the checkpoint, from scratch, or from GPT-2 weights."""
-    mc = config.model
-    if checkpoint is not None:
-        _check_same_architecture(config, checkpoint)
-        if checkpoint.tokenizer is not None and checkpoint.tokenizer != manifest.tokenizer:
-            raise ConfigError(
-                f"checkpoint {checkpoint.path} was trained on tokens of a different tokenizer "
-                f"({_describe_tokenizer(checkpoint.tokenizer)}) than this dataset's "
-                f"({_describe_tokenizer(manifest.tokenizer)}); its token ids would mean other text"
-            )
-        model = build_model(checkpoint, dropout=mc.dropout)
-    elif mc.init_from == "scratch":
-        vocab_size = mc.vocab_size if mc.vocab_size is not None else default_vocab_size(manifest)
-        torch.manual_seed(config.train.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
-        model = GPT(GPTConfig(
-            n_layer=mc.n_layer, n_head=mc.n_head, n_embd=mc.n_embd, block_size=mc.block_size,
-            vocab_size=vocab_size, dropout=mc.dropout, bias=mc.bias,
-        ))
-    elif mc.init_from == "resume":
-        raise ConfigError("model.init_from=resume needs a checkpoint: pass resume_from (the run's latest checkpoint)")
-    else:  # gpt2, gpt2-medium, ... or a local Hugging Face directory
-        log.info("initializing from OpenAI GPT-2 weights: %s", mc.init_from)
-        model = GPT.from_pretrained(mc.init_from, dict(dropout=mc.dropout))
-        if mc.block_size < model.config.block_size:
-            model.crop_block_size(mc.block_size)  # model surgery: fewer learned positions
-    if model.config.vocab_size < manifest.vocab_size:
-        raise ConfigError(
-            f"the model's vocabulary has {model.config.vocab_size} tokens but the dataset's tokenizer "
-            f"({manifest.tokenizer.get('name')}) has {manifest.vocab_size}: set model.vocab_size >= "
-            f"{manifest.vocab_size} (or null to use the dataset's: {default_vocab_size(manifest)})"
+    def update(self, step: int, policy: NonFinitePolicy) -> StepStats:
+        """One optimizer update at lr_at(step), or a skipped one (see NonFinitePolicy)."""
+        tc = self.config.train
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr_at(step, self.config.optim)
+        stats = compute_gradients(
+            self.model, self.optimizer, self.train_windows, step, seed=tc.seed, batch_size=tc.batch_size,
+            micro_steps=self.micro_steps, strategy=self.strategy, precision=self.precision, scaler=self.scaler,
+            grad_clip=self.config.optim.grad_clip,
         )
-    return model
+        policy.check(step, stats, log_warning=self.main)
+        apply_update(self.optimizer, self.scaler, stats)
+        return stats
+
+    def step_metrics(self, step: int, stats: StepStats) -> dict[str, float]:
+        metrics = {"loss": stats.loss, "lr": lr_at(step, self.config.optim), "grad_norm": stats.grad_norm}
+        if not stats.finite:
+            metrics["skipped"] = 1.0
+        return metrics
+
+    def log_interval(self, step: int, stats: StepStats, step_time: float) -> None:
+        """Rank 0, every log_interval steps: nanoGPT's `iter` line, and the step's metrics to the tracker."""
+        tc = self.config.train
+        mfu = self.raw_model.estimate_mfu(tc.batch_size * self.micro_steps, step_time, device=self.precision.device,
+                                          dtype=self.precision.mfu_dtype)
+        mfu_text = "n/a" if mfu is None else f"{mfu * 100:.2f}%"
+        log.info("iter %d: loss %.4f, time %.2fms, mfu %s", step, stats.loss, step_time * 1000, mfu_text)
+        metrics = {**self.step_metrics(step, stats), "step_time_ms": step_time * 1000,
+                   "tokens_per_s": self.tokens_per_step / step_time}
+        if mfu is not None:
+            metrics["mfu"] = mfu
+        self.tracker.log_metrics(metrics, step)
 
 
-def _check_same_architecture(config: Config, checkpoint: Checkpoint) -> None:
-    saved, current = checkpoint.config.model, config.model
-    diff = [f for f in ARCHITECTURE_FIELDS if getattr(saved, f) != getattr(current, f)]
-    if diff:
-        was = ", ".join(f"model.{f}={getattr(saved, f)}" for f in diff)
-        now = ", ".join(f"model.{f}={getattr(current, f)}" for f in diff)
-        raise ConfigError(
-            f"checkpoint {checkpoint.path} was trained with {was} but this config has {now}; resume with the "
-            "checkpoint's model settings, or start a new run"
-        )
-
-
-def _describe_tokenizer(d: dict) -> str:
-    return f"{d.get('name')}, {d.get('vocab_size')} tokens"
-
-
-def _report(reporter: Reporter, metrics: dict, ctx: TrainContext, save: bool, write: Callable[[Path], Path]) -> None:
-    """Rank 0 writes the checkpoint (when `save`) into a fresh temporary directory and hands it to the reporter;
-    every rank reports, so a reporter that is a barrier (Ray) sees all of them at the same step."""
-    if not (save and ctx.rank == 0):
-        reporter.report(metrics, None)
-        return
-    tmp_root = Path(tempfile.mkdtemp(prefix="nanogpt-ckpt-"))
+def _tokenizer_for_bpb(manifest: shards.Manifest, need_tokenizer: bool) -> tuple[Tokenizer | None, np.ndarray | None]:
+    """The dataset's tokenizer and its tokens' UTF-8 byte lengths, for val_bpb. A worker that cannot load it
+    (GPT-2 BPE with no tiktoken files) still trains, with a warning and no val_bpb, unless it must sample."""
     try:
-        ckpt_dir = write(tmp_root / f"checkpoint_{int(metrics['step']):06d}")
-        reporter.report(metrics, str(ckpt_dir))
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-
-
-def _all_reduce_sum(tensor: torch.Tensor, ctx: TrainContext) -> None:
-    if ctx.world_size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tokenizer = tokenizer_from_dict(manifest.tokenizer)
+        return tokenizer, token_byte_lengths(tokenizer)
+    except TokenizerError as e:
+        if need_tokenizer:
+            raise
+        log.warning("no val_bpb: %s", e)
+        return None, None

@@ -9,10 +9,9 @@ Stores: with no `run.tracking_uri` and no MLFLOW_TRACKING_URI, a local store nee
 
 On rank 0 of a training job:
 
-    tracker = make_mlflow_tracker(config, run_id=run_id_from_checkpoint, world_size=4, device="cuda", manifest=m)
+    tracker = make_mlflow_tracker(config, run_id=None, world_size=4, device="cuda", manifest=m)  # a new run
     tracker.log_metrics({"train/loss": 2.31}, step=250)       # one log_batch call
     tracker.log_text(sample, "samples/step_000250.txt")
-    extra = {"mlflow_run_id": tracker.run_id}                  # saved in state.json: the same run continues
     tracker.log_checkpoint("out/run/checkpoint_000500", kind="best")
     tracker.register_best()                                     # models:/<experiment>-<run name>/<version>
     tracker.close()                                             # flush, loss-curve PNG, run FINISHED
@@ -54,7 +53,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from nanogpt.config import Config
+from nanogpt.config import Config, RunConfig
+from nanogpt.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,6 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
 }
 
-RUN_ID_KEY = "mlflow_run_id"
-"""The key under which the run id travels in a checkpoint's state.json `extra` dict."""
-
 CHECKPOINT_KINDS = ("best", "final")
 # The registered model is weights + config + tokenizer: no pickled optimizer state (optimizer.pt is torch.save).
 FILES_NOT_REGISTERED = ("optimizer.pt", "scaler.pt")
@@ -86,7 +83,7 @@ FILES_NOT_REGISTERED = ("optimizer.pt", "scaler.pt")
 
 def default_tracking_uri(out_dir: str | os.PathLike) -> str:
     """The local store for a run directory: `sqlite:///<abs out_dir>/mlflow.db` (no server needed)."""
-    if "://" in str(out_dir):  # s3://, gs://: sqlite cannot live there
+    if is_uri(out_dir):  # s3://, gs://: sqlite cannot live there
         local = Path.cwd()
         log.warning("run.out_dir=%s is not a local path: the MLflow store goes to %s/mlflow.db "
                     "(set run.tracking_uri to use a server)", out_dir, local)
@@ -95,10 +92,26 @@ def default_tracking_uri(out_dir: str | os.PathLike) -> str:
     return f"sqlite:///{local / 'mlflow.db'}"
 
 
+def tracking_uri_for(explicit: str | None, out_dir: str | os.PathLike | None = None) -> str:
+    """The one rule for which store a command uses: `explicit` (run.tracking_uri, --tracking-uri), else
+    MLFLOW_TRACKING_URI, else the local sqlite store of `out_dir` (default: run.out_dir's default, where pretrain
+    puts it)."""
+    if explicit:
+        return explicit
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir or RunConfig().out_dir)
+
+
 def resolve_tracking_uri(config: Config) -> str:
-    """run.tracking_uri, else MLFLOW_TRACKING_URI, else the local sqlite store under run.out_dir. Resolve this on
-    the driver and pass it to workers in the config: workers have another cwd, and maybe another environment."""
-    return config.run.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(config.run.out_dir)
+    """The training job's store (tracking_uri_for its run section). Resolve this on the driver and pass it to
+    workers in the config: workers have another cwd, and maybe another environment."""
+    return tracking_uri_for(config.run.tracking_uri, config.run.out_dir)
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store (sqlite:////abs or sqlite:///rel), None for other stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///")).resolve()
 
 
 def sanitize_model_name(name: str) -> str:
@@ -128,6 +141,8 @@ class MlflowTracker:
         *,
         run_name: str | None = None,
         registered_model_name: str | None = None,
+        run_tags: Mapping[str, str] | None = None,
+        owns_run: bool = True,
         system_metrics: bool = True,
         system_metrics_interval_s: float = 10.0,
         retry_interval_s: float = 30.0,
@@ -140,6 +155,8 @@ class MlflowTracker:
         self.experiment = experiment
         self.run_name = run_name
         self.registered_model_name = registered_model_name
+        self.run_tags = dict(run_tags or {})
+        self.owns_run = owns_run
         self.system_metrics = system_metrics
         self.system_metrics_interval_s = system_metrics_interval_s
         self.retry_interval_s = retry_interval_s
@@ -234,13 +251,29 @@ class MlflowTracker:
             log.info("MLflow: continuing run %s (%s) at %s", run.info.run_id, run.info.run_name, self.tracking_uri)
         else:
             experiment_id = self._experiment_id()
-            run = self.client.create_run(experiment_id, run_name=self.run_name)
+            run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.run_tags)
             self._run_id = run.info.run_id
             log.info("MLflow: run %s (%s) in experiment %r at %s", run.info.run_id, run.info.run_name,
                      self.experiment, self.tracking_uri)
         if self.run_name is None:
             self.run_name = run.info.run_name
         self._start_system_metrics(resume=self._resume_id is not None)
+
+    def find_run(self, tag: str, value: str) -> str | None:
+        """The newest run of this experiment whose tag `tag` is `value`; None when there is none, or when the
+        store is unreachable (guarded like every call)."""
+        found: list[str] = []
+
+        def search() -> None:
+            experiment = self.client.get_experiment_by_name(self.experiment)
+            if experiment is None or "'" in value:  # MLflow's filter language cannot escape a quote
+                return
+            runs = self.client.search_runs([experiment.experiment_id], f"tags.`{tag}` = '{value}'",
+                                           order_by=["attributes.start_time DESC"], max_results=1)
+            found.extend(r.info.run_id for r in runs)
+
+        self._guarded(f"find the run tagged {tag}={value}", search)
+        return found[0] if found else None
 
     def _experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
@@ -256,10 +289,8 @@ class MlflowTracker:
 
     def _artifact_location(self) -> str | None:
         """Beside a sqlite database, not in the cwd (MLflow's default); a server chooses its own."""
-        if not self.tracking_uri.startswith("sqlite:///"):
-            return None
-        db = Path(self.tracking_uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs or sqlite:///rel
-        return (db.parent / "mlartifacts" / sanitize_model_name(self.experiment)).as_uri()
+        db = sqlite_path(self.tracking_uri)
+        return None if db is None else (db.parent / "mlartifacts" / sanitize_model_name(self.experiment)).as_uri()
 
     def _start_system_metrics(self, resume: bool) -> None:
         """CPU/memory/disk/network (psutil) and NVIDIA GPU (pynvml) every `system_metrics_interval_s`, as
@@ -354,18 +385,19 @@ class MlflowTracker:
         """A text artifact, e.g. the sample generated at an eval: `samples/step_000250.txt`."""
         self._queue(f"log text {artifact_file}", lambda: self.client.log_text(self._run_id, text, artifact_file))
 
-    def close(self, status: str = "FINISHED", loss_curve: bool = True) -> None:
-        """Flush what is buffered (one last try even while the breaker is open), log the loss-curve PNG, stop
-        system metrics and end the run with `status` (FINISHED | FAILED | KILLED). Idempotent."""
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush what is buffered (one last try even while the breaker is open) and stop system metrics; when this
+        tracker owns the run, also log the loss-curve PNG and end the run with `status` (FINISHED | FAILED |
+        KILLED). A training worker's tracker does not own the job's run: the driver ends it. Idempotent."""
         if self._closing or not self._started:
             return
         self._closing = True
         self._retry_at = 0.0
         self.flush()
-        if loss_curve and self._run_id is not None and self.reachable:
+        if self.owns_run and self._run_id is not None and self.reachable:
             self.log_loss_curve()
         self._stop_system_metrics()
-        if self._run_id is not None and self.reachable:
+        if self.owns_run and self._run_id is not None and self.reachable:
             self._guarded("end run", lambda: self.client.set_terminated(self._run_id, status=status))
         if self._metrics or self._ops:
             log.warning("MLflow at %s stayed unreachable: %d metric points and %d calls were not recorded",
@@ -632,7 +664,8 @@ def resolve_checkpoint_uri(uri: str, dst: str | os.PathLike | None = None, track
     - a local path (or file://): itself;
     - `models:/<name>/<version>`, `models:/<name>@<alias>`, `models:/<name>/latest`, `runs:/<run_id>/<path>`,
       or an artifact-store URI (s3://, mlflow-artifacts:/...): downloaded into `dst` (default: a new temp dir).
-    `tracking_uri` (default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db) is also the registry URI."""
+    `tracking_uri` (default: tracking_uri_for(None)) is also the registry URI. A sqlite store that does not exist
+    is an error: reading a checkpoint never creates a store (a mistyped path would otherwise give an empty one)."""
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("", "file"):
         path = Path(urllib.parse.urlparse(uri).path if scheme else uri).expanduser()
@@ -641,7 +674,11 @@ def resolve_checkpoint_uri(uri: str, dst: str | os.PathLike | None = None, track
         return str(path.resolve())
     import mlflow.artifacts
 
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    tracking_uri = tracking_uri_for(tracking_uri)
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
+        raise FileNotFoundError(f"checkpoint {uri}: there is no MLflow store at {tracking_uri} ({db} does not exist); "
+                                "pass --tracking-uri with the store pretrain.py used")
     dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="nanogpt-ckpt-"))
     try:
         # models:/ is resolved here: MLflow's own resolution reads the global registry URI, not the one passed

@@ -25,89 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import contextlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 
-from nanogpt.checkpoint import CheckpointError, build_model, load_checkpoint
+from nanogpt.checkpoint import CheckpointError
 from nanogpt.config import ConfigError
-from nanogpt.model import GPT
-from nanogpt.sampling import sample_text
-from nanogpt.tokenizers import Tokenizer, TokenizerError, build_tokenizer, tokenizer_from_dict
-from nanogpt.train import resolve_device, resolve_dtype
+from nanogpt.devices import resolve_device, resolve_dtype
+from nanogpt.sampling import load_checkpoint_model, load_pretrained_model, read_prompt, sample_text
+from nanogpt.tokenizers import TokenizerError
+from pipelines.checkpoint_uris import local_checkpoint_dir
 
 log = logging.getLogger("nanogpt.sample")
 
 SEPARATOR = "---------------"
-
-
-def load_checkpoint_model(ckpt_dir: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """The checkpoint's GPT (eval mode, on `device`) and the tokenizer its data was made with."""
-    ckpt = load_checkpoint(ckpt_dir, map_location="cpu", with_optimizer=False)
-    if ckpt.tokenizer is None:
-        raise CheckpointError(f"{ckpt_dir}: has no tokenizer.json, so its token ids cannot be decoded")
-    model = build_model(ckpt).to(device)
-    model.eval()
-    return model, tokenizer_from_dict(ckpt.tokenizer)
-
-
-def load_pretrained_model(init_from: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """gpt2 / gpt2-medium / gpt2-large / gpt2-xl (Hugging Face hub) or a local HF GPT-2 directory, GPT-2 BPE."""
-    model = GPT.from_pretrained(init_from, dict(dropout=0.0)).to(device)
-    model.eval()
-    return model, build_tokenizer("gpt2")
-
-
-def read_prompt(start: str) -> str:
-    """nanoGPT's --start: the text itself, or FILE:<path> for a file's contents."""
-    if start.startswith("FILE:"):
-        path = Path(start[len("FILE:"):])
-        try:
-            return path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"--start {start}: cannot read {path} ({e.strerror})") from None
-    return start
-
-
-def generate_from_checkpoint(
-    ckpt_dir: str,
-    start: str = "\n",
-    *,
-    max_new_tokens: int = 500,
-    num_samples: int = 1,
-    temperature: float = 0.8,
-    top_k: int | None = 200,
-    top_p: float | None = None,
-    seed: int = 1337,
-    device: str = "cpu",
-) -> list[str]:
-    model, tokenizer = load_checkpoint_model(ckpt_dir, device)
-    return sample_text(model, tokenizer, start, max_new_tokens, num_samples, temperature, top_k, top_p, seed, device)
-
-
-@contextlib.contextmanager
-def local_checkpoint_dir(path: str, tracking_uri: str | None = None):
-    """A checkpoint as a local directory: a path as is; an MLflow `models:/<name>/<version>` (or `@alias`,
-    `/latest`) or `runs:/<run id>/checkpoints/best` URI downloaded from the tracking store (`tracking_uri`, else
-    MLFLOW_TRACKING_URI, else pretrain's default local store out/mlflow.db); an s3:// / gs:// URI through Ray."""
-    if path.startswith(("models:/", "runs:/")):
-        from nanogpt.config import RunConfig
-        from pipelines.mlflow_tracking import default_tracking_uri, resolve_checkpoint_uri
-
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(RunConfig().out_dir)
-        with tempfile.TemporaryDirectory(prefix="nanogpt-ckpt-") as tmp:
-            try:
-                yield resolve_checkpoint_uri(path, tmp, tracking_uri=uri)
-            except FileNotFoundError as e:
-                raise CheckpointError(str(e)) from None
-        return
-    if "://" not in path:
-        yield path
-        return
-    import ray.train
-
-    with ray.train.Checkpoint(path).as_directory() as d:
-        yield d
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -151,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt = read_prompt(args.start)
         with contextlib.ExitStack() as stack:
             if args.checkpoint:
-                model, tokenizer = load_checkpoint_model(stack.enter_context(local_checkpoint_dir(args.checkpoint, args.tracking_uri)),
-                                                         device)
+                ckpt_dir = stack.enter_context(local_checkpoint_dir(args.checkpoint, args.tracking_uri))
+                model, tokenizer = load_checkpoint_model(ckpt_dir, device)
             else:
                 model, tokenizer = load_pretrained_model(args.init_from, device)
         texts = sample_text(model, tokenizer, prompt, args.max_new_tokens, args.num_samples, args.temperature,

@@ -22,10 +22,10 @@ from nanogpt.checkpoint import (
     load_checkpoint,
     load_model,
     save_checkpoint,
-    unwrap_model,
 )
 from nanogpt.config import Config
 from nanogpt.model import GPT, GPTConfig, load_nanogpt_ckpt
+from nanogpt.parallel import SingleProcess, unwrap_model
 
 CONFIG = Config.from_dict({"model": dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)})
 TOKENIZER = {"name": "char", "vocab_size": 3, "chars": ["a", "b", "c"]}
@@ -46,8 +46,12 @@ def trained_model(steps: int = 2) -> tuple[GPT, torch.optim.Optimizer]:
 
 
 def save(path: Path, model, optimizer=None, step: int = 7, best: float = 1.25) -> Path:
-    return save_checkpoint(path, model=model, optimizer=optimizer, step=step, best_val_loss=best, config=CONFIG,
-                           tokenizer=TOKENIZER, manifest_json='{"vocab_size": 3}\n', extra={"run_id": "abc"})
+    """The way the training loop saves: the strategy's full state of the (maybe wrapped) model."""
+    strategy = SingleProcess()
+    return save_checkpoint(path, model_state=strategy.model_state_dict(model), model_args=unwrap_model(model).config,
+                           optimizer_state=optimizer.state_dict() if optimizer else None, step=step,
+                           best_val_loss=best, config=CONFIG, tokenizer=TOKENIZER,
+                           manifest_json='{"vocab_size": 3}\n', extra={"run_id": "abc"})
 
 
 def disk_keys(ckpt: Path) -> list[str]:

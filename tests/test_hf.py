@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from nanogpt.hf import GPT2_SIZES, HF_TO_NANOGPT, TRANSPOSED, export_hf  # noqa: E402
+from nanogpt.hf import GPT2_SIZES, HF_TO_NANOGPT, TRANSPOSED, export_hf, from_pretrained  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
 
 V, T = 96, 16
@@ -45,7 +45,7 @@ def idx() -> torch.Tensor:
 def test_import_matches_hf_logits(tmp_path, idx):
     hf_model = hf_tiny()
     hf_model.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path)).eval()
+    model = from_pretrained(str(tmp_path)).eval()
     assert model.config == GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
     logits, _ = model(idx, idx)
     torch.testing.assert_close(logits, hf_logits(hf_model, idx), atol=1e-5, rtol=0)
@@ -60,7 +60,7 @@ def test_import_of_gpt2model_layout_bin(tmp_path, idx):
         sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(sd, tmp_path / "pytorch_model.bin")
     hf_model.config.to_json_file(tmp_path / "config.json")
-    model = GPT.from_pretrained(str(tmp_path)).eval()
+    model = from_pretrained(str(tmp_path)).eval()
     torch.testing.assert_close(model(idx, idx)[0], hf_logits(hf_model, idx), atol=1e-5, rtol=0)
 
 
@@ -73,7 +73,7 @@ def test_gelu_new_checkpoint_loads_with_exact_gelu(tmp_path, idx, caplog):
             block.mlp.c_fc.weight.mul_(20)
     hf_model.save_pretrained(tmp_path)
     with caplog.at_level("WARNING", logger="nanogpt.hf"):
-        model = GPT.from_pretrained(str(tmp_path)).eval()
+        model = from_pretrained(str(tmp_path)).eval()
     assert "exact GELU" in caplog.text
     gap = (model(idx, idx)[0] - hf_logits(hf_model, idx)).abs().max().item()
     assert 1e-5 < gap < 1e-3  # measured 4.3e-5; an exact-GELU checkpoint gives 1e-7
@@ -88,7 +88,7 @@ def test_export_loads_in_transformers(tmp_path, idx):
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
     torch.testing.assert_close(hf_logits(hf_model, idx), model(idx, idx)[0], atol=1e-5, rtol=0)
     # and back again: the round trip is exact
-    again = GPT.from_pretrained(str(tmp_path))
+    again = from_pretrained(str(tmp_path))
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
 
@@ -122,7 +122,7 @@ def test_missing_key_is_named(tmp_path):
     del sd["transformer.h.1.mlp.c_fc.bias"]
     safetensors_torch.save_file(sd, path, metadata={"format": "pt"})
     with pytest.raises(KeyError, match=r"transformer\.h\.1\.mlp\.c_fc\.bias"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_shape_mismatch_is_named(tmp_path):
@@ -132,7 +132,7 @@ def test_shape_mismatch_is_named(tmp_path):
     sd["transformer.h.0.attn.c_proj.weight"] = torch.zeros(32, 31)
     safetensors_torch.save_file(sd, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_proj\.weight.*\(31, 32\).*\(32, 32\)"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_unexpected_key_is_named(tmp_path):
@@ -142,14 +142,14 @@ def test_unexpected_key_is_named(tmp_path):
     sd["transformer.h.0.attn.q_attn.weight"] = torch.zeros(32, 32)
     safetensors_torch.save_file(sd, path, metadata={"format": "pt"})
     with pytest.raises(KeyError, match=r"transformer\.h\.0\.attn\.q_attn\.weight"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_override_args(tmp_path):
     hf_tiny().save_pretrained(tmp_path)
-    assert GPT.from_pretrained(str(tmp_path), override_args={"dropout": 0.1}).config.dropout == 0.1
+    assert from_pretrained(str(tmp_path), override_args={"dropout": 0.1}).config.dropout == 0.1
     with pytest.raises(ValueError, match="'n_layer'"):
-        GPT.from_pretrained(str(tmp_path), override_args={"n_layer": 4})
+        from_pretrained(str(tmp_path), override_args={"n_layer": 4})
 
 
 def test_unsupported_hf_config_is_named(tmp_path):
@@ -157,12 +157,12 @@ def test_unsupported_hf_config_is_named(tmp_path):
     hf_model.config.scale_attn_by_inverse_layer_idx = True
     hf_model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_unknown_name_is_an_error():
     with pytest.raises(ValueError, match="'gpt3'.*gpt2-xl"):
-        GPT.from_pretrained("gpt3")
+        from_pretrained("gpt3")
 
 
 def test_name_map_is_consistent():

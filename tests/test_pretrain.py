@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from nanogpt.config import ConfigError
-from pipelines.pretrain import RAY_SNAPSHOT, main, plan_run, pretrain
+from pipelines.pretrain import main, pretrain
+from pipelines.runs import RAY_SNAPSHOT, plan_run
+from tests.faults import KillRankAt
 from tests.pretrain_runs import (
     TOKENS_PER_STEP,
     char_shards,
@@ -65,7 +67,7 @@ def test_two_worker_run_learns_and_keeps_the_best_checkpoint(reference):
 def test_worker_killed_midrun_resumes_bit_exactly(ray_local, root, shards, reference):
     marker = root / "killed.marker"
     config = debug_config(shards, root / "runs", "killed", "--run.num_workers=2", "--run.max_failures=1")
-    outcome = pretrain(config, fault={"kill_at_step": 15, "rank": 1, "marker": str(marker)})
+    outcome = pretrain(config, on_step=[KillRankAt(step=15, marker=str(marker))])
     assert marker.is_file(), "the fault hook did not fire"
     run_dir = Path(outcome.plan.run_dir)
     # the restarted group resumed from checkpoint_000010 (not from scratch), so only updates 10..15 were logged twice

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import sample
 from pipelines.pretrain import pretrain
+from tests.faults import KillRankAt
 from tests.mlflow_server import MlflowServer
 from tests.pretrain_runs import char_shards, debug_config, records, shared_root
 
@@ -53,7 +54,7 @@ def test_two_workers_one_restart_one_mlflow_run(mlflow_server, shards, tmp_path,
                             f"--run.tracking_uri={mlflow_server.uri}", "--train.sample_tokens=16",
                             "--run.registered_model=shakespeare-debug")
     marker = tmp_path / "killed"
-    outcome = pretrain(config, fault={"kill_at_step": 15, "rank": 1, "marker": str(marker)})
+    outcome = pretrain(config, on_step=[KillRankAt(step=15, marker=str(marker))])
     assert marker.exists()  # the worker really died and the group restarted
 
     client = MlflowClient(mlflow_server.uri)

@@ -11,18 +11,15 @@ import pytest
 import torch
 
 from nanogpt import shards
+from nanogpt.batches import micro_steps_per_rank
 from nanogpt.checkpoint import LocalReporter, checkpoint_dirs, load_checkpoint
 from nanogpt.config import Config, ConfigError
+from nanogpt.devices import resolve_dtype
+from nanogpt.init_from import default_vocab_size
 from nanogpt.model import GPT
+from nanogpt.step import NonFiniteError
 from nanogpt.tracking import JsonlTracker
-from nanogpt.train import (
-    NonFiniteError,
-    TrainContext,
-    default_vocab_size,
-    micro_steps_per_rank,
-    resolve_dtype,
-    train,
-)
+from nanogpt.train import TrainContext, train
 from tests.test_batches import make_char_shards
 
 TINY = {

@@ -1,0 +1,106 @@
+"""Where a training run lives and what it starts from, decided (and checked) on the driver before Ray starts.
+
+A run is `<run.out_dir>/<run.name>/` (Ray Train's storage_path / name). Ray Train V2 silently continues an existing
+run of the same name, so whether a name may exist is decided here from model.init_from:
+
+    model.init_from=scratch (or gpt2*)  a NEW run: its directory must not exist.
+    model.init_from=resume              --run.name=<existing run>: continue it from its latest checkpoint (Ray
+                                        restores its checkpoint list); --run.resume_from=<checkpoint dir>: a NEW
+                                        run starting from that checkpoint.
+
+Names left to us are `<preset>-<YYYYmmdd-HHMMSS>-<4 random hex>`: unique even when two jobs (sweep trials) start
+in the same second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from nanogpt.checkpoint import CheckpointError, is_checkpoint
+from nanogpt.config import Config, ConfigError
+from nanogpt.storage import exists, is_uri, join, resolve_local
+
+log = logging.getLogger(__name__)
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # what Ray Train V2 restores a run from
+METRICS_FILE = "metrics.jsonl"  # rank 0's metrics, one JSON line per logged step, in the run directory
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    name: str
+    storage_path: str
+    """Ray Train's storage_path: an absolute local directory or a URI."""
+    run_dir: str
+    """storage_path/name: checkpoints, Ray's snapshot, metrics.jsonl."""
+    resume_from: str | None
+    """An explicit checkpoint to start from (run.resume_from), or None."""
+    continues_run: bool
+    """init_from=resume of an existing run: Ray restores run_dir's latest checkpoint."""
+
+
+def plan_run(config: Config, preset: str | None = None) -> RunPlan:
+    """Resolve the run's name and directory and check them against model.init_from (see the module docstring)."""
+    rc = config.run
+    storage = resolve_local(rc.out_dir)
+    if not is_uri(rc.out_dir) and not os.path.isabs(os.path.expanduser(rc.out_dir)) and _in_ray_job():
+        log.warning("run.out_dir=%s is relative and this is a Ray job: the run lands in the job's temporary "
+                    "working directory %s; pass an absolute path or a URI", rc.out_dir, storage)
+    name = rc.name or unique_name(preset or "run", storage)
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(f"run.name={name!r} must be a plain directory name")
+    run_dir = join(storage, name)
+    if config.model.init_from != "resume":
+        return _plan_new_run(config, name, storage, run_dir)
+    if rc.resume_from:
+        return _plan_branch(config, name, storage, run_dir)
+    if not rc.name:
+        raise ConfigError("model.init_from=resume needs --run.name=<an existing run under run.out_dir> (continue it "
+                          "from its latest checkpoint) or --run.resume_from=<checkpoint dir> (start a new run from it)")
+    if not exists(join(run_dir, RAY_SNAPSHOT)):
+        raise ConfigError(f"nothing to resume: {run_dir} is not a Ray Train run directory (no {RAY_SNAPSHOT})")
+    return RunPlan(name, storage, run_dir, None, True)
+
+
+def _plan_new_run(config: Config, name: str, storage: str, run_dir: str) -> RunPlan:
+    if config.run.resume_from:
+        raise ConfigError(f"run.resume_from={config.run.resume_from} is only read with model.init_from=resume "
+                          f"(model.init_from is {config.model.init_from})")
+    if exists(run_dir):
+        raise ConfigError(
+            f"run directory {run_dir} already exists and model.init_from={config.model.init_from} starts a new "
+            f"run (Ray Train would silently continue the old one instead): pass a new --run.name, delete the "
+            f"directory, or continue it with --model.init_from=resume --run.name={name}"
+        )
+    return RunPlan(name, storage, run_dir, None, False)
+
+
+def _plan_branch(config: Config, name: str, storage: str, run_dir: str) -> RunPlan:
+    """init_from=resume with run.resume_from: a new run starting from another run's checkpoint."""
+    source = resolve_local(config.run.resume_from)
+    if not is_uri(source) and not is_checkpoint(source):
+        raise CheckpointError(f"run.resume_from={config.run.resume_from}: {source} is not a complete checkpoint "
+                              "directory (no state.json)")
+    if exists(run_dir):
+        raise ConfigError(
+            f"run.resume_from starts a new run from {config.run.resume_from}, but run {name!r} already exists at "
+            f"{run_dir} (Ray Train would continue that run instead): pass a new --run.name, or drop "
+            "--run.resume_from to continue that run from its latest checkpoint"
+        )
+    return RunPlan(name, storage, run_dir, source, False)
+
+
+def unique_name(preset: str, storage: str) -> str:
+    """`<preset>-<time>-<random>`: the random part keeps jobs started in the same second apart."""
+    while True:
+        name = f"{preset}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        if not exists(join(storage, name)):
+            return name
+
+
+def _in_ray_job() -> bool:
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by the job supervisor for the entrypoint

@@ -1,0 +1,143 @@
+"""The Ray Train side of a training job: the TorchTrainer for a resolved config, and what each worker runs.
+
+    trainer = build_trainer(config, plan, tracking_run_id=run_id)   # pipelines/pretrain.py and Tune trials alike
+    result = trainer.fit()
+
+Every worker runs `nanogpt.train.train()` with Ray's rank, device and reporting; nothing else differs from a plain
+process. `on_step` hooks (callables `hook(step, metrics)`, pickled to the workers) run on every rank after each
+update: a place for a benchmark's timer or a test's fault, outside production code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from nanogpt.checkpoint import CheckpointError
+from nanogpt.config import Config
+from nanogpt.storage import is_uri
+from nanogpt.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+from nanogpt.train import OnStep, TrainContext
+from pipelines.runs import METRICS_FILE, RunPlan
+
+
+def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None = None,
+                  on_step: Sequence[OnStep] = ()):
+    """The TorchTrainer for `config` (resolved by the driver: run name, storage, data and tracking paths), its
+    checkpoints kept by val_loss; one plain dict goes to the workers."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    rc = config.run
+    resources = {"CPU": rc.cpus_per_worker}
+    if rc.use_gpu:
+        resources["GPU"] = rc.gpus_per_worker
+    loop_config = {"config": config.to_dict(), "resume_from": plan.resume_from, "run_dir": plan.run_dir,
+                   "tracking_run_id": tracking_run_id, "on_step": list(on_step)}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=plan.name,
+            storage_path=plan.storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=rc.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=rc.max_failures),
+        ),
+    )
+
+
+class RayReporter:
+    """The loop's Reporter inside Ray Train: every rank calls ray.train.report at the same steps (a barrier);
+    rank 0 attaches the checkpoint directory the loop just wrote (Ray copies it to storage before returning)."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        name = f"checkpoint_{int(metrics['step']):06d}" if checkpoint else None
+        ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """What every Ray Train worker runs; rank 0 returns a summary of the run."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from nanogpt.train import train
+
+    config = Config.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    ray_device = ray.train.torch.get_device()  # cuda:<local gpu> with use_gpu, else cpu
+    ctx = TrainContext(
+        rank=context.get_world_rank(), world_size=context.get_world_size(), local_rank=context.get_local_rank(),
+        device=str(ray_device) if config.train.device in ("auto", "cuda") else config.train.device,
+        shards_hashed=True,  # by the driver, once per launch
+    )
+    hooks = loop_config.get("on_step") or []
+    with _resume_dir(config, loop_config.get("resume_from")) as resume_dir:
+        tracker = make_worker_tracker(config, ctx.rank, loop_config["run_dir"], loop_config.get("tracking_run_id"))
+        try:
+            result = train(config, config.data.dir, ctx, RayReporter(), tracker=tracker, resume_from=resume_dir,
+                           on_step=_all_of(hooks))
+        except BaseException:
+            tracker.close(status="FAILED")
+            raise
+        tracker.close()
+    if ctx.rank != 0:
+        return None
+    return {"start_step": result.start_step, "step": result.step, "best_val_loss": result.best_val_loss,
+            "val_loss": result.val_loss, "tokens_per_s": result.tokens_per_s, "num_skipped": result.num_skipped,
+            "torch_threads": torch.get_num_threads(), "world_size": ctx.world_size}
+
+
+def _all_of(hooks: Sequence[OnStep]) -> OnStep | None:
+    if not hooks:
+        return None
+
+    def on_step(step: int, metrics: dict) -> None:
+        for hook in hooks:
+            hook(step, metrics)
+
+    return on_step
+
+
+@contextlib.contextmanager
+def _resume_dir(config: Config, resume_from: str | None):
+    """The checkpoint this worker starts from, as a local directory for the block (None: a fresh start).
+    After a worker-group restart (FailureConfig) or when continuing a run, Ray hands every rank the run's latest
+    reported checkpoint; otherwise an explicit run.resume_from."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and resume_from:
+        checkpoint = ray.train.Checkpoint(resume_from)
+    if checkpoint is None and config.model.init_from == "resume":
+        raise CheckpointError(f"model.init_from=resume but Ray has no checkpoint for run {config.run.name}")
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as d:  # local: itself; remote: a download (the loop reads it whole at start)
+        yield d
+
+
+def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | None) -> Tracker:
+    """Where a worker's metrics go. Rank 0: <run_dir>/metrics.jsonl (the worker's working directory when the run
+    lives at a URI) and, with run.tracker=mlflow, the job's MLflow run `run_id` (opened by the driver, which also
+    ends it). Other ranks: nothing."""
+    if rank != 0:
+        return NullTracker()
+    jsonl = JsonlTracker(os.path.join(os.getcwd() if is_uri(run_dir) else run_dir, METRICS_FILE))
+    jsonl.log_params(config.to_flat())
+    if config.run.tracker != "mlflow":
+        return jsonl
+    from pipelines.job_tracking import job_tracker
+
+    mlflow = job_tracker(config, run_dir, owns_run=False)
+    mlflow.start(run_id)
+    return MultiTracker(jsonl, mlflow)
