@@ -53,7 +53,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from nanogpt.checkpoint import MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, CheckpointError, read_state
 from nanogpt.config import Config, RunConfig
+from nanogpt.shards import MANIFEST_NAME
 from nanogpt.storage import is_uri
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ HTTP_ENV_DEFAULTS = {
 
 CHECKPOINT_KINDS = ("best", "final")
 # The registered model is weights + config + tokenizer: no pickled optimizer state (optimizer.pt is torch.save).
-FILES_NOT_REGISTERED = ("optimizer.pt", "scaler.pt")
+FILES_NOT_REGISTERED = (OPTIMIZER_FILE, SCALER_FILE)
 
 
 def default_tracking_uri(out_dir: str | os.PathLike) -> str:
@@ -413,7 +415,7 @@ class MlflowTracker:
         if kind not in CHECKPOINT_KINDS:
             raise ValueError(f"checkpoint kind must be one of {', '.join(CHECKPOINT_KINDS)}, got {kind!r}")
         src = Path(path)
-        if not (src / "model.safetensors").is_file():
+        if not (src / MODEL_FILE).is_file():
             log.warning("not logging checkpoint %s to MLflow: no model.safetensors in it", src)
             return
         keep_optimizer = (kind == "final") if include_optimizer is None else include_optimizer
@@ -446,7 +448,7 @@ class MlflowTracker:
 
     def _register_now(self, name: str) -> str:
         logged = {Path(f.path).name for f in self.client.list_artifacts(self._run_id, "checkpoints/best")}
-        if "model.safetensors" not in logged:
+        if MODEL_FILE not in logged:
             raise MlflowException.invalid_parameter_value(
                 f"run {self._run_id} has no checkpoints/best/model.safetensors: call log_checkpoint(dir, 'best') first"
             )
@@ -761,9 +763,10 @@ def _link_tree(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
 
 
 def _read_state(checkpoint: Path | None) -> dict[str, Any]:
+    """The checkpoint's state.json, {} when there is none or it is unreadable (a tag is then left out)."""
     try:
-        return json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
-    except (OSError, ValueError):
+        return read_state(checkpoint) if checkpoint else {}
+    except CheckpointError:
         return {}
 
 
@@ -776,7 +779,7 @@ def _manifest_dict(manifest: Any) -> dict[str, Any] | None:
         return dict(manifest)
     path = Path(manifest)
     if path.is_dir():
-        path = path / "manifest.json"
+        path = path / MANIFEST_NAME
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -35,3 +35,40 @@ def test_no_exec_eval_or_unsafe_torch_load_in_the_code():
             if "torch.load(" in code and "weights_only=True" not in code:
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def project_imports() -> dict[str, set[str]]:
+    """{module: the project modules it imports anywhere in its file, function bodies included}."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for path in [*ROOT.glob("nanogpt/*.py"), *ROOT.glob("pipelines/*.py")]:
+        module = f"{path.parent.name}.{path.stem}"
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found |= {n for n in names if n.split(".")[0] in ("nanogpt", "pipelines") and n.count(".") == 1}
+        graph[module] = found - {module}
+    return graph
+
+
+def test_no_import_cycle_and_arrows_point_into_nanogpt():
+    graph = project_imports()
+    assert {m for m in graph if m.startswith("nanogpt.") and any(d.startswith("pipelines.") for d in graph[m])} == set()
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join(path + (module,))}"
+        if module in done:
+            return
+        for dep in sorted(graph.get(module, ())):
+            visit(dep, path + (module,))
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
