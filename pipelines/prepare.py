@@ -18,7 +18,7 @@ How the work is divided, and why the output never depends on it:
      tokens; blocks stay in the object store.
   3. Tasks summarize each block as runs of consecutive document keys (a few numbers per block). The driver sorts
      the runs by key (the corpus order, whatever the block boundaries), applies the split rule, and cuts each
-     split's token stream into shards of `shard_size` tokens.
+     split's token stream into shards of `shard_size` tokens: nanogpt/split_plan.py, plain NumPy.
   4. Tasks write the shards (temp file, fsync, rename) straight from the blocks; the driver writes manifest.json
      last, after removing the old manifest and shards. No token crosses the driver.
 
@@ -79,11 +79,27 @@ from nanogpt.shards import (
     dtype_for_vocab,
     fsync_dir,
     load_manifest,
-    plan_shards,
     shard_name,
     verify,
     write_manifest,
     write_shard,
+)
+from nanogpt.split_plan import (
+    RUN,
+    CutHalves,
+    CutLocation,
+    DocumentColumns,
+    Piece,
+    ShardPlan,
+    Stream,
+    corpus_stats,
+    locate_cut,
+    order_runs,
+    plan_output_shards,
+    random_split_streams,
+    summarize_runs,
+    tail_cut,
+    tail_split_streams,
 )
 from nanogpt.tokenizers import CharTokenizer, Tokenizer, TokenizerError, build_tokenizer
 from pipelines.ray_session import init_ray
@@ -93,13 +109,8 @@ log = logging.getLogger("nanogpt.prepare")
 PRESET_DIR = Path(__file__).resolve().parent / "configs" / "data"
 PIPELINE_VERSION = 1
 """Bump when the same settings would produce different shards: it is part of the settings fingerprint."""
-TRAIN, VAL = 0, 1
 INDEX_COLUMN = "__nanogpt_doc_index"
 ERRORS = (CorpusError, TokenizerError, ShardError, ConfigError)
-
-
-class PrepareError(RuntimeError):
-    """Preparation failed for a reason that is not about the input (an inconsistency the pipeline detected)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,30 @@ class TokenizeSpec:
     seed: int
 
 
+@dataclass(frozen=True)
+class Request:
+    """What was asked for, as the manifest records it: the settings, the input, and the fingerprints of both."""
+
+    data: DataConfig
+    source: InputSource
+    settings: dict[str, Any]
+    input_fingerprint: str
+    settings_fingerprint: str
+
+
+@dataclass
+class PlannedOutput:
+    """The tokenized corpus and the plan of the output: the document blocks (in the object store), each split's
+    stream over them, and the vocabulary."""
+
+    blocks: list[ray.ObjectRef]
+    streams: dict[str, Stream]
+    tokenizer: Tokenizer
+    codepoints: np.ndarray | None
+    """char-level: the corpus's sorted code points (a token id is an index in it); None for BPE."""
+    stats: dict[str, Any]
+
+
 # ------------------------------------------------------------------------------------------ entry points
 
 
@@ -131,17 +166,9 @@ def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -
     out = Path(out_dir)
     if data.tokenizer == "char" and data.append_eot:
         raise ConfigError("data.append_eot=true needs an end-of-text token; the char tokenizer has none")
-    source = resolve_input(data.input or "")
-    hf_ds = None
-    if source.kind == "hf":
-        hf_ds = load_hf_dataset(source, data.text_field)
-        source = dataclasses.replace(
-            source, details={"hf_fingerprint": getattr(hf_ds, "_fingerprint", None), "num_rows": len(hf_ds)}
-        )
-    settings = pipeline_settings(data)
-    input_fp, settings_fp = source.fingerprint(), fingerprint(settings)
+    request, hf_ds = _resolve_request(data)
     if not force:
-        existing = _up_to_date(out, input_fp, settings_fp)
+        existing = _up_to_date(out, request.input_fingerprint, request.settings_fingerprint)
         if existing is not None:
             log.info("%s is up to date (same input and settings fingerprints): nothing to do; --force rebuilds",
                      out / MANIFEST_NAME)
@@ -149,46 +176,16 @@ def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -
 
     tokenizer = build_tokenizer("gpt2") if data.tokenizer == "gpt2" else None  # fail fast, before any Ray work
     init_ray()
-    spec = TokenizeSpec(
-        tokenizer=data.tokenizer,
-        token_dtype="uint32" if data.tokenizer == "char" else dtype_for_vocab(tokenizer.vocab_size).name,
-        text_field=data.text_field,
-        separator=data.separator,
-        encoding_errors=data.encoding_errors,
-        append_eot=data.append_eot,
-        random_split=data.split == "random",
-        val_fraction=data.val_fraction,
-        seed=data.seed,
-    )
-    log.info("preparing %s (%s) -> %s", source.spec, _describe_source(source), out)
+    spec = _tokenize_spec(data, tokenizer)
+    log.info("preparing %s (%s) -> %s", request.source.spec, _describe_source(request.source), out)
     try:
-        blocks = _tokenize_documents(source, hf_ds, spec, data.num_blocks)
-        summaries = ray.get([_summarize_block.remote(b, spec.tokenizer == "char") for b in blocks])
-        runs = _ordered_runs(summaries)
-        stats = _corpus_stats(runs, source)
-        if stats["num_documents"] == 0:
-            raise CorpusError(
-                f"{source.spec}: empty corpus ({stats['num_files']} files, no non-empty document"
-                + (f"; is --data.text_field={data.text_field!r} right?" if source.kind == "hf" else "") + ")"
-            )
-        codepoints = None
-        if tokenizer is None:  # char-level: the vocabulary is the corpus's sorted set of characters
-            codepoints = np.unique(np.concatenate([s["codepoints"] for s in summaries if s["codepoints"] is not None]))
-            tokenizer = CharTokenizer([chr(c) for c in codepoints])
-        if data.split == "random":
-            streams = _random_split_pieces(runs)
-        else:
-            streams, cut_block = _tail_split_pieces(runs, blocks, source, hf_ds, spec, data.val_fraction)
-            if cut_block is not None:
-                blocks = [*blocks, cut_block]
+        planned = _tokenize_and_plan(request, hf_ds, spec, tokenizer)
     except Exception as e:
         _reraise_user_error(e)
         raise
-    stats["seconds_tokenize"] = round(time.perf_counter() - start, 3)
+    planned.stats["seconds_tokenize"] = round(time.perf_counter() - start, 3)
 
-    manifest = _write_output(
-        out, blocks, streams, tokenizer, codepoints, data, source, settings, input_fp, settings_fp, stats, start
-    )
+    manifest = _write_output(out, planned, request, start)
     _log_summary(manifest, out, time.perf_counter() - start)
     return manifest
 
@@ -231,6 +228,34 @@ def pipeline_settings(data: DataConfig) -> dict[str, Any]:
     keys = ("tokenizer", "val_fraction", "split", "seed", "shard_size", "text_field", "separator", "append_eot",
             "encoding_errors")
     return {"pipeline_version": PIPELINE_VERSION, **{k: getattr(data, k) for k in keys}}
+
+
+def _resolve_request(data: DataConfig) -> tuple[Request, Any]:
+    """The input and the fingerprints that decide whether to rebuild; and the Hugging Face dataset, loaded, when
+    the input is one (else None)."""
+    source = resolve_input(data.input or "")
+    hf_ds = None
+    if source.kind == "hf":
+        hf_ds = load_hf_dataset(source, data.text_field)
+        source = dataclasses.replace(
+            source, details={"hf_fingerprint": getattr(hf_ds, "_fingerprint", None), "num_rows": len(hf_ds)}
+        )
+    settings = pipeline_settings(data)
+    return Request(data, source, settings, source.fingerprint(), fingerprint(settings)), hf_ds
+
+
+def _tokenize_spec(data: DataConfig, tokenizer: Tokenizer | None) -> TokenizeSpec:
+    return TokenizeSpec(
+        tokenizer=data.tokenizer,
+        token_dtype="uint32" if data.tokenizer == "char" else dtype_for_vocab(tokenizer.vocab_size).name,
+        text_field=data.text_field,
+        separator=data.separator,
+        encoding_errors=data.encoding_errors,
+        append_eot=data.append_eot,
+        random_split=data.split == "random",
+        val_fraction=data.val_fraction,
+        seed=data.seed,
+    )
 
 
 # ------------------------------------------------------------------------------------------ 2. tokenize (Ray Data)
@@ -330,164 +355,83 @@ def _cached_tokenizer(name: str) -> Tokenizer:
 
 
 # ------------------------------------------------------------------------------------------ 3. runs and splits
+# The planning itself is nanogpt/split_plan.py; here are the tasks that read the blocks for it.
 
-# A run: consecutive rows of one block holding consecutive documents of one file. Columns of the int64 array:
-R_FILE, R_DOC_LO, R_DOC_HI, R_BLOCK, R_ROW_LO, R_ROW_HI, R_TOK0, R_TOK1, R_DOCS0, R_DOCS1, R_CHARS, R_EMPTY, R_REPL = range(13)
+
+def _tokenize_and_plan(
+    request: Request, hf_ds: Any, spec: TokenizeSpec, tokenizer: Tokenizer | None
+) -> PlannedOutput:
+    """Tokenize every document into blocks, summarize the blocks, and plan each split's stream over them.
+
+    `tokenizer` is None for char-level: its vocabulary, the corpus's sorted set of characters, is known only here.
+    """
+    data, source = request.data, request.source
+    blocks = _tokenize_documents(source, hf_ds, spec, data.num_blocks)
+    summaries = ray.get([_summarize_block.remote(b, spec.tokenizer == "char") for b in blocks])
+    runs = order_runs([block_runs for block_runs, _ in summaries])
+    stats = corpus_stats(runs, num_files=len(source.files) if source.kind == "files" else 1)
+    if stats["num_documents"] == 0:
+        raise CorpusError(
+            f"{source.spec}: empty corpus ({stats['num_files']} files, no non-empty document"
+            + (f"; is --data.text_field={data.text_field!r} right?" if source.kind == "hf" else "") + ")"
+        )
+    codepoints = None
+    if tokenizer is None:
+        codepoints = np.unique(np.concatenate([c for _, c in summaries if c is not None]))
+        tokenizer = CharTokenizer([chr(c) for c in codepoints])
+    if data.split == "random":
+        streams = random_split_streams(runs)
+    else:
+        streams, blocks = _tail_split(runs, blocks, source, hf_ds, spec, data.val_fraction)
+    return PlannedOutput(blocks, streams, tokenizer, codepoints, stats)
+
+
+def _document_columns(table: pa.Table) -> DocumentColumns:
+    """A block's numbers per document, as NumPy (the token lists are measured, not copied)."""
+    return DocumentColumns(
+        file_index=table.column("file_index").to_numpy(),
+        doc_index=table.column("doc_index").to_numpy(),
+        split=table.column("split").to_numpy(),
+        num_chars=table.column("num_chars").to_numpy(),
+        num_tokens=pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False).astype(np.int64),
+        num_replaced=table.column("num_replaced").to_numpy(),
+    )
 
 
 @ray.remote
-def _summarize_block(table: pa.Table, want_codepoints: bool) -> dict[str, Any]:
-    """Runs of one block (R_BLOCK is filled in by the driver) and, for char-level, its set of code points."""
-    n = table.num_rows
-    if n == 0:
-        return {"runs": np.zeros((0, 13), dtype=np.int64), "codepoints": None}
-    file_index = table.column("file_index").to_numpy()
-    doc_index = table.column("doc_index").to_numpy()
-    split = table.column("split").to_numpy()
-    chars = table.column("num_chars").to_numpy()
-    ntok = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False).astype(np.int64)
-    breaks = np.flatnonzero((file_index[1:] != file_index[:-1]) | (doc_index[1:] != doc_index[:-1] + 1)) + 1
-    starts = np.r_[0, breaks]
-    ends = np.r_[breaks, n]
-    nonempty = chars > 0
-    runs = np.zeros((len(starts), 13), dtype=np.int64)
-    runs[:, R_FILE] = file_index[starts]
-    runs[:, R_DOC_LO] = doc_index[starts]
-    runs[:, R_DOC_HI] = doc_index[ends - 1] + 1
-    runs[:, R_ROW_LO] = starts
-    runs[:, R_ROW_HI] = ends
-    runs[:, R_TOK0] = np.add.reduceat(ntok * (split == TRAIN), starts)
-    runs[:, R_TOK1] = np.add.reduceat(ntok * (split == VAL), starts)
-    runs[:, R_DOCS0] = np.add.reduceat((nonempty & (split == TRAIN)).astype(np.int64), starts)
-    runs[:, R_DOCS1] = np.add.reduceat((nonempty & (split == VAL)).astype(np.int64), starts)
-    runs[:, R_CHARS] = np.add.reduceat(chars, starts)
-    runs[:, R_EMPTY] = np.add.reduceat((~nonempty).astype(np.int64), starts)
-    runs[:, R_REPL] = np.add.reduceat(table.column("num_replaced").to_numpy(), starts)
+def _summarize_block(table: pa.Table, want_codepoints: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The runs of one block and, for char-level, its set of code points (the vocabulary is their union)."""
+    if table.num_rows == 0:  # Ray Data may hand over an empty block without the document columns
+        return np.zeros(0, RUN), None
     codepoints = None
     if want_codepoints:
         codepoints = np.unique(pc.list_flatten(table.column("tokens")).to_numpy(zero_copy_only=False))
-    return {"runs": runs, "codepoints": codepoints}
+    return summarize_runs(_document_columns(table)), codepoints
 
 
-def _ordered_runs(summaries: list[dict[str, Any]]) -> np.ndarray:
-    """All runs in corpus order (file, then document), checked to cover each document once."""
-    parts = []
-    for block, s in enumerate(summaries):
-        runs = s["runs"].copy()
-        runs[:, R_BLOCK] = block
-        parts.append(runs)
-    runs = np.concatenate(parts) if parts else np.zeros((0, 13), dtype=np.int64)
-    runs = runs[np.lexsort((runs[:, R_DOC_LO], runs[:, R_FILE]))]
-    same_file = runs[1:, R_FILE] == runs[:-1, R_FILE]
-    if np.any(same_file & (runs[1:, R_DOC_LO] < runs[:-1, R_DOC_HI])):
-        raise PrepareError("internal error: a document appears in two blocks")
-    return runs
-
-
-def _corpus_stats(runs: np.ndarray, source: InputSource) -> dict[str, Any]:
-    return {
-        "num_files": len(source.files) if source.kind == "files" else 1,
-        "num_documents": int(runs[:, R_DOCS0].sum() + runs[:, R_DOCS1].sum()),
-        "num_empty_documents_skipped": int(runs[:, R_EMPTY].sum()),
-        "num_characters": int(runs[:, R_CHARS].sum()),
-        "num_replaced_characters": int(runs[:, R_REPL].sum()),
-    }
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A contiguous part of a split's token stream: rows [row_lo, row_hi) of a block, keeping only the rows of
-    `split` (None: all), then tokens [skip, skip + num_tokens) of their concatenation."""
-
-    block: int
-    row_lo: int
-    row_hi: int
-    split: int | None
-    num_tokens: int
-    skip: int = 0
-
-
-@dataclass
-class Stream:
-    pieces: list[Piece]
-    num_documents: int
-
-
-def _random_split_pieces(runs: np.ndarray) -> dict[str, Stream]:
-    streams = {}
-    for code, name in ((TRAIN, "train"), (VAL, "val")):
-        tok, docs = (R_TOK0, R_DOCS0) if code == TRAIN else (R_TOK1, R_DOCS1)
-        pieces = [Piece(int(r[R_BLOCK]), int(r[R_ROW_LO]), int(r[R_ROW_HI]), code, int(r[tok])) for r in runs if r[tok]]
-        streams[name] = Stream(pieces, int(runs[:, docs].sum()))
-    return streams
-
-
-def _tail_split_pieces(
+def _tail_split(
     runs: np.ndarray, blocks: list[ray.ObjectRef], source: InputSource, hf_ds: Any, spec: TokenizeSpec,
     val_fraction: float,
-) -> tuple[dict[str, Stream], ray.ObjectRef | None]:
-    """nanoGPT's rule: the first int(n * (1 - val_fraction)) characters of the concatenated documents are train.
-
-    Returns the streams and, when the cut falls inside a document tokenized by BPE, the block holding its two
-    re-tokenized halves (to be appended to `blocks`; the pieces refer to it by index len(blocks)).
-    """
-    def whole(r: np.ndarray) -> Piece:
-        return Piece(int(r[R_BLOCK]), int(r[R_ROW_LO]), int(r[R_ROW_HI]), None, int(r[R_TOK0]))
-
-    total = int(runs[:, R_CHARS].sum())
-    train_chars = int(total * (1 - val_fraction))
-    cum = np.cumsum(runs[:, R_CHARS])
-    cut_run = int(np.searchsorted(cum, train_chars, side="right"))  # first run whose end lies beyond the cut
-    train = Stream([whole(r) for r in runs[:cut_run] if r[R_TOK0]], int(runs[:cut_run, R_DOCS0].sum()))
-    val = Stream([], 0)
-    cut_block = None
-    if cut_run < len(runs):
-        r = runs[cut_run]
-        offset = train_chars - int(cum[cut_run] - r[R_CHARS])
-        loc = ray.get(_locate_character.remote(blocks[int(r[R_BLOCK])], int(r[R_ROW_LO]), int(r[R_ROW_HI]), offset))
-        block, row_lo, row_hi = int(r[R_BLOCK]), int(r[R_ROW_LO]), int(r[R_ROW_HI])
-        if loc["tokens_before"]:
-            train.pieces.append(Piece(block, row_lo, loc["row"], None, loc["tokens_before"]))
-        train.num_documents += loc["docs_before"]
-        after_row = loc["row"] + 1 if loc["char_offset"] else loc["row"]
-        tokens_after = int(r[R_TOK0]) - loc["tokens_before"] - (loc["row_tokens"] if loc["char_offset"] else 0)
-        if loc["char_offset"]:  # the cut splits a document: it counts in both splits, like nanoGPT's
-            train.num_documents += 1
-            val.num_documents += 1
-            if spec.tokenizer == "char":  # one token per character: the halves are slices of its tokens
-                k = loc["char_offset"]
-                train.pieces.append(Piece(block, loc["row"], loc["row"] + 1, None, k))
-                val.pieces.append(Piece(block, loc["row"], loc["row"] + 1, None, loc["row_tokens"] - k, skip=k))
-            else:
-                cut_block, sizes = _retokenize_cut(source, hf_ds, spec, loc["file_index"], loc["doc_index"],
-                                                   loc["char_offset"])
-                train.pieces.append(Piece(len(blocks), 0, 1, None, sizes[0]))
-                val.pieces.append(Piece(len(blocks), 1, 2, None, sizes[1]))
-        if tokens_after:
-            val.pieces.append(Piece(block, after_row, row_hi, None, tokens_after))
-        val.num_documents += int(r[R_DOCS0]) - loc["docs_before"] - (1 if loc["char_offset"] else 0)
-        val.pieces.extend(whole(q) for q in runs[cut_run + 1:] if q[R_TOK0])
-        val.num_documents += int(runs[cut_run + 1:, R_DOCS0].sum())
-    return {"train": train, "val": val}, cut_block
+) -> tuple[dict[str, Stream], list[ray.ObjectRef]]:
+    """The tail rule's streams, and the blocks they read: when the cut falls inside a document tokenized by BPE,
+    the block holding its two re-tokenized halves is appended (the streams refer to it by index len(blocks))."""
+    cut = tail_cut(runs, val_fraction)
+    location = halves = None
+    if cut is not None:
+        r = runs[cut.run]
+        location = ray.get(_locate_cut.remote(blocks[int(r["block"])], int(r["row_lo"]), int(r["row_hi"]), cut.offset))
+        if location.char_offset and spec.tokenizer != "char":
+            cut_block, sizes = _retokenize_cut(source, hf_ds, spec, location.file_index, location.doc_index,
+                                               location.char_offset)
+            halves = CutHalves(len(blocks), *sizes)
+            blocks = [*blocks, cut_block]
+    return tail_split_streams(runs, cut, location, halves), blocks
 
 
 @ray.remote
-def _locate_character(table: pa.Table, row_lo: int, row_hi: int, offset: int) -> dict[str, int]:
-    """Which row of [row_lo, row_hi) holds character `offset` of their concatenated text, and the counts before it."""
-    chars = table.column("num_chars").to_numpy()[row_lo:row_hi]
-    ntok = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False)[row_lo:row_hi].astype(np.int64)
-    ends = np.cumsum(chars)
-    i = int(np.searchsorted(ends, offset, side="right"))  # the first document ending after the offset
-    before = int(ends[i] - chars[i])
-    return {
-        "row": row_lo + i,
-        "char_offset": offset - before,
-        "tokens_before": int(ntok[:i].sum()),
-        "row_tokens": int(ntok[i]),
-        "docs_before": int((chars[:i] > 0).sum()),
-        "file_index": int(table.column("file_index")[row_lo + i].as_py()),
-        "doc_index": int(table.column("doc_index")[row_lo + i].as_py()),
-    }
+def _locate_cut(table: pa.Table, row_lo: int, row_hi: int, offset: int) -> CutLocation:
+    """The document of rows [row_lo, row_hi) holding character `offset` of their text, and the counts before it."""
+    return locate_cut(_document_columns(table), row_lo, row_hi, offset)
 
 
 def _retokenize_cut(
@@ -532,32 +476,33 @@ def _read_bytes(path: str) -> bytes:
 # ------------------------------------------------------------------------------------------ 4. write shards
 
 
-def _write_output(
-    out: Path, blocks: list[ray.ObjectRef], streams: dict[str, Stream], tokenizer: Tokenizer,
-    codepoints: np.ndarray | None, data: DataConfig, source: InputSource, settings: dict[str, Any],
-    input_fp: str, settings_fp: str, stats: dict[str, Any], start: float,
-) -> Manifest:
+def _write_output(out: Path, planned: PlannedOutput, request: Request, start: float) -> Manifest:
     """Invalidate the old output, write every shard from tasks, then the manifest."""
     writing = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     _remove_output(out)
-    tasks: dict[ray.ObjectRef, tuple[str, int]] = {}
-    for split in SPLITS:
-        pieces = streams[split].pieces
-        for index, parts in enumerate(plan_shards([p.num_tokens for p in pieces], data.shard_size)):
-            used = sorted({pieces[i].block for i, _, _ in parts})
-            position = {b: k for k, b in enumerate(used)}
-            plan = [(position[pieces[i].block], pieces[i], lo, hi) for i, lo, hi in parts]
-            path = str(out / shard_name(split, index))
-            ref = _write_shard_task.remote(path, tokenizer.vocab_size, codepoints, plan, *[blocks[b] for b in used])
-            tasks[ref] = (split, index)
+    shards = _write_shards(out, planned, request.data.shard_size)
+    manifest = _manifest(planned, request, shards, start, writing)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _write_shards(out: Path, planned: PlannedOutput, shard_size: int) -> dict[str, list[ShardInfo]]:
+    """Write each planned shard from a task of its own; on any failure, cancel them all and remove the output."""
+    plans = plan_output_shards(planned.streams, shard_size)
+    tasks: dict[ray.ObjectRef, ShardPlan] = {}
+    for plan in plans:
+        path = str(out / shard_name(plan.split, plan.index))
+        used = [planned.blocks[b] for b in plan.blocks]
+        ref = _write_shard_task.remote(path, planned.tokenizer.vocab_size, planned.codepoints, plan.parts, *used)
+        tasks[ref] = plan
     infos: dict[tuple[str, int], ShardInfo] = {}
     try:
         pending = list(tasks)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             info = ray.get(done[0])
-            infos[tasks[done[0]]] = info
+            infos[(tasks[done[0]].split, tasks[done[0]].index)] = info
             log.info("wrote %s: %s tokens (%d/%d shards)", info.name, f"{info.num_tokens:,}", len(infos), len(tasks))
     except BaseException as e:  # KeyboardInterrupt too: leave nothing that looks like output
         for ref in tasks:
@@ -565,35 +510,39 @@ def _write_output(
         _remove_output(out)
         _reraise_user_error(e)
         raise
+    return {split: [infos[(p.split, p.index)] for p in plans if p.split == split] for split in SPLITS}
 
-    splits = {}
-    for split in SPLITS:
-        shards = [infos[(split, i)] for i in range(sum(1 for s, _ in tasks.values() if s == split))]
-        splits[split] = SplitInfo(shards=shards, num_tokens=sum(s.num_tokens for s in shards),
-                                  num_documents=streams[split].num_documents)
+
+def _manifest(
+    planned: PlannedOutput, request: Request, shards: dict[str, list[ShardInfo]], start: float, writing: float
+) -> Manifest:
+    data, stats, tokenizer = request.data, planned.stats, planned.tokenizer
+    splits = {
+        split: SplitInfo(shards=infos, num_tokens=sum(s.num_tokens for s in infos),
+                         num_documents=planned.streams[split].num_documents)
+        for split, infos in shards.items()
+    }
     if splits["val"].num_tokens == 0 and data.val_fraction > 0:
         log.warning("the val split is empty (%d documents, val_fraction=%s)", stats["num_documents"], data.val_fraction)
     seconds = time.perf_counter() - start
     num_tokens = sum(s.num_tokens for s in splits.values())
-    manifest = Manifest(
+    return Manifest(
         tokenizer=tokenizer.to_dict(),
         vocab_size=tokenizer.vocab_size,
         dtype=dtype_for_vocab(tokenizer.vocab_size).name,
         splits=splits,
         split_rule={"split": data.split, "val_fraction": data.val_fraction, "seed": data.seed,
                     "unit": "characters" if data.split == "tail" else "documents"},
-        input_fingerprint=input_fp,
-        settings_fingerprint=settings_fp,
-        inputs=source.describe(),
-        settings=settings,
+        input_fingerprint=request.input_fingerprint,
+        settings_fingerprint=request.settings_fingerprint,
+        inputs=request.source.describe(),
+        settings=request.settings,
         shard_size=data.shard_size,
         num_documents=stats["num_documents"],
         stats={**stats, "seconds_write": round(time.perf_counter() - writing, 3), "seconds": round(seconds, 3),
                "tokens_per_second": round(num_tokens / max(seconds, 1e-9))},
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    write_manifest(out, manifest)
-    return manifest
 
 
 @ray.remote
