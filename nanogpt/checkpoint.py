@@ -7,11 +7,13 @@
         config.yaml         the resolved Config
         tokenizer.json      the dataset's tokenizer description (tokenizers.tokenizer_from_dict rebuilds it)
         manifest.json       a copy of the dataset manifest the run trained on
-        state.json          step, best_val_loss, model_args, seed, world_size, tokens_seen, extra; written LAST
+        state.json          step, best_val_loss, model_args, seed, world_size, tokens_seen, extra, and the size of
+                            every other file: the commit record, written LAST
 
-The directory is built under a temporary sibling name and renamed into place once state.json is in it, so a
-directory named like a checkpoint is complete, and a directory without state.json (a copy that was cut short) is
-refused with `CheckpointError`. `step` is the number of optimizer updates the weights have had: training resumed
+The directory is built under a temporary sibling name and renamed into place once state.json is in it. A copy of
+it (Ray's upload to run storage, an MLflow download) counts as a checkpoint only when state.json reads and every
+file it lists has the recorded size (`is_checkpoint`): a copy cut short by a full disk is refused with a
+`CheckpointError` naming the file, and `latest_checkpoint` passes over it. `step` is the number of optimizer updates the weights have had: training resumed
 from it makes update `step` next, exactly as the uninterrupted run did.
 
     save_checkpoint("out/checkpoint_000250", model_state=model.state_dict(), model_args=model.config, step=250,
@@ -137,12 +139,16 @@ def save_checkpoint(
             "world_size": int(world_size),
             "tokens_seen": int(tokens_seen) if tokens_seen is not None else None,
             "files": files,
+            # the commit record: a copy of this directory (Ray's upload to run storage, an MLflow download) is
+            # complete only when every file has the size it had here
+            "sizes": {name: (staging / name).stat().st_size for name in files},
             "extra": extra or {},
             "versions": {"torch": torch.__version__},
         }
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        for name in files + [STATE_FILE]:
+        for name in files:  # every file durable before the commit record that vouches for it
             fsync_dir(staging / name)
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        fsync_dir(staging / STATE_FILE)
         if final.exists():
             final.rmdir()  # empty (checked above): os.replace needs the name free or an empty directory
         os.replace(staging, final)
@@ -160,8 +166,38 @@ def read_state(dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def is_checkpoint(dir: str | os.PathLike) -> bool:
-    """True for a complete checkpoint directory (its state.json, written last, is there)."""
-    return (Path(dir) / STATE_FILE).is_file()
+    """True for a committed checkpoint: its state.json (written last) reads, and every file it lists has the size
+    it records. A copy cut short (a full disk during an upload) is not one, whatever files it holds."""
+    try:
+        check_committed(dir)
+    except CheckpointError:
+        return False
+    return True
+
+
+def check_committed(dir: str | os.PathLike, optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """state.json of a committed checkpoint; CheckpointError naming the first file that is missing or has the
+    wrong size. Files in `optional` may be missing (a weights-only copy leaves the optimizer out)."""
+    path = Path(dir)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    state_path = path / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path}: missing, so {path} is not a complete checkpoint (an interrupted save or copy?)")
+    state = read_state(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_path}: malformed (not a JSON object)")
+    sizes = state.get("sizes") or {name: None for name in state.get("files", [])}
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            if name in optional:
+                continue
+            raise CheckpointError(f"{file}: missing from the checkpoint (state.json lists it)")
+        if size is not None and file.stat().st_size != size:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, but state.json records {size}: the checkpoint "
+                                  "was cut short (a full disk or an interrupted copy?)")
+    return state
 
 
 def load_checkpoint(
@@ -172,18 +208,10 @@ def load_checkpoint(
     from safetensors.torch import load_file, safe_open
 
     path = Path(dir)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
     state_path = path / STATE_FILE
-    if not state_path.is_file():
-        raise CheckpointError(f"{state_path}: missing, so {path} is not a complete checkpoint (an interrupted save or copy?)")
-    state = read_state(path)
     # Training state (optimizer, scaler) is only needed to resume: a weights-only copy (the MLflow registered model
     # leaves it out) loads for sampling and evaluation.
-    optional = () if with_optimizer else (OPTIMIZER_FILE, SCALER_FILE)
-    for name in state.get("files", []):
-        if name not in optional and not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing from the checkpoint (state.json lists it)")
+    state = check_committed(path, optional=() if with_optimizer else (OPTIMIZER_FILE, SCALER_FILE))
 
     model_path = path / MODEL_FILE
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -380,16 +381,24 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), key, source)
         if t is float and isinstance(value, str):
             try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                continue
+            return _finite(number, key, source)
         if t is str and isinstance(value, str):
             return value
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ConfigError(f"{source}: {key} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _finite(value: float, key: str, source: str) -> float:
+    """No config number is meant to be inf or nan (a learning rate of nan would train nothing, silently)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: {key} must be a finite number, got {value}")
+    return value
 
 
 def _parse_scalar(raw: str) -> Any:

@@ -102,9 +102,9 @@ def pretrain(config: Config, preset: str | None = None, *, address: str | None =
     from pipelines.ray_session import init_ray
 
     init_ray(address=address, num_cpus=num_cpus)
+    check_resources(config)
     if manifest is None:
         prepare_data(config)
-    _warn_if_cluster_too_small(config)
     run_id = None
     if config.run.tracker == "mlflow":
         from pipelines.job_tracking import open_job_run
@@ -169,12 +169,28 @@ def check_data(config: Config) -> Manifest | None:
                 f"data.dir={data_dir} holds {manifest.tokenizer.get('name')} tokens but data.tokenizer="
                 f"{config.data.tokenizer}: point data.dir at shards of that tokenizer (or set --data.tokenizer)"
             )
+        _check_windows_fit(config, manifest)
         return manifest
     if not config.data.input:
         raise ShardError(os.path.join(data_dir, MANIFEST_NAME),
                          "missing and data.input is not set: prepare the shards first (pipelines/prepare.py) or "
                          "set --data.input to prepare them here")
     return None
+
+
+def _check_windows_fit(config: Config, manifest: Manifest) -> None:
+    """A training window is block_size + 1 tokens of one shard: every split needs a shard that long. Checked
+    before the model (whose position table grows with block_size) is built anywhere."""
+    if config.model.init_from not in ("scratch", "resume"):
+        return  # a pretrained model brings its own block size (cropped to at most model.block_size)
+    block_size = config.model.block_size
+    for split, info in manifest.splits.items():
+        longest = max((shard.num_tokens for shard in info.shards), default=0)
+        if longest <= block_size:
+            raise ConfigError(
+                f"model.block_size={block_size} needs windows of {block_size + 1} tokens, but the longest {split} "
+                f"shard in {config.data.dir} holds {longest}: use a smaller --model.block_size (or more data)"
+            )
 
 
 def prepare_data(config: Config) -> Manifest:
@@ -280,19 +296,27 @@ def _uri(checkpoint) -> str:
     return f"{scheme}://{checkpoint.path}" if scheme else checkpoint.path
 
 
-def _warn_if_cluster_too_small(config: Config) -> None:
+def check_resources(config: Config) -> None:
+    """The worker group must fit on the cluster's nodes. On a local instance this process started (it can never
+    grow) a group that does not fit is a ConfigError: Ray would wait for it forever. On a cluster an autoscaler
+    may add nodes: a warning."""
     import ray
 
     rc = config.run
-    total = ray.cluster_resources()
-    need_cpu = rc.num_workers * rc.cpus_per_worker
-    need_gpu = rc.num_workers * rc.gpus_per_worker if rc.use_gpu else 0
-    if total.get("CPU", 0) < need_cpu or total.get("GPU", 0) < need_gpu:
-        log.warning(
-            "the cluster has %s CPUs / %s GPUs now; %d workers need %s CPUs / %s GPUs: training waits until an "
-            "autoscaler adds nodes (lower run.num_workers or run.cpus_per_worker on a fixed cluster)",
-            total.get("CPU", 0), total.get("GPU", 0), rc.num_workers, need_cpu, need_gpu,
-        )
+    need = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.use_gpu else {})}
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    fits = sum(min(int(res.get(k, 0) // v) for k, v in need.items()) for res in nodes)
+    if fits >= rc.num_workers:
+        return
+    have = ", ".join(f"{res.get('CPU', 0):g} CPUs / {res.get('GPU', 0):g} GPUs" for res in nodes)
+    message = (f"run.num_workers={rc.num_workers} workers of {rc.cpus_per_worker:g} CPUs"
+               + (f" and {rc.gpus_per_worker:g} GPUs" if rc.use_gpu else "")
+               + f" each: the cluster's nodes ({have}) hold {fits}")
+    # ray_init_cluster: this process's ray.init() started the instance (Ray's private API; Ray is pinned)
+    if getattr(ray._private.worker._global_node, "ray_init_cluster", False):
+        raise ConfigError(f"{message}, and this local Ray instance cannot grow: lower run.num_workers or "
+                          "run.cpus_per_worker (or give Ray more with --num-cpus)")
+    log.warning("%s: training waits until an autoscaler adds nodes", message)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
-from nanogpt.checkpoint import CheckpointError, is_checkpoint
+from nanogpt.checkpoint import CheckpointError, is_checkpoint, latest_checkpoint
 from nanogpt.config import Config, ConfigError
 from nanogpt.storage import exists, is_uri, join, resolve_local
 
@@ -38,9 +39,11 @@ class RunPlan:
     run_dir: str
     """storage_path/name: checkpoints, Ray's snapshot, metrics.jsonl."""
     resume_from: str | None
-    """An explicit checkpoint to start from (run.resume_from), or None."""
+    """The checkpoint to start from when Ray has none for this run: run.resume_from, or the newest complete
+    checkpoint of a continued run that has no Ray snapshot. None otherwise."""
     continues_run: bool
-    """init_from=resume of an existing run: Ray restores run_dir's latest checkpoint."""
+    """init_from=resume of an existing run (the same name, the same MLflow run): Ray restores run_dir's latest
+    checkpoint from its snapshot, else resume_from."""
 
 
 def plan_run(config: Config, preset: str | None = None) -> RunPlan:
@@ -50,6 +53,8 @@ def plan_run(config: Config, preset: str | None = None) -> RunPlan:
     if not is_uri(rc.out_dir) and not os.path.isabs(os.path.expanduser(rc.out_dir)) and _in_ray_job():
         log.warning("run.out_dir=%s is relative and this is a Ray job: the run lands in the job's temporary "
                     "working directory %s; pass an absolute path or a URI", rc.out_dir, storage)
+    if not is_uri(storage):
+        check_writable(storage, "run.out_dir")
     name = rc.name or unique_name(preset or "run", storage)
     if "/" in name or name in (".", ".."):
         raise ConfigError(f"run.name={name!r} must be a plain directory name")
@@ -61,9 +66,16 @@ def plan_run(config: Config, preset: str | None = None) -> RunPlan:
     if not rc.name:
         raise ConfigError("model.init_from=resume needs --run.name=<an existing run under run.out_dir> (continue it "
                           "from its latest checkpoint) or --run.resume_from=<checkpoint dir> (start a new run from it)")
-    if not exists(join(run_dir, RAY_SNAPSHOT)):
-        raise ConfigError(f"nothing to resume: {run_dir} is not a Ray Train run directory (no {RAY_SNAPSHOT})")
-    return RunPlan(name, storage, run_dir, None, True)
+    if exists(join(run_dir, RAY_SNAPSHOT)):
+        return RunPlan(name, storage, run_dir, None, True)
+    # Ray records a run's checkpoints in its snapshot; when the storage failed before it wrote one, the run's
+    # committed checkpoints are still there to continue from
+    newest = None if is_uri(run_dir) else latest_checkpoint(run_dir)
+    if newest is None:
+        raise ConfigError(f"nothing to resume: {run_dir} has no Ray Train snapshot ({RAY_SNAPSHOT}) and no complete "
+                          "checkpoint; start from a checkpoint with --run.resume_from=<checkpoint dir>")
+    log.warning("%s has no %s: continuing from its newest complete checkpoint, %s", run_dir, RAY_SNAPSHOT, newest)
+    return RunPlan(name, storage, run_dir, newest, True)
 
 
 def _plan_new_run(config: Config, name: str, storage: str, run_dir: str) -> RunPlan:
@@ -92,6 +104,20 @@ def _plan_branch(config: Config, name: str, storage: str, run_dir: str) -> RunPl
             "--run.resume_from to continue that run from its latest checkpoint"
         )
     return RunPlan(name, storage, run_dir, source, False)
+
+
+def check_writable(directory: str, key: str) -> None:
+    """`directory` can be created (or exists) and written, checked without creating anything: the nearest
+    existing ancestor must be a writable directory. ConfigError naming `key` and the path that is in the way."""
+    path = Path(directory)
+    while not path.exists():
+        if path.parent == path:
+            break
+        path = path.parent
+    if not path.is_dir():
+        raise ConfigError(f"{key}={directory}: {path} is a file, so the directory cannot be created there")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={directory}: {path} is not writable")
 
 
 def unique_name(preset: str, storage: str) -> str:

@@ -11,16 +11,19 @@ update: a place for a benchmark's timer or a test's fault, outside production co
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from nanogpt.checkpoint import CheckpointError
+from nanogpt.checkpoint import CheckpointError, check_committed, checkpoint_dirs
 from nanogpt.config import Config
 from nanogpt.storage import is_uri
 from nanogpt.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 from nanogpt.train import OnStep, TrainContext
 from pipelines.runs import METRICS_FILE, RunPlan
+
+log = logging.getLogger(__name__)
 
 
 def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None = None,
@@ -80,7 +83,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         shards_hashed=True,  # by the driver, once per launch
     )
     hooks = loop_config.get("on_step") or []
-    with _resume_dir(config, loop_config.get("resume_from")) as resume_dir:
+    with _resume_dir(config, loop_config.get("resume_from"), loop_config["run_dir"]) as resume_dir:
         tracker = make_worker_tracker(config, ctx.rank, loop_config["run_dir"], loop_config.get("tracking_run_id"))
         try:
             result = train(config, config.data.dir, ctx, RayReporter(), tracker=tracker, resume_from=resume_dir,
@@ -108,10 +111,11 @@ def _all_of(hooks: Sequence[OnStep]) -> OnStep | None:
 
 
 @contextlib.contextmanager
-def _resume_dir(config: Config, resume_from: str | None):
+def _resume_dir(config: Config, resume_from: str | None, run_dir: str):
     """The checkpoint this worker starts from, as a local directory for the block (None: a fresh start).
     After a worker-group restart (FailureConfig) or when continuing a run, Ray hands every rank the run's latest
-    reported checkpoint; otherwise an explicit run.resume_from."""
+    reported checkpoint; otherwise the plan's resume_from. A reported checkpoint whose copy in storage was cut
+    short (not committed) gives way to the run's newest committed one."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -123,7 +127,22 @@ def _resume_dir(config: Config, resume_from: str | None):
         yield None
         return
     with checkpoint.as_directory() as d:  # local: itself; remote: a download (the loop reads it whole at start)
-        yield d
+        yield committed_or_newest(d, run_dir)
+
+
+def committed_or_newest(checkpoint_dir: str, run_dir: str) -> str:
+    """`checkpoint_dir` when it is committed; else the newest committed checkpoint of the (local) run directory
+    older than it, with a warning; else CheckpointError naming what is wrong with it."""
+    try:
+        check_committed(checkpoint_dir)
+        return checkpoint_dir
+    except CheckpointError as e:
+        damaged = e
+    older = [p for s, p in checkpoint_dirs(run_dir) if str(p) != str(checkpoint_dir)] if not is_uri(run_dir) else []
+    if not older:
+        raise damaged
+    log.warning("%s; resuming from %s, the newest complete checkpoint", damaged, older[-1])
+    return str(older[-1])
 
 
 def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | None) -> Tracker:

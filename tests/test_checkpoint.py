@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from nanogpt.checkpoint import (
     checkpoint_dirs,
     export_hf_dir,
     export_nanogpt_ckpt,
+    is_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_model,
@@ -123,6 +125,24 @@ def test_half_written_dir_is_not_a_checkpoint(tmp_path):
         load_checkpoint(partial)
     assert latest_checkpoint(tmp_path) == str(path)
     assert [s for s, _ in checkpoint_dirs(tmp_path)] == [7]
+
+
+def test_copy_cut_short_by_a_full_disk_is_not_a_checkpoint(tmp_path):
+    """What a full disk left in run storage: every file there, state.json among them, but optimizer.pt truncated
+    (and, in a second copy, state.json empty). Neither counts; the newest committed checkpoint is the latest."""
+    model, optimizer = trained_model(1)
+    good = save(tmp_path / "checkpoint_000010", model, optimizer, step=10)
+    for step, victim, keep in ((20, "optimizer.pt", 100), (30, "state.json", 0)):
+        cut = tmp_path / f"checkpoint_{step:06d}"
+        shutil.copytree(good, cut)
+        (cut / victim).write_bytes((cut / victim).read_bytes()[:keep])
+        assert not is_checkpoint(cut)
+        with pytest.raises(CheckpointError, match=victim):
+            load_checkpoint(cut)
+    with pytest.raises(CheckpointError, match=r"optimizer.pt: 100 bytes, but state.json records \d+"):
+        load_checkpoint(tmp_path / "checkpoint_000020")
+    assert latest_checkpoint(tmp_path) == str(good)
+    assert [s for s, _ in checkpoint_dirs(tmp_path)] == [10]
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "config.yaml", "state.json"])

@@ -81,12 +81,23 @@ def test_override_parsing_and_flat_nanogpt_keys():
         ("--optim.warmup_iters=500", "optim.lr_decay_iters=40 must exceed optim.warmup_iters=500"),
         ("--data.tokenizer=bpe", "data.tokenizer must be one of gpt2, char; got 'bpe'"),
         ("train.batch_size=3", "must look like --section.key=value"),
+        ("--optim.learning_rate=inf", "optim.learning_rate must be a finite number, got inf"),
+        ("--optim.learning_rate=nan", "optim.learning_rate must be a finite number, got nan"),
+        ("--optim.learning_rate=.nan", "optim.learning_rate must be a finite number, got nan"),
+        ("--optim.min_lr=-.inf", "optim.min_lr must be a finite number, got -inf"),
+        ("--model.dropout=NaN", "model.dropout must be a finite number, got nan"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load("debug", override)
     assert message in str(e.value)
+
+
+def test_nan_is_rejected_whatever_else_is_set():
+    """nan used to pass with decay_lr=false (nan <= 0 is False) and trained nothing."""
+    with pytest.raises(ConfigError, match="optim.learning_rate must be a finite number"):
+        load("debug", "--optim.decay_lr=false", "--optim.learning_rate=nan")
 
 
 def test_bad_files_name_the_file(tmp_path):

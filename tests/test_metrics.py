@@ -120,6 +120,10 @@ def test_perplexity(loss, expected):
     assert perplexity(loss) == pytest.approx(expected, rel=1e-12)
 
 
+def test_perplexity_of_a_diverged_loss_is_inf_not_a_crash():
+    assert perplexity(1e4) == math.inf and perplexity(709.0) < math.inf and math.isnan(perplexity(math.nan))
+
+
 @pytest.mark.parametrize(
     "loss, num_tokens, num_bytes, expected",
     [

@@ -136,6 +136,11 @@ def _corrupt(shards: Path, dest: Path) -> Path:
         ("corrupted shards", [], "val_000000.bin: corrupted"),
         ("resume without a run", ["--model.init_from=resume"], "nothing to resume"),
         ("resume_from without resume", ["--run.resume_from=/nowhere"], "only read with model.init_from=resume"),
+        ("block_size past the shards", ["--model.block_size=100000000"],
+         "model.block_size=100000000 needs windows of 100000001 tokens, but the longest"),
+        ("resources never there", ["--run.cpus_per_worker=64"], "this local Ray instance cannot grow"),
+        ("out_dir under a file", ["--run.out_dir={tmp}/a_file/runs"], "a_file is a file"),
+        ("nan learning rate", ["--optim.learning_rate=nan", "--optim.decay_lr=false"], "must be a finite number"),
     ],
 )
 def test_bad_config_fails_before_training(tmp_path, shards, caplog, case, extra, expected):
@@ -146,6 +151,8 @@ def test_bad_config_fails_before_training(tmp_path, shards, caplog, case, extra,
     elif case != "missing shards":
         data_dir = shards
     out = tmp_path / "runs"
+    (tmp_path / "a_file").write_text("")
+    extra = [e.format(tmp=tmp_path) for e in extra]
     argv = ["--config", "debug", f"--run.out_dir={out}", "--run.name=bad", f"--data.dir={data_dir}", *extra]
     assert main(argv) == 2
     assert expected in caplog.text

@@ -358,3 +358,20 @@ def test_sample_text_is_seeded_and_stays_in_the_tokenizer_vocabulary():
     assert texts == sample_text(model, tok, "", max_new_tokens=20, num_samples=3, temperature=1.0, top_k=None)
     assert all(t[0] == "\n" and len(t) == 21 and set(t) <= set("abc\n") for t in texts)
     assert sample_text(model, tok, "ab", max_new_tokens=5)[0].startswith("ab") and model.training
+
+
+@pytest.mark.parametrize("learning_rate", [1e4, 1e30])
+def test_a_diverging_run_never_saves_a_non_finite_checkpoint(data_dir, tmp_path, learning_rate):
+    """lr 1e4: the val loss grows huge (perplexity inf, no crash); lr 1e30: it goes NaN and the run stops at that
+    eval, naming the step, with the last good checkpoint left the latest."""
+    cfg = tiny_config(optim=dict(learning_rate=learning_rate, min_lr=1.0), train=dict(eval_interval=2, max_iters=8))
+    tracker = JsonlTracker(tmp_path / "out" / "metrics.jsonl")
+    try:
+        run(cfg, data_dir, tmp_path / "out", tracker=tracker)
+    except NonFiniteError as e:
+        assert str(e).startswith("step ")
+    for step, path in checkpoint_dirs(tmp_path / "out"):
+        ckpt = load_checkpoint(path)
+        assert math.isfinite(ckpt.extra["val_loss"]), step
+        assert all(torch.isfinite(t).all() for t in ckpt.model_state.values()), step
+    assert all(r.get("val_perplexity") is None or r["val_perplexity"] >= 0 for r in tracker.read())

@@ -1,0 +1,58 @@
+"""Run planning and the choice of the checkpoint to resume from, with real checkpoint directories on disk (no Ray
+needed): what happens when run storage failed or a checkpoint's copy was cut short."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nanogpt.config import Config, ConfigError
+from pipelines.runs import RAY_SNAPSHOT, plan_run, unique_name
+from pipelines.trainer import committed_or_newest
+from tests.test_checkpoint import save, trained_model
+
+
+def resume_config(out: Path, name: str = "r1") -> Config:
+    return Config.from_dict({"model": {"init_from": "resume"}, "run": {"out_dir": str(out), "name": name},
+                             "data": {"dir": str(out / "data")}})
+
+
+@pytest.fixture
+def run_with_checkpoints(tmp_path) -> Path:
+    """A run directory holding checkpoints 10 and 20 and no Ray snapshot (storage failed before Ray wrote one)."""
+    run_dir = tmp_path / "runs" / "r1"
+    model, optimizer = trained_model(1)
+    for step in (10, 20):
+        save(run_dir / f"checkpoint_{step:06d}", model, optimizer, step=step)
+    return run_dir
+
+
+def test_a_run_without_ray_snapshot_continues_from_its_newest_checkpoint(run_with_checkpoints, tmp_path):
+    plan = plan_run(resume_config(tmp_path / "runs"))
+    assert plan.continues_run and plan.resume_from == str(run_with_checkpoints / "checkpoint_000020")
+    (run_with_checkpoints / RAY_SNAPSHOT).write_text("{}")  # with a snapshot, Ray's own record wins
+    plan = plan_run(resume_config(tmp_path / "runs"))
+    assert plan.continues_run and plan.resume_from is None
+
+
+def test_nothing_to_resume_names_the_way_out(tmp_path):
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"no complete checkpoint; start from a checkpoint with --run.resume_from"):
+        plan_run(resume_config(tmp_path / "runs"))
+
+
+def test_a_cut_short_checkpoint_gives_way_to_the_newest_committed_one(run_with_checkpoints, caplog):
+    cut = run_with_checkpoints / "checkpoint_000030"
+    shutil.copytree(run_with_checkpoints / "checkpoint_000020", cut)
+    (cut / "optimizer.pt").write_bytes(b"")  # the disk filled up during the upload
+    assert committed_or_newest(str(cut), str(run_with_checkpoints)) == str(run_with_checkpoints / "checkpoint_000020")
+    assert "optimizer.pt: 0 bytes" in caplog.text
+    good = str(run_with_checkpoints / "checkpoint_000020")
+    assert committed_or_newest(good, str(run_with_checkpoints)) == good
+
+
+def test_run_names_do_not_collide_within_a_second(tmp_path):
+    names = {unique_name("debug", str(tmp_path)) for _ in range(50)}
+    assert len(names) == 50 and all(n.startswith("debug-") for n in names)
