@@ -148,7 +148,12 @@ def _read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         return state_dict
     if binary.is_file():
         # weights_only: a .bin is a pickle, and a pickle can run code
-        return torch.load(binary, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: whatever a hostile or broken file raises
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{binary}: refused to load: it is not a plain tensor file ({first_line}); convert it "
+                             "to model.safetensors with a trusted tool") from None
     raise FileNotFoundError(f"{model_dir} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 

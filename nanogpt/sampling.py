@@ -31,6 +31,11 @@ def checkpoint_model(ckpt: Checkpoint, device: str = "cpu") -> tuple[GPT, Tokeni
     """A loaded checkpoint's GPT (eval mode, on `device`) and its tokenizer."""
     if ckpt.tokenizer is None:
         raise CheckpointError(f"{ckpt.path}: has no tokenizer.json, so its token ids cannot be decoded")
+    tensors = {t.data_ptr(): t for t in ckpt.model_state.values()}.values()  # tied weights once
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point())
+    if bad:
+        raise CheckpointError(f"{ckpt.path}: {bad} of its weights are NaN or inf (the run diverged): use an earlier "
+                              "checkpoint")
     model = build_model(ckpt, dropout=0.0).to(device)
     model.eval()
     return model, tokenizer_from_dict(ckpt.tokenizer)

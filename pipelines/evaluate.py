@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             eval_iters=args.eval_iters or config.train.eval_iters, batch_size=args.batch_size or config.train.batch_size,
             precision=precision,
         )
-    except (CheckpointError, ConfigError, shards.ShardError, TokenizerError, BatchError, ValueError) as e:
+    except (CheckpointError, ConfigError, shards.ShardError, TokenizerError, BatchError, ValueError, OSError) as e:
         log.error("%s", e)
         return 2
     if args.json:

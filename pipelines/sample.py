@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model, tokenizer = load_pretrained_model(args.init_from, device)
         texts = sample_text(model, tokenizer, prompt, args.max_new_tokens, args.num_samples, args.temperature,
                             args.top_k or None, args.top_p, args.seed, device, dtype)
-    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, ValueError, OSError) as e:
         log.error("%s", e)
         return 2
     for text in texts:
