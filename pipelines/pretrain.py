@@ -175,6 +175,12 @@ def check_data(config: Config) -> Manifest | None:
         raise ShardError(os.path.join(data_dir, MANIFEST_NAME),
                          "missing and data.input is not set: prepare the shards first (pipelines/prepare.py) or "
                          "set --data.input to prepare them here")
+    if os.path.isdir(data_dir) and any(os.scandir(data_dir)):
+        # never replace someone's files (a killed prepare of another corpus) with shards of data.input
+        raise ShardError(os.path.join(data_dir, MANIFEST_NAME),
+                         f"missing, but {data_dir} is not empty (an interrupted prepare?): finish it with "
+                         f"`python pipelines/prepare.py --out {data_dir} --input <the same corpus>`, or point "
+                         "--data.dir at a new directory to prepare data.input there")
     return None
 
 

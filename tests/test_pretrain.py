@@ -141,6 +141,7 @@ def _corrupt(shards: Path, dest: Path) -> Path:
         ("resources never there", ["--run.cpus_per_worker=64"], "this local Ray instance cannot grow"),
         ("out_dir under a file", ["--run.out_dir={tmp}/a_file/runs"], "a_file is a file"),
         ("nan learning rate", ["--optim.learning_rate=nan", "--optim.decay_lr=false"], "must be a finite number"),
+        ("partial shards", ["--data.input=tinyshakespeare"], "is not empty (an interrupted prepare?)"),
     ],
 )
 def test_bad_config_fails_before_training(tmp_path, shards, caplog, case, extra, expected):
@@ -148,6 +149,8 @@ def test_bad_config_fails_before_training(tmp_path, shards, caplog, case, extra,
     data_dir.mkdir()
     if case == "corrupted shards":
         data_dir = _corrupt(shards, tmp_path / "damaged")
+    elif case == "partial shards":  # a killed prepare of the user's own corpus left these, and no manifest
+        shutil.copy(shards / "train_000000.bin", data_dir / "train_000000.bin")
     elif case != "missing shards":
         data_dir = shards
     out = tmp_path / "runs"
