@@ -81,6 +81,7 @@ from nanogpt.shards import (
     load_manifest,
     shard_name,
     verify,
+    write_error,
     write_manifest,
     write_shard,
 )
@@ -569,11 +570,18 @@ def _remove_output(out: Path) -> None:
     """Remove the manifest first (the output stops looking complete), then shards and stray temporary files."""
     manifest = out / MANIFEST_NAME
     if manifest.exists():
-        manifest.unlink()
+        _remove(manifest)
         fsync_dir(out)
     for path in out.iterdir():
         if SHARD_NAME.match(path.name) or (TEMP_MARKER in path.name and path.name.startswith(".")):
-            path.unlink(missing_ok=True)
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise write_error(path, e, "cannot remove") from None
 
 
 def _up_to_date(out: Path, input_fp: str, settings_fp: str) -> Manifest | None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -337,3 +338,16 @@ def test_missing_hf_column_is_named(ray_local, tmp_path):
     datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(CorpusError, match=r"no column 'text' \(columns: body\)"):
         prepare(DataConfig(input=str(tmp_path / "ds"), tokenizer="char"), tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------ failed writes
+
+
+def test_full_disk_is_an_error_naming_the_shard(ray_local, tmp_path, tiny_fs, caplog):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("All the world's a stage,\n" * 8000)  # 200,000 characters: 400 KB of uint16, on 64 KiB
+    out = tiny_fs / "out"
+    assert main(["--input", str(corpus), "--tokenizer", "char", "--out", str(out)]) == 2
+    assert re.search(r"out/(train|val)_000000\.bin: cannot write: No space left on device \(the disk is full\)",
+                     caplog.text)
+    assert shard_files(out) == []
