@@ -11,8 +11,9 @@ Options: --preset <name> (pipelines/configs/data/<name>.yaml), --input, --tokeni
 --address / --num-cpus (which Ray to use; by default the running cluster, else a local one).
 
 How the work is divided, and why the output never depends on it:
-  1. Driver: list the input files (sorted) or open the HF dataset; fingerprint them and the settings; stop here
-     when an existing manifest has the same fingerprints (a no-op rerun).
+  1. Driver: list the input files (sorted) or open the HF dataset; fingerprint them and the settings. Lock --out
+     (a second prepare into it fails at once, naming this one) and refuse a directory holding files prepare did not
+     write; stop here when an existing manifest has the same fingerprints (a no-op rerun).
   2. Ray Data: read whole files (`read_binary_files`: `read_text` would strip newlines), split them into documents,
      tokenize in `map_batches`. Each output row is one document keyed by (file index, document index) with its
      tokens; blocks stay in the object store.
@@ -67,6 +68,7 @@ from nanogpt.corpus import (
     parse_documents,
     resolve_input,
 )
+from nanogpt.shard_dir import check_owned, lock_shard_dir
 from nanogpt.shards import (
     MANIFEST_NAME,
     SHARD_NAME,
@@ -160,21 +162,31 @@ class PlannedOutput:
 def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     """Tokenize `data.input` into shards under `out_dir` and return the manifest (Ray is started if needed).
 
-    A no-op returning the existing manifest when its input and settings fingerprints match and its shards pass a
-    cheap verify, unless `force`. Bad input raises CorpusError (or TokenizerError) and leaves `out_dir` as it was.
+    Holds `out_dir`'s lock throughout: a second prepare into it fails at once, naming this one. A no-op returning
+    the existing manifest when its input and settings fingerprints match and its shards pass a cheap verify, unless
+    `force`. Bad input raises CorpusError (or TokenizerError) and leaves `out_dir` as it was; so does an `out_dir`
+    holding files prepare did not write (ShardError): it only ever removes its own shards and temporary files.
     """
     start = time.perf_counter()
     out = Path(out_dir)
     if data.tokenizer == "char" and data.append_eot:
         raise ConfigError("data.append_eot=true needs an end-of-text token; the char tokenizer has none")
     request, hf_ds = _resolve_request(data)
-    if not force:
-        existing = _up_to_date(out, request.input_fingerprint, request.settings_fingerprint)
+    with lock_shard_dir(out):
+        check_owned(out)
+        existing = None if force else _up_to_date(out, request.input_fingerprint, request.settings_fingerprint)
         if existing is not None:
             log.info("%s is up to date (same input and settings fingerprints): nothing to do; --force rebuilds",
                      out / MANIFEST_NAME)
             return existing
+        manifest = _build(out, request, hf_ds, start)
+    _log_summary(manifest, out, time.perf_counter() - start)
+    return manifest
 
+
+def _build(out: Path, request: Request, hf_ds: Any, start: float) -> Manifest:
+    """Tokenize, plan and write the output: everything after the up-to-date check."""
+    data = request.data
     tokenizer = build_tokenizer("gpt2") if data.tokenizer == "gpt2" else None  # fail fast, before any Ray work
     init_ray()
     spec = _tokenize_spec(data, tokenizer)
@@ -185,10 +197,7 @@ def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -
         _reraise_user_error(e)
         raise
     planned.stats["seconds_tokenize"] = round(time.perf_counter() - start, 3)
-
-    manifest = _write_output(out, planned, request, start)
-    _log_summary(manifest, out, time.perf_counter() - start)
-    return manifest
+    return _write_output(out, planned, request, start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

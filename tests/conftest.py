@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -88,3 +89,24 @@ def fill(directory: Path) -> None:
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
+
+
+HOLD_LOCK = """
+import sys, time
+from nanogpt.shard_dir import lock_shard_dir
+with lock_shard_dir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def hold_lock(directory: Path) -> subprocess.Popen:
+    """Another process holding `directory`'s prepare lock (this checkout's code), returned once it holds it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(directory)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    line = proc.stdout.readline()
+    if line.strip() != "locked":
+        proc.kill()
+        raise RuntimeError(f"the lock holder did not start (said {line!r}, exit {proc.wait()})")
+    return proc

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -26,6 +27,7 @@ from nanogpt.corpus import CorpusError, fingerprint, is_val_document, resolve_in
 from nanogpt.shards import MANIFEST_NAME, load_split, read_shard, verify
 from nanogpt.tokenizers import tokenizer_from_dict
 from pipelines.prepare import PRESET_DIR, main, pipeline_settings, prepare
+from tests.conftest import hold_lock
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = 50256
@@ -351,3 +353,48 @@ def test_full_disk_is_an_error_naming_the_shard(ray_local, tmp_path, tiny_fs, ca
     assert re.search(r"out/(train|val)_000000\.bin: cannot write: No space left on device \(the disk is full\)",
                      caplog.text)
     assert shard_files(out) == []
+
+
+def test_read_only_output_is_an_error_naming_it(ray_local, tmp_path, read_only_fs, caplog):
+    (tmp_path / "c.txt").write_text("Some text.\n")
+    assert main(["--input", str(tmp_path / "c.txt"), "--tokenizer", "char", "--out", str(read_only_fs / "out")]) == 2
+    assert f"{read_only_fs}/out: cannot create the directory: Read-only file system" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ whose directory
+
+
+def test_a_second_prepare_into_the_same_output_fails_naming_the_first(ray_local, tmp_path, caplog):
+    (tmp_path / "c.txt").write_text("Some text.\n")
+    out = tmp_path / "out"
+    holder = hold_lock(out)  # another prepare, between its lock and its manifest
+    try:
+        assert main(["--input", str(tmp_path / "c.txt"), "--tokenizer", "char", "--out", str(out)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"{out}: locked by another prepare (pid {holder.pid} on host {socket.gethostname()}" in caplog.text
+
+
+def test_someone_elses_files_are_never_touched(ray_local, tmp_path, caplog):
+    (tmp_path / "c.txt").write_text("Some text.\n" * 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "train_000000.bin").write_bytes(b"whatever this is")
+    argv = ["--input", str(tmp_path / "c.txt"), "--tokenizer", "char", "--out", str(out)]
+    assert main(argv) == 2
+    assert f"{out}: holds files that prepare did not write (notes.txt) and no manifest.json" in caplog.text
+    assert shard_files(out) == ["notes.txt", "train_000000.bin"]
+    assert (out / "train_000000.bin").read_bytes() == b"whatever this is"
+
+
+def test_what_a_killed_prepare_left_is_cleared(ray_local, tmp_path):
+    (tmp_path / "c.txt").write_text("Some text.\n" * 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train_000000.bin", "train_000007.bin", ".val_000000.bin.tmp-77-0badc0de", ".prepare.lock"):
+        (out / name).write_bytes(b"left by a killed prepare")
+    m = prepare(DataConfig(input=str(tmp_path / "c.txt"), tokenizer="char"), out)
+    assert verify(out) == m  # every listed shard rewritten, no stale one left (verify fails on an unlisted shard)
+    assert shard_files(out) == ["manifest.json", "train_000000.bin", "val_000000.bin"]
