@@ -163,8 +163,8 @@ def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -
     """Tokenize `data.input` into shards under `out_dir` and return the manifest (Ray is started if needed).
 
     Holds `out_dir`'s lock throughout: a second prepare into it fails at once, naming this one. A no-op returning
-    the existing manifest when its input and settings fingerprints match and its shards pass a cheap verify, unless
-    `force`. Bad input raises CorpusError (or TokenizerError) and leaves `out_dir` as it was; so does an `out_dir`
+    the existing manifest when its input and settings fingerprints match and every shard still has its sha256,
+    unless `force`. Bad input raises CorpusError (or TokenizerError) and leaves `out_dir` as it was; so does an `out_dir`
     holding files prepare did not write (ShardError): it only ever removes its own shards and temporary files.
     """
     start = time.perf_counter()
@@ -176,8 +176,8 @@ def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -
         check_owned(out)
         existing = None if force else _up_to_date(out, request.input_fingerprint, request.settings_fingerprint)
         if existing is not None:
-            log.info("%s is up to date (same input and settings fingerprints): nothing to do; --force rebuilds",
-                     out / MANIFEST_NAME)
+            log.info("%s is up to date (same input and settings fingerprints, every shard's sha256 checked): "
+                     "nothing to do; --force rebuilds", out / MANIFEST_NAME)
             return existing
         manifest = _build(out, request, hf_ds, start)
     _log_summary(manifest, out, time.perf_counter() - start)
@@ -594,6 +594,8 @@ def _remove(path: Path) -> None:
 
 
 def _up_to_date(out: Path, input_fp: str, settings_fp: str) -> Manifest | None:
+    """The manifest of `out` when it has these fingerprints and every shard it lists still has its sha256 (a shard
+    damaged since is a rebuild, not a silent "nothing to do"); None otherwise."""
     if not (out / MANIFEST_NAME).exists():
         return None
     try:
@@ -601,7 +603,7 @@ def _up_to_date(out: Path, input_fp: str, settings_fp: str) -> Manifest | None:
         if (manifest.input_fingerprint, manifest.settings_fingerprint) != (input_fp, settings_fp):
             log.info("%s: input or settings changed, rebuilding", out / MANIFEST_NAME)
             return None
-        return verify(out, check_hashes=False)
+        return verify(out, check_hashes=True)
     except ShardError as e:
         log.warning("rebuilding: %s", e)
         return None

@@ -263,6 +263,26 @@ def test_rerun_is_a_noop_and_force_rebuilds(ray_local, tmp_path, caplog):
     assert verify(out).num_tokens("train") + verify(out).num_tokens("val") == len(corpus.read_text())
 
 
+def test_rerun_rebuilds_a_damaged_shard(ray_local, tmp_path, caplog):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 20)
+    out = tmp_path / "out"
+    argv = ["--input", str(corpus), "--tokenizer", "char", "--out", str(out)]
+    assert main(argv) == 0
+    shard = out / "train_000000.bin"
+    good = shard.read_bytes()
+    damaged = bytearray(good)
+    damaged[2000] ^= 0x01  # one flipped bit in a token: header, size and count still right
+    shard.write_bytes(bytes(damaged))
+
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="nanogpt.prepare")
+    assert main(argv) == 0
+    assert "train_000000.bin: corrupted: sha256" in caplog.text and "up to date" not in caplog.text
+    assert shard.read_bytes() == good
+    verify(out)
+
+
 def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
     assert main(["--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.txt: no such file or directory" in caplog.text
