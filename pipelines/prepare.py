@@ -16,7 +16,8 @@ How the work is divided, and why the output never depends on it:
      write; stop here when an existing manifest has the same fingerprints (a no-op rerun).
   2. Ray Data: read whole files (`read_binary_files`: `read_text` would strip newlines), split them into documents,
      tokenize in `map_batches`. Each output row is one document keyed by (file index, document index) with its
-     tokens; blocks stay in the object store.
+     tokens; blocks stay in the object store. A file that cannot be parsed (bad JSON, a missing field) becomes an
+     error row, not an exception: the driver reports the first in corpus order, in one line.
   3. Tasks summarize each block as runs of consecutive document keys (a few numbers per block). The driver sorts
      the runs by key (the corpus order, whatever the block boundaries), applies the split rule, and cuts each
      split's token stream into shards of `shard_size` tokens: nanogpt/split_plan.py, plain NumPy.
@@ -293,7 +294,8 @@ def _tokenize_documents(
         ds = ray.data.from_huggingface(table_ds, override_num_blocks=blocks)
         fn = partial(tokenize_rows, spec=spec)
     ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=None)
-    # Raise a UDF's own CorpusError (file and line in its message), not Ray Data's UserCodeException around it.
+    # A bad file comes back as an error row (tokenize_files). Anything else a UDF raises is a bug: keep its own
+    # type rather than Ray Data's UserCodeException around it.
     ds.context.raise_original_map_exception = True
     # The pipeline is one fused read->tokenize operator: Ray Data's per-operator resource reservation only
     # throttles it (measured on 2 CPUs: 1.25 tasks in flight on average with it, 1.84 without).
@@ -302,12 +304,20 @@ def _tokenize_documents(
 
 
 def tokenize_files(batch: pa.Table, file_index: dict[str, int], spec: TokenizeSpec) -> pa.Table:
-    """Ray Data UDF: whole files (path, bytes) -> one row per document."""
-    tables = []
+    """Ray Data UDF: whole files (path, bytes) -> one row per document; or, when some cannot be parsed, one error
+    row per such file. A CorpusError is returned as data, not raised: Ray Data would print some 160 lines of its
+    own traceback around the one line that names the file."""
+    tables, errors = [], []
     for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
-        parsed = parse_documents(path, data, spec.text_field, spec.separator, spec.encoding_errors)
+        try:
+            parsed = parse_documents(path, data, spec.text_field, spec.separator, spec.encoding_errors)
+        except CorpusError as e:
+            errors.append(_error_row(file_index[path], str(e), spec))
+            continue
         doc_index = np.arange(len(parsed.texts), dtype=np.int64)
         tables.append(encode_documents(file_index[path], doc_index, parsed.texts, parsed.num_replaced, spec))
+    if errors:
+        return pa.concat_tables(errors)  # the run fails: the documents of the other files are of no use
     return pa.concat_tables(tables) if tables else _empty_table(spec)
 
 
@@ -320,9 +330,11 @@ def tokenize_rows(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
 
 
 def encode_documents(
-    file_index: int, doc_index: np.ndarray, texts: list[str], num_replaced: int, spec: TokenizeSpec
+    file_index: int, doc_index: np.ndarray, texts: list[str], num_replaced: int, spec: TokenizeSpec,
+    error: str | None = None,
 ) -> pa.Table:
-    """The document table: keys, split, character count and tokens (code points for char-level) per document."""
+    """The document table: keys, split, character count and tokens (code points for char-level) per document, and
+    an `error` column: null, or why the file could not be parsed (see _error_row)."""
     if spec.tokenizer == "char":
         # surrogatepass: a JSON "\\ud800" escape is a lone surrogate, still one character.
         arrays = [np.frombuffer(t.encode("utf-32-le", "surrogatepass"), dtype="<u4") for t in texts]
@@ -347,11 +359,17 @@ def encode_documents(
         "num_chars": pa.array(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))),
         "num_replaced": pa.array(replaced),
         "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
+        "error": pa.array([error] * len(texts), type=pa.string()),
     })
 
 
 def _empty_table(spec: TokenizeSpec) -> pa.Table:
     return encode_documents(0, np.empty(0, np.int64), [], 0, spec)
+
+
+def _error_row(file_index: int, message: str, spec: TokenizeSpec) -> pa.Table:
+    """A one-row document table saying that file `file_index` cannot be parsed, and why (same columns as any)."""
+    return encode_documents(file_index, np.zeros(1, np.int64), [""], 0, spec, error=message)
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}
@@ -378,7 +396,8 @@ def _tokenize_and_plan(
     data, source = request.data, request.source
     blocks = _tokenize_documents(source, hf_ds, spec, data.num_blocks)
     summaries = ray.get([_summarize_block.remote(b, spec.tokenizer == "char") for b in blocks])
-    runs = order_runs([block_runs for block_runs, _ in summaries])
+    _raise_parse_errors(summaries, source)
+    runs = order_runs([s.runs for s in summaries])
     stats = corpus_stats(runs, num_files=len(source.files) if source.kind == "files" else 1)
     if stats["num_documents"] == 0:
         raise CorpusError(
@@ -387,7 +406,7 @@ def _tokenize_and_plan(
         )
     codepoints = None
     if tokenizer is None:
-        codepoints = np.unique(np.concatenate([c for _, c in summaries if c is not None]))
+        codepoints = np.unique(np.concatenate([s.codepoints for s in summaries if s.codepoints is not None]))
         tokenizer = CharTokenizer([chr(c) for c in codepoints])
     if data.split == "random":
         streams = random_split_streams(runs)
@@ -408,15 +427,50 @@ def _document_columns(table: pa.Table) -> DocumentColumns:
     )
 
 
+@dataclass(frozen=True)
+class BlockSummary:
+    """What the driver learns of one block: a few numbers per run of documents, not the tokens."""
+
+    runs: np.ndarray
+    codepoints: np.ndarray | None = None
+    """char-level: the block's set of code points (the vocabulary is their union)."""
+    errors: tuple[tuple[int, str], ...] = ()
+    """(file index, message) of each file of the block that could not be parsed."""
+
+
 @ray.remote
-def _summarize_block(table: pa.Table, want_codepoints: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The runs of one block and, for char-level, its set of code points (the vocabulary is their union)."""
+def _summarize_block(table: pa.Table, want_codepoints: bool) -> BlockSummary:
     if table.num_rows == 0:  # Ray Data may hand over an empty block without the document columns
-        return np.zeros(0, RUN), None
+        return BlockSummary(np.zeros(0, RUN))
+    errors = _parse_errors(table)
+    if errors:
+        return BlockSummary(np.zeros(0, RUN), errors=errors)
     codepoints = None
     if want_codepoints:
         codepoints = np.unique(pc.list_flatten(table.column("tokens")).to_numpy(zero_copy_only=False))
-    return summarize_runs(_document_columns(table)), codepoints
+    return BlockSummary(summarize_runs(_document_columns(table)), codepoints)
+
+
+def _parse_errors(table: pa.Table) -> tuple[tuple[int, str], ...]:
+    errors = table.column("error")
+    if errors.null_count == table.num_rows:
+        return ()
+    valid = pc.is_valid(errors)
+    files = table.column("file_index").filter(valid).to_pylist()
+    return tuple(zip(files, errors.filter(valid).to_pylist()))
+
+
+def _raise_parse_errors(summaries: list[BlockSummary], source: InputSource) -> None:
+    """Raise the CorpusError of the first file, in corpus order, that could not be parsed; name a few others."""
+    errors = sorted(e for s in summaries for e in s.errors)
+    if not errors:
+        return
+    message = errors[0][1]
+    if len(errors) > 1:
+        others = ", ".join(Path(source.files[i].path).name for i, _ in errors[1:4])
+        more = len(errors) - 1
+        message += f" (and {more} more file{'s' * (more > 1)} that cannot be parsed: {others}{', ...' * (more > 3)})"
+    raise CorpusError(message)
 
 
 def _tail_split(

@@ -335,6 +335,22 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(ray_local, tmp_path, case
     assert shard_files(out) == []
 
 
+def test_bad_input_is_one_line_naming_the_first_bad_file(ray_local, tmp_path, caplog, capfd):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.txt").write_text("fine\n")
+    (root / "b.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
+    (root / "c.jsonl").write_text('{"text": \n')
+    (root / "d.jsonl").write_text('{"text": "fine"}\n')
+    capfd.readouterr()
+    assert main(["--input", str(root), "--tokenizer", "char", "--out", str(tmp_path / "out"), "--data.num_blocks=2"]) == 2
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err  # Ray Data printed ~160 lines of it around the message
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"{root}/b.jsonl: line 2: no field 'text' (fields: body); choose one with "
+                      "--data.text_field=<field> (and 1 more file that cannot be parsed: c.jsonl)"]
+
+
 def test_bad_input_keeps_a_previous_complete_output(ray_local, tmp_path):
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
     good.write_text("a perfectly good corpus\n" * 10)
