@@ -315,7 +315,8 @@ def tokenize_files(batch: pa.Table, file_index: dict[str, int], spec: TokenizeSp
             errors.append(_error_row(file_index[path], str(e), spec))
             continue
         doc_index = np.arange(len(parsed.texts), dtype=np.int64)
-        tables.append(encode_documents(file_index[path], doc_index, parsed.texts, parsed.num_replaced, spec))
+        tables.append(encode_documents(file_index[path], doc_index, parsed.texts, parsed.num_replaced, spec,
+                                       replaced_at=parsed.first_replaced))
     if errors:
         return pa.concat_tables(errors)  # the run fails: the documents of the other files are of no use
     return pa.concat_tables(tables) if tables else _empty_table(spec)
@@ -331,10 +332,11 @@ def tokenize_rows(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
 
 def encode_documents(
     file_index: int, doc_index: np.ndarray, texts: list[str], num_replaced: int, spec: TokenizeSpec,
-    error: str | None = None,
+    replaced_at: str | None = None, error: str | None = None,
 ) -> pa.Table:
-    """The document table: keys, split, character count and tokens (code points for char-level) per document, and
-    an `error` column: null, or why the file could not be parsed (see _error_row)."""
+    """The document table: keys, split, character count and tokens (code points for char-level) per document.
+    The file's count of undecodable bytes and where the first is are on its first document; `error` is null, or
+    why the file could not be parsed (see _error_row)."""
     if spec.tokenizer == "char":
         # surrogatepass: a JSON "\\ud800" escape is a lone surrogate, still one character.
         arrays = [np.frombuffer(t.encode("utf-32-le", "surrogatepass"), dtype="<u4") for t in texts]
@@ -350,14 +352,16 @@ def encode_documents(
     else:
         split = np.zeros(len(texts), dtype=np.int8)  # the tail rule is applied after all documents are counted
     replaced = np.zeros(len(texts), dtype=np.int64)
+    where = [None] * len(texts)
     if len(texts):
-        replaced[0] = num_replaced
+        replaced[0], where[0] = num_replaced, replaced_at
     return pa.table({
         "file_index": pa.array(np.full(len(texts), file_index, dtype=np.int32)),
         "doc_index": pa.array(doc_index.astype(np.int64)),
         "split": pa.array(split),
         "num_chars": pa.array(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))),
         "num_replaced": pa.array(replaced),
+        "replaced_at": pa.array(where, type=pa.string()),
         "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
         "error": pa.array([error] * len(texts), type=pa.string()),
     })
@@ -399,6 +403,7 @@ def _tokenize_and_plan(
     _raise_parse_errors(summaries, source)
     runs = order_runs([s.runs for s in summaries])
     stats = corpus_stats(runs, num_files=len(source.files) if source.kind == "files" else 1)
+    _warn_replaced(summaries, runs, source)
     if stats["num_documents"] == 0:
         raise CorpusError(
             f"{source.spec}: empty corpus ({stats['num_files']} files, no non-empty document"
@@ -413,6 +418,22 @@ def _tokenize_and_plan(
     else:
         streams, blocks = _tail_split(runs, blocks, source, hf_ds, spec, data.val_fraction)
     return PlannedOutput(blocks, streams, tokenizer, codepoints, stats)
+
+
+def _warn_replaced(summaries: list[BlockSummary], runs: np.ndarray, source: InputSource) -> None:
+    """One warning for the corpus when bytes that are not UTF-8 were replaced: how many, in how many files, and
+    where the first is (a file above the "auto" limit has already failed)."""
+    marked = [s.first_replaced for s in summaries if s.first_replaced is not None]
+    if not marked:
+        return
+    file_index, where = min(marked)
+    path = source.files[file_index].path if source.kind == "files" else source.spec
+    num_files = len(np.unique(runs["file"][runs["replaced_chars"] > 0]))
+    log.warning(
+        "replaced %s undecodable byte sequences by U+FFFD in %d file%s (the first: %s, %s): the shards hold U+FFFD "
+        "there; --data.encoding_errors=fail rejects any", f"{int(runs['replaced_chars'].sum()):,}", num_files,
+        "s" * (num_files > 1), path, where,
+    )
 
 
 def _document_columns(table: pa.Table) -> DocumentColumns:
@@ -436,28 +457,31 @@ class BlockSummary:
     """char-level: the block's set of code points (the vocabulary is their union)."""
     errors: tuple[tuple[int, str], ...] = ()
     """(file index, message) of each file of the block that could not be parsed."""
+    first_replaced: tuple[int, str] | None = None
+    """(file index, where) of the block's first undecodable bytes replaced by U+FFFD."""
 
 
 @ray.remote
 def _summarize_block(table: pa.Table, want_codepoints: bool) -> BlockSummary:
     if table.num_rows == 0:  # Ray Data may hand over an empty block without the document columns
         return BlockSummary(np.zeros(0, RUN))
-    errors = _parse_errors(table)
+    errors = _marked_rows(table, "error")
     if errors:
-        return BlockSummary(np.zeros(0, RUN), errors=errors)
+        return BlockSummary(np.zeros(0, RUN), errors=tuple(errors))
     codepoints = None
     if want_codepoints:
         codepoints = np.unique(pc.list_flatten(table.column("tokens")).to_numpy(zero_copy_only=False))
-    return BlockSummary(summarize_runs(_document_columns(table)), codepoints)
+    first_replaced = min(_marked_rows(table, "replaced_at"), default=None)
+    return BlockSummary(summarize_runs(_document_columns(table)), codepoints, first_replaced=first_replaced)
 
 
-def _parse_errors(table: pa.Table) -> tuple[tuple[int, str], ...]:
-    errors = table.column("error")
-    if errors.null_count == table.num_rows:
-        return ()
-    valid = pc.is_valid(errors)
-    files = table.column("file_index").filter(valid).to_pylist()
-    return tuple(zip(files, errors.filter(valid).to_pylist()))
+def _marked_rows(table: pa.Table, column: str) -> list[tuple[int, str]]:
+    """(file index, value) of the rows where the string `column` is not null."""
+    values = table.column(column)
+    if values.null_count == table.num_rows:
+        return []
+    valid = pc.is_valid(values)
+    return list(zip(table.column("file_index").filter(valid).to_pylist(), values.filter(valid).to_pylist()))
 
 
 def _raise_parse_errors(summaries: list[BlockSummary], source: InputSource) -> None:

@@ -370,6 +370,29 @@ def test_undecodable_bytes_replaced_and_counted(ray_local, tmp_path):
     assert m.splits["val"].num_tokens == 0 and m.splits["val"].shards == []
 
 
+def test_random_binary_input_fails_unless_replace_is_asked_for(ray_local, tmp_path, caplog):
+    data = np.random.default_rng(0).bytes(100_000)
+    (tmp_path / "random.txt").write_bytes(data)
+    with pytest.raises(UnicodeDecodeError) as raised:
+        data.decode("utf-8")
+    first = raised.value.start
+    argv = ["--input", str(tmp_path / "random.txt"), "--tokenizer", "char", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert re.search(rf"random\.txt: [\d,]+ undecodable byte sequences in 100,000 bytes \(\d+\.\d%; the first at "
+                     rf"byte offset {first}\): not UTF-8 text", caplog.text)
+    assert shard_files(tmp_path / "out") == []
+
+    caplog.clear()
+    assert main([*argv, "--data.encoding_errors=replace"]) == 0
+    m = verify(tmp_path / "out")
+    num_replaced = data.decode("utf-8", errors="replace").count("\ufffd")
+    assert m.stats["num_replaced_characters"] == num_replaced
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"replaced {num_replaced:,} undecodable byte sequences by U+FFFD in 1 file (the first: "
+                        f"{tmp_path / 'random.txt'}, byte offset {first}): the shards hold U+FFFD there; "
+                        "--data.encoding_errors=fail rejects any"]
+
+
 def test_missing_hf_column_is_named(ray_local, tmp_path):
     import datasets
 
