@@ -82,15 +82,17 @@ class DataConfig:
     """Split .txt files into documents on this string; None: one file is one document."""
     append_eot: bool = False
     """Append GPT-2's <|endoftext|> after each document (nanoGPT's openwebtext does)."""
-    encoding_errors: str = "replace"
-    """replace | fail: what to do with bytes that are not UTF-8."""
+    encoding_errors: str = "auto"
+    """auto | replace | fail: what to do with bytes that are not UTF-8. auto: replace them by U+FFFD with a
+    warning, but fail a file where more than 1% of the bytes are (binary, or not UTF-8); replace: always replace
+    (with the warning); fail: any such byte is an error. Errors and warnings name the file and byte offset."""
     num_blocks: int | None = None
     """Ray Data parallelism override; None lets Ray choose. The output does not depend on it."""
 
     def __post_init__(self) -> None:
         _one_of(self, "tokenizer", ("gpt2", "char"))
         _one_of(self, "split", ("tail", "random"))
-        _one_of(self, "encoding_errors", ("replace", "fail"))
+        _one_of(self, "encoding_errors", ("auto", "replace", "fail"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         _positive(self, "shard_size")

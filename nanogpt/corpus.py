@@ -14,8 +14,10 @@ documents in file order, which fixes the token order whatever the parallelism.
 
 `parse_documents` turns one file's bytes into documents: a .txt file is one document, or several split on a
 separator; a .jsonl/.json line is one document (its text field); a .parquet row is one (its text column); `.gz`
-is decompressed first. Bytes are decoded as UTF-8 exactly (no newline translation), with undecodable bytes
-replaced by U+FFFD and counted, or reported with their file and byte offset.
+is decompressed first. Bytes are decoded as UTF-8 exactly (no newline translation). What happens to bytes that are
+not UTF-8 is `encoding_errors`: "auto" (the default) replaces them by U+FFFD and counts them, but fails a file when
+more than 1% of its bytes are undecodable (binary data, or another encoding: that is not text to train on);
+"replace" always replaces; "fail" rejects any. Errors name the file and the byte offset (and line) of the first.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
 HF_PREFIX = "hf:"
+
+
+MAX_UNDECODABLE_FRACTION = 0.01
+"""encoding_errors="auto": a file with more undecodable byte sequences than this fraction of its bytes fails ..."""
+MIN_UNDECODABLE_TO_FAIL = 16
+"""... unless it has no more than this many: a few stray bytes in a small file are a warning, not binary input."""
 
 
 class CorpusError(ValueError):
@@ -299,17 +307,19 @@ class ParsedFile:
     """The documents, in file order (empty ones included: they keep their index and are skipped later)."""
     num_replaced: int = 0
     """Undecodable byte sequences replaced by U+FFFD."""
+    first_replaced: str | None = None
+    """Where the first of them is ("byte offset 12", "line 3, byte offset 40", "row 7, byte offset 0"); None: none."""
 
 
 def decode_text(data: bytes, name: str, errors: str = "replace") -> tuple[str, int]:
-    """UTF-8 text and the number of undecodable sequences replaced ("replace"), or CorpusError ("fail")."""
+    """UTF-8 text and the number of undecodable sequences replaced ("replace", "auto"), or CorpusError ("fail")."""
     try:
         return data.decode("utf-8"), 0
     except UnicodeDecodeError as e:
-        if errors != "replace":
+        if errors == "fail":
             raise CorpusError(
                 f"{name}: byte offset {e.start}: not UTF-8 ({e.reason}); "
-                "--data.encoding_errors=replace substitutes U+FFFD and counts them"
+                "--data.encoding_errors=auto or =replace substitutes U+FFFD and counts them"
             ) from None
     text = data.decode("utf-8", errors="replace")
     # U+FFFD that was already in the file is legitimate text, not a replacement.
@@ -317,7 +327,7 @@ def decode_text(data: bytes, name: str, errors: str = "replace") -> tuple[str, i
 
 
 def parse_documents(
-    name: str, data: bytes, text_field: str = "text", separator: str | None = None, encoding_errors: str = "replace"
+    name: str, data: bytes, text_field: str = "text", separator: str | None = None, encoding_errors: str = "auto"
 ) -> ParsedFile:
     """The documents in one file, by its extension (see the module docstring). `name` is used in errors."""
     if name.lower().endswith(".gz"):
@@ -329,10 +339,37 @@ def parse_documents(
     if suffix in PARQUET_SUFFIXES:
         return _parse_parquet(name, data, text_field, encoding_errors)
     text, num_replaced = decode_text(data, name, encoding_errors)
+    first = _where_undecodable(data, by_line=suffix in JSON_SUFFIXES) if num_replaced else None
+    check_undecodable(name, num_replaced, len(data), first, encoding_errors)
     if suffix in JSON_SUFFIXES:
-        return ParsedFile(_parse_json(name, text, text_field, suffix), num_replaced)
+        return ParsedFile(_parse_json(name, text, text_field, suffix), num_replaced, first)
     texts = text.split(separator) if separator else [text]
-    return ParsedFile(texts, num_replaced)
+    return ParsedFile(texts, num_replaced, first)
+
+
+def check_undecodable(name: str, num_replaced: int, num_bytes: int, first: str | None, errors: str) -> None:
+    """Under "auto", CorpusError when so much of a file is not UTF-8 that it cannot be text (see the constants)."""
+    if errors != "auto" or num_replaced <= max(MIN_UNDECODABLE_TO_FAIL, MAX_UNDECODABLE_FRACTION * num_bytes):
+        return
+    raise CorpusError(
+        f"{name}: {num_replaced:,} undecodable byte sequences in {num_bytes:,} bytes "
+        f"({num_replaced / num_bytes:.1%}; the first at {first}): not UTF-8 text (binary data, or another "
+        f"encoding?). Above {MAX_UNDECODABLE_FRACTION:.0%} a file fails; --data.encoding_errors=replace keeps "
+        "them as U+FFFD"
+    )
+
+
+def _where_undecodable(data: bytes, by_line: bool = False) -> str | None:
+    """Where the first byte that is not UTF-8 is: its byte offset, and its line when `by_line`; None when all is."""
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as e:
+        offset = e.start
+    if by_line:
+        line = data.count(b"\n", 0, offset) + 1
+        return f"line {line}, byte offset {offset}"
+    return f"byte offset {offset}"
 
 
 def _parse_json(name: str, text: str, text_field: str, suffix: str) -> list[str]:
@@ -388,13 +425,21 @@ def _parse_parquet(name: str, data: bytes, text_field: str, encoding_errors: str
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         return ParsedFile([t or "" for t in column.to_pylist()])
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        texts, num_replaced = [], 0
-        for i, b in enumerate(column.to_pylist()):
-            t, n = decode_text(b or b"", f"{name}: row {i}", encoding_errors)
-            texts.append(t)
-            num_replaced += n
-        return ParsedFile(texts, num_replaced)
+        return _decode_rows(name, [b or b"" for b in column.to_pylist()], encoding_errors)
     raise CorpusError(f"{name}: column {text_field!r} has type {column.type}, not string")
+
+
+def _decode_rows(name: str, rows: list[bytes], encoding_errors: str) -> ParsedFile:
+    """A binary column's rows as documents; "auto" judges the file by all its rows' bytes together."""
+    texts, num_replaced, first = [], 0, None
+    for i, b in enumerate(rows):
+        t, n = decode_text(b, f"{name}: row {i}", encoding_errors)
+        if n and first is None:
+            first = f"row {i}, {_where_undecodable(b)}"
+        texts.append(t)
+        num_replaced += n
+    check_undecodable(name, num_replaced, sum(map(len, rows)), first, encoding_errors)
+    return ParsedFile(texts, num_replaced, first)
 
 
 # ------------------------------------------------------------------------------------------ splits

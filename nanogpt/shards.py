@@ -15,7 +15,8 @@ A prepared directory holds `train_000000.bin, ..., val_000000.bin, ...` and `man
 file is written to a temporary name (`.<name>.tmp-...`, never matching a shard name), fsynced and renamed, so a
 directory whose manifest is present and verifies is complete. Damage (a missing, truncated, extended or altered
 shard, a bad header) raises `ShardError` naming the file and the reason; checks raise, never `assert` (which
-`python -O` strips).
+`python -O` strips). So does a failed write (a full disk, a read-only file system): `No space left on device`
+alone would not say where.
 
     info = write_shard("out/train_000000.bin", tokens, vocab_size=50257)
     tokens = read_shard("out/train_000000.bin")     # np.memmap after checking the header and the file size
@@ -26,6 +27,7 @@ shard, a bad header) raises `ShardError` naming the file and the reason; checks 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -182,7 +184,8 @@ def shard_name(split: str, index: int) -> str:
 
 class atomic_write:
     """`with atomic_write(path) as f:` writes a temporary file beside `path`, fsyncs it and renames it into place;
-    on an exception the temporary file is removed and `path` is left as it was."""
+    on an exception the temporary file is removed and `path` is left as it was. An OSError on the way (a full disk,
+    a read-only file system, no permission) comes out as a ShardError naming `path`."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "wb") -> None:
         self.path = Path(path)
@@ -190,21 +193,54 @@ class atomic_write:
         self.mode = mode
 
     def __enter__(self):
-        self.file = open(self.tmp, self.mode)
+        try:
+            self.file = open(self.tmp, self.mode)
+        except OSError as e:
+            raise write_error(self.path, e) from None
         return self.file
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        error = exc if isinstance(exc, OSError) else None
         try:
             if exc_type is None:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-            self.file.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-                fsync_dir(self.path.parent)
+                self._commit()
+        except OSError as e:
+            error = e
         finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+            self._discard()
+        if error is not None:
+            raise write_error(self.path, error) from None
+
+    def _commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def _discard(self) -> None:
+        """Close (a no-op after _commit) and remove the temporary file, if it is still there."""
+        try:
+            self.file.close()
+        except OSError:
+            pass  # flushing the rest of a failed write failed too: the file is removed anyway
+        self.tmp.unlink(missing_ok=True)
+
+
+WRITE_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "no permission to write there",
+    errno.EPERM: "no permission to write there",
+}
+
+
+def write_error(path: str | os.PathLike, e: OSError, action: str = "cannot write") -> ShardError:
+    """A ShardError naming the file a write failed on, with the system's reason and what it means."""
+    reason = e.strerror or str(e)
+    hint = WRITE_ERROR_HINTS.get(e.errno)
+    return ShardError(path, f"{action}: {reason}" + (f" ({hint})" if hint else ""))
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -11,11 +11,13 @@ Options: --preset <name> (pipelines/configs/data/<name>.yaml), --input, --tokeni
 --address / --num-cpus (which Ray to use; by default the running cluster, else a local one).
 
 How the work is divided, and why the output never depends on it:
-  1. Driver: list the input files (sorted) or open the HF dataset; fingerprint them and the settings; stop here
-     when an existing manifest has the same fingerprints (a no-op rerun).
+  1. Driver: list the input files (sorted) or open the HF dataset; fingerprint them and the settings. Lock --out
+     (a second prepare into it fails at once, naming this one) and refuse a directory holding files prepare did not
+     write; stop here when an existing manifest has the same fingerprints (a no-op rerun).
   2. Ray Data: read whole files (`read_binary_files`: `read_text` would strip newlines), split them into documents,
      tokenize in `map_batches`. Each output row is one document keyed by (file index, document index) with its
-     tokens; blocks stay in the object store.
+     tokens; blocks stay in the object store. A file that cannot be parsed (bad JSON, a missing field) becomes an
+     error row, not an exception: the driver reports the first in corpus order, in one line.
   3. Tasks summarize each block as runs of consecutive document keys (a few numbers per block). The driver sorts
      the runs by key (the corpus order, whatever the block boundaries), applies the split rule, and cuts each
      split's token stream into shards of `shard_size` tokens: nanogpt/split_plan.py, plain NumPy.
@@ -67,6 +69,7 @@ from nanogpt.corpus import (
     parse_documents,
     resolve_input,
 )
+from nanogpt.shard_dir import check_owned, lock_shard_dir
 from nanogpt.shards import (
     MANIFEST_NAME,
     SHARD_NAME,
@@ -81,6 +84,7 @@ from nanogpt.shards import (
     load_manifest,
     shard_name,
     verify,
+    write_error,
     write_manifest,
     write_shard,
 )
@@ -159,21 +163,31 @@ class PlannedOutput:
 def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -> Manifest:
     """Tokenize `data.input` into shards under `out_dir` and return the manifest (Ray is started if needed).
 
-    A no-op returning the existing manifest when its input and settings fingerprints match and its shards pass a
-    cheap verify, unless `force`. Bad input raises CorpusError (or TokenizerError) and leaves `out_dir` as it was.
+    Holds `out_dir`'s lock throughout: a second prepare into it fails at once, naming this one. A no-op returning
+    the existing manifest when its input and settings fingerprints match and every shard still has its sha256,
+    unless `force`. Bad input raises CorpusError (or TokenizerError) and leaves `out_dir` as it was; so does an `out_dir`
+    holding files prepare did not write (ShardError): it only ever removes its own shards and temporary files.
     """
     start = time.perf_counter()
     out = Path(out_dir)
     if data.tokenizer == "char" and data.append_eot:
         raise ConfigError("data.append_eot=true needs an end-of-text token; the char tokenizer has none")
     request, hf_ds = _resolve_request(data)
-    if not force:
-        existing = _up_to_date(out, request.input_fingerprint, request.settings_fingerprint)
+    with lock_shard_dir(out):
+        check_owned(out)
+        existing = None if force else _up_to_date(out, request.input_fingerprint, request.settings_fingerprint)
         if existing is not None:
-            log.info("%s is up to date (same input and settings fingerprints): nothing to do; --force rebuilds",
-                     out / MANIFEST_NAME)
+            log.info("%s is up to date (same input and settings fingerprints, every shard's sha256 checked): "
+                     "nothing to do; --force rebuilds", out / MANIFEST_NAME)
             return existing
+        manifest = _build(out, request, hf_ds, start)
+    _log_summary(manifest, out, time.perf_counter() - start)
+    return manifest
 
+
+def _build(out: Path, request: Request, hf_ds: Any, start: float) -> Manifest:
+    """Tokenize, plan and write the output: everything after the up-to-date check."""
+    data = request.data
     tokenizer = build_tokenizer("gpt2") if data.tokenizer == "gpt2" else None  # fail fast, before any Ray work
     init_ray()
     spec = _tokenize_spec(data, tokenizer)
@@ -184,10 +198,7 @@ def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -
         _reraise_user_error(e)
         raise
     planned.stats["seconds_tokenize"] = round(time.perf_counter() - start, 3)
-
-    manifest = _write_output(out, planned, request, start)
-    _log_summary(manifest, out, time.perf_counter() - start)
-    return manifest
+    return _write_output(out, planned, request, start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,7 +294,8 @@ def _tokenize_documents(
         ds = ray.data.from_huggingface(table_ds, override_num_blocks=blocks)
         fn = partial(tokenize_rows, spec=spec)
     ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=None)
-    # Raise a UDF's own CorpusError (file and line in its message), not Ray Data's UserCodeException around it.
+    # A bad file comes back as an error row (tokenize_files). Anything else a UDF raises is a bug: keep its own
+    # type rather than Ray Data's UserCodeException around it.
     ds.context.raise_original_map_exception = True
     # The pipeline is one fused read->tokenize operator: Ray Data's per-operator resource reservation only
     # throttles it (measured on 2 CPUs: 1.25 tasks in flight on average with it, 1.84 without).
@@ -292,12 +304,21 @@ def _tokenize_documents(
 
 
 def tokenize_files(batch: pa.Table, file_index: dict[str, int], spec: TokenizeSpec) -> pa.Table:
-    """Ray Data UDF: whole files (path, bytes) -> one row per document."""
-    tables = []
+    """Ray Data UDF: whole files (path, bytes) -> one row per document; or, when some cannot be parsed, one error
+    row per such file. A CorpusError is returned as data, not raised: Ray Data would print some 160 lines of its
+    own traceback around the one line that names the file."""
+    tables, errors = [], []
     for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
-        parsed = parse_documents(path, data, spec.text_field, spec.separator, spec.encoding_errors)
+        try:
+            parsed = parse_documents(path, data, spec.text_field, spec.separator, spec.encoding_errors)
+        except CorpusError as e:
+            errors.append(_error_row(file_index[path], str(e), spec))
+            continue
         doc_index = np.arange(len(parsed.texts), dtype=np.int64)
-        tables.append(encode_documents(file_index[path], doc_index, parsed.texts, parsed.num_replaced, spec))
+        tables.append(encode_documents(file_index[path], doc_index, parsed.texts, parsed.num_replaced, spec,
+                                       replaced_at=parsed.first_replaced))
+    if errors:
+        return pa.concat_tables(errors)  # the run fails: the documents of the other files are of no use
     return pa.concat_tables(tables) if tables else _empty_table(spec)
 
 
@@ -310,9 +331,12 @@ def tokenize_rows(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
 
 
 def encode_documents(
-    file_index: int, doc_index: np.ndarray, texts: list[str], num_replaced: int, spec: TokenizeSpec
+    file_index: int, doc_index: np.ndarray, texts: list[str], num_replaced: int, spec: TokenizeSpec,
+    replaced_at: str | None = None, error: str | None = None,
 ) -> pa.Table:
-    """The document table: keys, split, character count and tokens (code points for char-level) per document."""
+    """The document table: keys, split, character count and tokens (code points for char-level) per document.
+    The file's count of undecodable bytes and where the first is are on its first document; `error` is null, or
+    why the file could not be parsed (see _error_row)."""
     if spec.tokenizer == "char":
         # surrogatepass: a JSON "\\ud800" escape is a lone surrogate, still one character.
         arrays = [np.frombuffer(t.encode("utf-32-le", "surrogatepass"), dtype="<u4") for t in texts]
@@ -328,20 +352,28 @@ def encode_documents(
     else:
         split = np.zeros(len(texts), dtype=np.int8)  # the tail rule is applied after all documents are counted
     replaced = np.zeros(len(texts), dtype=np.int64)
+    where = [None] * len(texts)
     if len(texts):
-        replaced[0] = num_replaced
+        replaced[0], where[0] = num_replaced, replaced_at
     return pa.table({
         "file_index": pa.array(np.full(len(texts), file_index, dtype=np.int32)),
         "doc_index": pa.array(doc_index.astype(np.int64)),
         "split": pa.array(split),
         "num_chars": pa.array(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))),
         "num_replaced": pa.array(replaced),
+        "replaced_at": pa.array(where, type=pa.string()),
         "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
+        "error": pa.array([error] * len(texts), type=pa.string()),
     })
 
 
 def _empty_table(spec: TokenizeSpec) -> pa.Table:
     return encode_documents(0, np.empty(0, np.int64), [], 0, spec)
+
+
+def _error_row(file_index: int, message: str, spec: TokenizeSpec) -> pa.Table:
+    """A one-row document table saying that file `file_index` cannot be parsed, and why (same columns as any)."""
+    return encode_documents(file_index, np.zeros(1, np.int64), [""], 0, spec, error=message)
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}
@@ -368,8 +400,10 @@ def _tokenize_and_plan(
     data, source = request.data, request.source
     blocks = _tokenize_documents(source, hf_ds, spec, data.num_blocks)
     summaries = ray.get([_summarize_block.remote(b, spec.tokenizer == "char") for b in blocks])
-    runs = order_runs([block_runs for block_runs, _ in summaries])
+    _raise_parse_errors(summaries, source)
+    runs = order_runs([s.runs for s in summaries])
     stats = corpus_stats(runs, num_files=len(source.files) if source.kind == "files" else 1)
+    _warn_replaced(summaries, runs, source)
     if stats["num_documents"] == 0:
         raise CorpusError(
             f"{source.spec}: empty corpus ({stats['num_files']} files, no non-empty document"
@@ -377,13 +411,29 @@ def _tokenize_and_plan(
         )
     codepoints = None
     if tokenizer is None:
-        codepoints = np.unique(np.concatenate([c for _, c in summaries if c is not None]))
+        codepoints = np.unique(np.concatenate([s.codepoints for s in summaries if s.codepoints is not None]))
         tokenizer = CharTokenizer([chr(c) for c in codepoints])
     if data.split == "random":
         streams = random_split_streams(runs)
     else:
         streams, blocks = _tail_split(runs, blocks, source, hf_ds, spec, data.val_fraction)
     return PlannedOutput(blocks, streams, tokenizer, codepoints, stats)
+
+
+def _warn_replaced(summaries: list[BlockSummary], runs: np.ndarray, source: InputSource) -> None:
+    """One warning for the corpus when bytes that are not UTF-8 were replaced: how many, in how many files, and
+    where the first is (a file above the "auto" limit has already failed)."""
+    marked = [s.first_replaced for s in summaries if s.first_replaced is not None]
+    if not marked:
+        return
+    file_index, where = min(marked)
+    path = source.files[file_index].path if source.kind == "files" else source.spec
+    num_files = len(np.unique(runs["file"][runs["replaced_chars"] > 0]))
+    log.warning(
+        "replaced %s undecodable byte sequences by U+FFFD in %d file%s (the first: %s, %s): the shards hold U+FFFD "
+        "there; --data.encoding_errors=fail rejects any", f"{int(runs['replaced_chars'].sum()):,}", num_files,
+        "s" * (num_files > 1), path, where,
+    )
 
 
 def _document_columns(table: pa.Table) -> DocumentColumns:
@@ -398,15 +448,53 @@ def _document_columns(table: pa.Table) -> DocumentColumns:
     )
 
 
+@dataclass(frozen=True)
+class BlockSummary:
+    """What the driver learns of one block: a few numbers per run of documents, not the tokens."""
+
+    runs: np.ndarray
+    codepoints: np.ndarray | None = None
+    """char-level: the block's set of code points (the vocabulary is their union)."""
+    errors: tuple[tuple[int, str], ...] = ()
+    """(file index, message) of each file of the block that could not be parsed."""
+    first_replaced: tuple[int, str] | None = None
+    """(file index, where) of the block's first undecodable bytes replaced by U+FFFD."""
+
+
 @ray.remote
-def _summarize_block(table: pa.Table, want_codepoints: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The runs of one block and, for char-level, its set of code points (the vocabulary is their union)."""
+def _summarize_block(table: pa.Table, want_codepoints: bool) -> BlockSummary:
     if table.num_rows == 0:  # Ray Data may hand over an empty block without the document columns
-        return np.zeros(0, RUN), None
+        return BlockSummary(np.zeros(0, RUN))
+    errors = _marked_rows(table, "error")
+    if errors:
+        return BlockSummary(np.zeros(0, RUN), errors=tuple(errors))
     codepoints = None
     if want_codepoints:
         codepoints = np.unique(pc.list_flatten(table.column("tokens")).to_numpy(zero_copy_only=False))
-    return summarize_runs(_document_columns(table)), codepoints
+    first_replaced = min(_marked_rows(table, "replaced_at"), default=None)
+    return BlockSummary(summarize_runs(_document_columns(table)), codepoints, first_replaced=first_replaced)
+
+
+def _marked_rows(table: pa.Table, column: str) -> list[tuple[int, str]]:
+    """(file index, value) of the rows where the string `column` is not null."""
+    values = table.column(column)
+    if values.null_count == table.num_rows:
+        return []
+    valid = pc.is_valid(values)
+    return list(zip(table.column("file_index").filter(valid).to_pylist(), values.filter(valid).to_pylist()))
+
+
+def _raise_parse_errors(summaries: list[BlockSummary], source: InputSource) -> None:
+    """Raise the CorpusError of the first file, in corpus order, that could not be parsed; name a few others."""
+    errors = sorted(e for s in summaries for e in s.errors)
+    if not errors:
+        return
+    message = errors[0][1]
+    if len(errors) > 1:
+        others = ", ".join(Path(source.files[i].path).name for i, _ in errors[1:4])
+        more = len(errors) - 1
+        message += f" (and {more} more file{'s' * (more > 1)} that cannot be parsed: {others}{', ...' * (more > 3)})"
+    raise CorpusError(message)
 
 
 def _tail_split(
@@ -569,14 +657,23 @@ def _remove_output(out: Path) -> None:
     """Remove the manifest first (the output stops looking complete), then shards and stray temporary files."""
     manifest = out / MANIFEST_NAME
     if manifest.exists():
-        manifest.unlink()
+        _remove(manifest)
         fsync_dir(out)
     for path in out.iterdir():
         if SHARD_NAME.match(path.name) or (TEMP_MARKER in path.name and path.name.startswith(".")):
-            path.unlink(missing_ok=True)
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise write_error(path, e, "cannot remove") from None
 
 
 def _up_to_date(out: Path, input_fp: str, settings_fp: str) -> Manifest | None:
+    """The manifest of `out` when it has these fingerprints and every shard it lists still has its sha256 (a shard
+    damaged since is a rebuild, not a silent "nothing to do"); None otherwise."""
     if not (out / MANIFEST_NAME).exists():
         return None
     try:
@@ -584,7 +681,7 @@ def _up_to_date(out: Path, input_fp: str, settings_fp: str) -> Manifest | None:
         if (manifest.input_fingerprint, manifest.settings_fingerprint) != (input_fp, settings_fp):
             log.info("%s: input or settings changed, rebuilding", out / MANIFEST_NAME)
             return None
-        return verify(out, check_hashes=False)
+        return verify(out, check_hashes=True)
     except ShardError as e:
         log.warning("rebuilding: %s", e)
         return None

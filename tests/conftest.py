@@ -7,8 +7,11 @@ Tests that need them are skipped (with the reason) when the variables are unset.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,3 +51,62 @@ def tiktoken_cache() -> Path:
     if not path:
         pytest.skip("TIKTOKEN_CACHE_DIR is not set (a pre-seeded tiktoken cache with the GPT-2 files)")
     return Path(path)
+
+
+def mount_tmpfs(path: Path, options: str) -> None:
+    """Mount a real tmpfs on `path` (a full disk, a read-only file system); skip the test where mounting needs
+    rights this machine does not give (not root, or a container without CAP_SYS_ADMIN)."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode})")
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A directory on a real 64 KiB tmpfs, unmounted after the test."""
+    path = tmp_path / "tiny"
+    mount_tmpfs(path, "size=64k")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.fixture
+def read_only_fs(tmp_path):
+    """A directory on a real read-only tmpfs (EROFS on any write, root included), unmounted after the test."""
+    path = tmp_path / "ro"
+    mount_tmpfs(path, "size=64k,ro")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(directory: Path) -> None:
+    """Write a filler file until the file system is full (ENOSPC)."""
+    with open(directory / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+
+
+HOLD_LOCK = """
+import sys, time
+from nanogpt.shard_dir import lock_shard_dir
+with lock_shard_dir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def hold_lock(directory: Path) -> subprocess.Popen:
+    """Another process holding `directory`'s prepare lock (this checkout's code), returned once it holds it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(directory)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    line = proc.stdout.readline()
+    if line.strip() != "locked":
+        proc.kill()
+        raise RuntimeError(f"the lock holder did not start (said {line!r}, exit {proc.wait()})")
+    return proc

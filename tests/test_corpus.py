@@ -182,6 +182,54 @@ def test_undecodable_bytes_are_replaced_and_counted_or_fail():
         parse_documents("x.txt", data, encoding_errors="fail")
 
 
+def random_bytes(n: int) -> bytes:
+    return np.random.default_rng(0).bytes(n)
+
+
+def first_bad_offset(data: bytes) -> int:
+    with pytest.raises(UnicodeDecodeError) as raised:
+        data.decode("utf-8")
+    return raised.value.start
+
+
+def test_auto_fails_binary_input_and_replace_keeps_it():
+    data = random_bytes(50_000)
+    bad = first_bad_offset(data)
+    pattern = rf"r\.txt: \d\d,\d{{3}} undecodable byte sequences in 50,000 bytes \(\d\d\.\d%; the first at byte offset {bad}\)"
+    with pytest.raises(CorpusError, match=pattern + r": not UTF-8 text .*--data\.encoding_errors=replace"):
+        parse_documents("r.txt", data)  # "auto", the default
+    parsed = parse_documents("r.txt", data, encoding_errors="replace")
+    assert parsed.num_replaced > 10_000 and parsed.first_replaced == f"byte offset {bad}"
+    with pytest.raises(CorpusError, match=rf"r\.txt: byte offset {bad}: not UTF-8"):
+        parse_documents("r.txt", data, encoding_errors="fail")
+
+
+def test_auto_replaces_up_to_one_percent():
+    text = bytearray(b"a" * 10_000)
+    text[500] = 0xFF
+    parsed = parse_documents("t.txt", bytes(text))
+    assert (parsed.num_replaced, parsed.first_replaced) == (1, "byte offset 500")
+    text[1000:1100] = b"\xff" * 100  # 101 of 10,000 bytes: just over 1%
+    with pytest.raises(CorpusError, match=r"t\.txt: 101 undecodable byte sequences in 10,000 bytes \(1\.0%; the first at byte offset 500\)"):
+        parse_documents("t.txt", bytes(text))
+    small = b"\xff" * 16 + b"a"  # a few stray bytes in a tiny file: a warning, not binary input
+    assert parse_documents("s.txt", small).num_replaced == 16
+    with pytest.raises(CorpusError, match=r"s\.txt: 17 undecodable"):
+        parse_documents("s.txt", b"\xff" + small)
+
+
+def test_undecodable_bytes_are_located_by_line_and_row(tmp_path):
+    lines = b'{"text": "fine"}\n{"text": "caf\xe9"}\n'
+    parsed = parse_documents("d.jsonl", lines)
+    assert parsed.first_replaced == "line 2, byte offset 30" and parsed.texts == ["fine", "caf\ufffd"]
+    pq.write_table(pa.table({"text": [b"ok", b"ok \xff", b"\xff"]}), tmp_path / "b.parquet")
+    parsed = parse_documents("b.parquet", (tmp_path / "b.parquet").read_bytes())
+    assert (parsed.num_replaced, parsed.first_replaced) == (2, "row 1, byte offset 3")
+    pq.write_table(pa.table({"text": [b"ok", random_bytes(2000)]}), tmp_path / "r.parquet")
+    with pytest.raises(CorpusError, match=r"r\.parquet: \d+ undecodable byte sequences in 2,002 bytes .*the first at row 1, byte offset"):
+        parse_documents("r.parquet", (tmp_path / "r.parquet").read_bytes())
+
+
 def test_jsonl_documents_and_errors():
     lines = b'{"text": "first", "id": 1}\n\n{"text": "second\\n"}\n{"text": null}\n'
     assert parse_documents("d.jsonl", lines).texts == ["first", "second\n", ""]

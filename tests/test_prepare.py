@@ -10,6 +10,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -25,6 +27,7 @@ from nanogpt.corpus import CorpusError, fingerprint, is_val_document, resolve_in
 from nanogpt.shards import MANIFEST_NAME, load_split, read_shard, verify
 from nanogpt.tokenizers import tokenizer_from_dict
 from pipelines.prepare import PRESET_DIR, main, pipeline_settings, prepare
+from tests.conftest import hold_lock
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = 50256
@@ -260,6 +263,26 @@ def test_rerun_is_a_noop_and_force_rebuilds(ray_local, tmp_path, caplog):
     assert verify(out).num_tokens("train") + verify(out).num_tokens("val") == len(corpus.read_text())
 
 
+def test_rerun_rebuilds_a_damaged_shard(ray_local, tmp_path, caplog):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 20)
+    out = tmp_path / "out"
+    argv = ["--input", str(corpus), "--tokenizer", "char", "--out", str(out)]
+    assert main(argv) == 0
+    shard = out / "train_000000.bin"
+    good = shard.read_bytes()
+    damaged = bytearray(good)
+    damaged[2000] ^= 0x01  # one flipped bit in a token: header, size and count still right
+    shard.write_bytes(bytes(damaged))
+
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="nanogpt.prepare")
+    assert main(argv) == 0
+    assert "train_000000.bin: corrupted: sha256" in caplog.text and "up to date" not in caplog.text
+    assert shard.read_bytes() == good
+    verify(out)
+
+
 def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
     assert main(["--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.txt: no such file or directory" in caplog.text
@@ -312,6 +335,22 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(ray_local, tmp_path, case
     assert shard_files(out) == []
 
 
+def test_bad_input_is_one_line_naming_the_first_bad_file(ray_local, tmp_path, caplog, capfd):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.txt").write_text("fine\n")
+    (root / "b.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
+    (root / "c.jsonl").write_text('{"text": \n')
+    (root / "d.jsonl").write_text('{"text": "fine"}\n')
+    capfd.readouterr()
+    assert main(["--input", str(root), "--tokenizer", "char", "--out", str(tmp_path / "out"), "--data.num_blocks=2"]) == 2
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err  # Ray Data printed ~160 lines of it around the message
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"{root}/b.jsonl: line 2: no field 'text' (fields: body); choose one with "
+                      "--data.text_field=<field> (and 1 more file that cannot be parsed: c.jsonl)"]
+
+
 def test_bad_input_keeps_a_previous_complete_output(ray_local, tmp_path):
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
     good.write_text("a perfectly good corpus\n" * 10)
@@ -331,9 +370,90 @@ def test_undecodable_bytes_replaced_and_counted(ray_local, tmp_path):
     assert m.splits["val"].num_tokens == 0 and m.splits["val"].shards == []
 
 
+def test_random_binary_input_fails_unless_replace_is_asked_for(ray_local, tmp_path, caplog):
+    data = np.random.default_rng(0).bytes(100_000)
+    (tmp_path / "random.txt").write_bytes(data)
+    with pytest.raises(UnicodeDecodeError) as raised:
+        data.decode("utf-8")
+    first = raised.value.start
+    argv = ["--input", str(tmp_path / "random.txt"), "--tokenizer", "char", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert re.search(rf"random\.txt: [\d,]+ undecodable byte sequences in 100,000 bytes \(\d+\.\d%; the first at "
+                     rf"byte offset {first}\): not UTF-8 text", caplog.text)
+    assert shard_files(tmp_path / "out") == []
+
+    caplog.clear()
+    assert main([*argv, "--data.encoding_errors=replace"]) == 0
+    m = verify(tmp_path / "out")
+    num_replaced = data.decode("utf-8", errors="replace").count("\ufffd")
+    assert m.stats["num_replaced_characters"] == num_replaced
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"replaced {num_replaced:,} undecodable byte sequences by U+FFFD in 1 file (the first: "
+                        f"{tmp_path / 'random.txt'}, byte offset {first}): the shards hold U+FFFD there; "
+                        "--data.encoding_errors=fail rejects any"]
+
+
 def test_missing_hf_column_is_named(ray_local, tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(CorpusError, match=r"no column 'text' \(columns: body\)"):
         prepare(DataConfig(input=str(tmp_path / "ds"), tokenizer="char"), tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------ failed writes
+
+
+def test_full_disk_is_an_error_naming_the_shard(ray_local, tmp_path, tiny_fs, caplog):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("All the world's a stage,\n" * 8000)  # 200,000 characters: 400 KB of uint16, on 64 KiB
+    out = tiny_fs / "out"
+    assert main(["--input", str(corpus), "--tokenizer", "char", "--out", str(out)]) == 2
+    assert re.search(r"out/(train|val)_000000\.bin: cannot write: No space left on device \(the disk is full\)",
+                     caplog.text)
+    assert shard_files(out) == []
+
+
+def test_read_only_output_is_an_error_naming_it(ray_local, tmp_path, read_only_fs, caplog):
+    (tmp_path / "c.txt").write_text("Some text.\n")
+    assert main(["--input", str(tmp_path / "c.txt"), "--tokenizer", "char", "--out", str(read_only_fs / "out")]) == 2
+    assert f"{read_only_fs}/out: cannot create the directory: Read-only file system" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ whose directory
+
+
+def test_a_second_prepare_into_the_same_output_fails_naming_the_first(ray_local, tmp_path, caplog):
+    (tmp_path / "c.txt").write_text("Some text.\n")
+    out = tmp_path / "out"
+    holder = hold_lock(out)  # another prepare, between its lock and its manifest
+    try:
+        assert main(["--input", str(tmp_path / "c.txt"), "--tokenizer", "char", "--out", str(out)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"{out}: locked by another prepare (pid {holder.pid} on host {socket.gethostname()}" in caplog.text
+
+
+def test_someone_elses_files_are_never_touched(ray_local, tmp_path, caplog):
+    (tmp_path / "c.txt").write_text("Some text.\n" * 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "train_000000.bin").write_bytes(b"whatever this is")
+    argv = ["--input", str(tmp_path / "c.txt"), "--tokenizer", "char", "--out", str(out)]
+    assert main(argv) == 2
+    assert f"{out}: holds files that prepare did not write (notes.txt) and no manifest.json" in caplog.text
+    assert shard_files(out) == ["notes.txt", "train_000000.bin"]
+    assert (out / "train_000000.bin").read_bytes() == b"whatever this is"
+
+
+def test_what_a_killed_prepare_left_is_cleared(ray_local, tmp_path):
+    (tmp_path / "c.txt").write_text("Some text.\n" * 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train_000000.bin", "train_000007.bin", ".val_000000.bin.tmp-77-0badc0de", ".prepare.lock"):
+        (out / name).write_bytes(b"left by a killed prepare")
+    m = prepare(DataConfig(input=str(tmp_path / "c.txt"), tokenizer="char"), out)
+    assert verify(out) == m  # every listed shard rewritten, no stale one left (verify fails on an unlisted shard)
+    assert shard_files(out) == ["manifest.json", "train_000000.bin", "val_000000.bin"]

@@ -22,9 +22,11 @@ from nanogpt.shards import (
     read_header,
     read_shard,
     verify,
+    write_error,
     write_manifest,
     write_shard,
 )
+from tests.conftest import fill
 
 
 def header_of(path: Path) -> np.ndarray:
@@ -219,3 +221,31 @@ def test_missing_and_invalid_manifest(prepared):
 def test_manifest_write_is_atomic(prepared):
     write_manifest(prepared, load_manifest(prepared))
     assert sorted(p.name for p in prepared.iterdir() if p.name.startswith(".")) == []
+
+
+# ------------------------------------------------------------------------------------------ failed writes
+
+
+def test_write_error_names_the_file_and_the_reason(tmp_path):
+    with open("/dev/full", "wb", buffering=0) as full, pytest.raises(OSError) as raised:
+        full.write(b"tokens")  # the kernel's real ENOSPC, no root needed
+    err = write_error(tmp_path / "train_000000.bin", raised.value)
+    assert str(err) == f"{tmp_path}/train_000000.bin: cannot write: No space left on device (the disk is full)"
+
+
+def test_full_disk_names_the_shard_and_leaves_no_temp_file(tiny_fs):
+    with pytest.raises(ShardError, match=r"/train_000000\.bin: cannot write: No space left on device"):
+        write_shard(tiny_fs / "train_000000.bin", np.zeros(100_000, dtype=np.int64), 65)  # 200 KB > 64 KiB
+    assert os.listdir(tiny_fs) == []
+
+
+def test_full_disk_names_the_manifest(prepared, tiny_fs):
+    fill(tiny_fs)
+    with pytest.raises(ShardError, match=r"/manifest\.json: cannot write: No space left on device"):
+        write_manifest(tiny_fs, load_manifest(prepared))
+    assert os.listdir(tiny_fs) == ["filler"]
+
+
+def test_read_only_file_system_names_the_shard(read_only_fs):
+    with pytest.raises(ShardError, match=r"/val_000000\.bin: cannot write: Read-only file system"):
+        write_shard(read_only_fs / "val_000000.bin", np.zeros(3, dtype=np.int64), 65)
