@@ -72,6 +72,8 @@ def compute_gradients(
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards; the whole norm on every rank
+        grad_norm = grad_norm.full_tensor()
     # With float16, inf gradients are the GradScaler's business (it skips the update and lowers the scale).
     bad = ~torch.isfinite(loss_sum)
     if not scaler.is_enabled():
