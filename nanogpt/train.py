@@ -61,7 +61,7 @@ from nanogpt.model import GPT
 from nanogpt.parallel import Strategy, strategy_for
 from nanogpt.sampling import sample_text
 from nanogpt.schedule import lr_at, should_eval, should_save
-from nanogpt.step import NonFiniteError, NonFinitePolicy, StepStats, apply_update, compute_gradients
+from nanogpt.step import NonFiniteError, NonFinitePolicy, StepStats, apply_update, compute_gradients, read_stats
 from nanogpt.tokenizers import Tokenizer, TokenizerError, token_byte_lengths, tokenizer_from_dict
 from nanogpt.tracking import NullTracker, Tracker
 
@@ -376,11 +376,11 @@ class _Run:
         tc = self.config.train
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr_at(step, self.config.optim)
-        stats = compute_gradients(
+        stats = read_stats(compute_gradients(
             self.model, self.optimizer, self.train_windows, step, seed=tc.seed, batch_size=tc.batch_size,
             micro_steps=self.micro_steps, strategy=self.strategy, precision=self.precision, scaler=self.scaler,
             grad_clip=self.config.optim.grad_clip,
-        )
+        ), self.strategy.world_size)
         policy.check(step, stats, log_warning=self.main)
         apply_update(self.optimizer, self.scaler, stats)
         return stats
