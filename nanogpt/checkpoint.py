@@ -26,6 +26,7 @@ from it makes update `step` next, exactly as the uninterrupted run did.
     ckpt = load_checkpoint("out/checkpoint_000250")          # Checkpoint(model_state=..., step=250, ...)
     model, config = load_model("out/checkpoint_000250")      # a GPT in eval mode, and the run's Config
     export_nanogpt_ckpt("out/checkpoint_000250", "ckpt.pt")  # nanoGPT's sample.py loads it
+    consolidate_checkpoint("out/checkpoint_000250", "out/whole_000250")   # a sharded checkpoint, unsharded
     export_hf_dir("out/checkpoint_000250", "hf/")            # transformers.GPT2LMHeadModel.from_pretrained("hf/")
 
 `LocalReporter` is the plain-process `Reporter` for `nanogpt.train.train`: it moves each reported checkpoint into
@@ -340,6 +341,29 @@ def load_model(dir: str | os.PathLike, device: str | torch.device = "cpu") -> tu
     model = build_model(ckpt).to(device)
     model.eval()
     return model, ckpt.config
+
+
+def is_sharded_checkpoint(dir: str | os.PathLike) -> bool:
+    """True for a committed sharded (FSDP) checkpoint, False for an unsharded one; CheckpointError if neither."""
+    return sharded.is_sharded(list(check_committed(dir, optional=(OPTIMIZER_FILE, SCALER_FILE,
+                                                                   sharded.OPTIMIZER_DIR)).get("files") or []))
+
+
+def consolidate_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                           with_optimizer: bool = True) -> Path:
+    """An unsharded copy of a checkpoint at `out_dir` (model.safetensors and optimizer.pt, DDP's layout, written
+    atomically): what sample.py, evaluate.py, nanoGPT and the MLflow registry read without torch.distributed. A
+    sharded checkpoint's weights and AdamW state are read whole in this process (no process group needed).
+    `with_optimizer=False`: weights only."""
+    ckpt = load_checkpoint(ckpt_dir, map_location="cpu", with_optimizer=with_optimizer)
+    return save_checkpoint(
+        out_dir, model_state=ckpt.model_state, model_args=GPTConfig(**{k: ckpt.model_args[k] for k in MODEL_ARGS}),
+        optimizer_state=full_optimizer_state(ckpt) if with_optimizer else None,
+        scaler_state=ckpt.scaler_state if with_optimizer else None, step=ckpt.step,
+        best_val_loss=ckpt.best_val_loss, config=ckpt.config, tokenizer=ckpt.tokenizer,
+        manifest_json=ckpt.manifest_json, extra=ckpt.extra, world_size=int(ckpt.state.get("world_size") or 1),
+        tokens_seen=ckpt.state.get("tokens_seen"),
+    )
 
 
 def export_nanogpt_ckpt(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:

@@ -27,9 +27,12 @@ from nanogpt.batches import TokenWindows
 from nanogpt.checkpoint import (
     LocalReporter,
     checkpoint_dirs,
+    consolidate_checkpoint,
     export_hf_dir,
     export_nanogpt_ckpt,
+    full_optimizer_state,
     is_checkpoint,
+    is_sharded_checkpoint,
     load_checkpoint,
     load_model,
 )
@@ -37,6 +40,7 @@ from nanogpt.config import ConfigError
 from nanogpt.devices import Precision
 from nanogpt.evaluation import evaluate_windows
 from nanogpt.model import GPT, GPTConfig, load_nanogpt_ckpt
+from nanogpt.sampling import generate_from_checkpoint
 from nanogpt.tracking import JsonlTracker
 from nanogpt.train import TrainContext, train
 from tests.test_batches import make_char_shards
@@ -218,8 +222,42 @@ def test_exports_of_a_sharded_checkpoint(runs, tmp_path):
     assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in params) and pt["iter_num"] == 6
 
 
+def test_consolidated_copy_is_an_unsharded_checkpoint(runs, tmp_path):
+    ckpt = runs / "fsdp" / "checkpoint_000006"
+    whole = consolidate_checkpoint(ckpt, tmp_path / "whole")
+    assert (whole / "model.safetensors").is_file() and not (whole / "model").exists()
+    assert is_sharded_checkpoint(ckpt) and not is_sharded_checkpoint(whole)
+    a, b = load_checkpoint(ckpt), load_checkpoint(whole)
+    assert a.step == b.step == 6 and a.best_val_loss == b.best_val_loss and b.state["world_size"] == 2
+    assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+    assert b.optimizer_state["param_groups"] == full_optimizer_state(a)["param_groups"]
+    assert generate_from_checkpoint(str(ckpt), max_new_tokens=20) == generate_from_checkpoint(str(whole),
+                                                                                              max_new_tokens=20)
+    weights_only = consolidate_checkpoint(ckpt, tmp_path / "weights", with_optimizer=False)
+    assert not (weights_only / "optimizer.pt").exists()
+
+
 def test_fsdp_without_a_process_group_is_a_config_error(data_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"train.parallel=fsdp needs torch.distributed initialized"):
         train(fsdp_config(), str(data_dir), TrainContext(), LocalReporter(tmp_path))
     with pytest.raises(ConfigError, match=r"train.parallel=fsdp .*not train.dtype=float16"):
         fsdp_config(dtype="float16")
+
+
+def test_mlflow_registers_a_sharded_checkpoint_unsharded(runs, tmp_path):
+    pytest.importorskip("mlflow")
+    from nanogpt.config import Config
+    from pipelines.mlflow_tracking import make_mlflow_tracker, resolve_checkpoint_uri
+
+    ckpt = runs / "fsdp" / "checkpoint_000006"
+    config = Config().replace(run__out_dir=str(tmp_path), run__name="fsdp", run__experiment="fsdp-test")
+    tracker = make_mlflow_tracker(config, world_size=2, device="cpu", manifest={"vocab_size": 8})
+    tracker.log_checkpoint(ckpt, "best")
+    version = tracker.register_best()
+    tracker.close()
+    local = Path(resolve_checkpoint_uri(f"models:/fsdp-test-fsdp/{version}", dst=tmp_path / "got",
+                                        tracking_uri=tracker.tracking_uri))
+    assert (local / "model.safetensors").is_file() and not (local / "model").exists()
+    assert not (local / "optimizer.pt").exists()  # the registry holds no pickles
+    got, want = load_checkpoint(local, with_optimizer=False), load_checkpoint(ckpt)
+    assert all(torch.equal(got.model_state[k], want.model_state[k]) for k in want.model_state)
