@@ -23,6 +23,11 @@ step in flight and reports what it measured; the whole run stays under ~6 minute
               (bounded by its size: seconds): identical tokens required, tokens/s
   XL step     a GPT-2 XL-shaped model (48 layers, 25 heads, 1600 wide: 1.56B parameters, random weights) in bf16,
               8 x 1024 tokens per update: step time, tokens/s, MFU, peak memory
+  FSDP        train.parallel=fsdp through nanogpt.train on one rank (nccl on CUDA, gloo on a CPU), a 4-layer model
+              in bf16: 6 updates with sharded checkpoints at 3 and 6, updates 3-5 again resumed from the one at 3,
+              and the same run with ddp; the GPU-only paths of FSDP (nccl, bf16 mixed precision, fused AdamW over
+              DTensors, DCP writes from GPU memory) checked once. Resumed losses equal on a CPU; on a GPU the
+              embedding backward's atomics make them merely close, so the differences are printed
 
 Each update is the training loop's own: nanogpt.step.compute_gradients + read_stats + apply_update, with lr_at's
 warmup, as nanogpt.train runs them; evals and checkpoints are left out (a 124M checkpoint is 1.5 GB and an XL one
@@ -77,12 +82,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 bench/b
 
 from nanogpt import metrics, shards  # noqa: E402
 from nanogpt.batches import TokenWindows  # noqa: E402
-from nanogpt.config import OptimConfig  # noqa: E402
+from nanogpt.checkpoint import LocalReporter  # noqa: E402
+from nanogpt.config import Config, OptimConfig  # noqa: E402
 from nanogpt.devices import Precision  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
 from nanogpt.parallel import SingleProcess  # noqa: E402
 from nanogpt.schedule import lr_at  # noqa: E402
 from nanogpt.step import StepStats, apply_update, compute_gradients, read_stats  # noqa: E402
+from nanogpt.train import TrainContext, train  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 
@@ -304,6 +311,36 @@ def part_xl(device: str, shapes: Shapes, windows: TokenWindows) -> dict:
     return row
 
 
+def part_fsdp(device: str, data_dir: Path, tiny: bool) -> dict:
+    """One rank of FSDP through the training loop, checkpointed, resumed, and against ddp (see the docstring)."""
+    import torch.distributed as dist
+
+    width = dict(n_layer=2, n_head=2, n_embd=32) if tiny else dict(n_layer=4, n_head=4, n_embd=256)
+    config = Config.from_dict({
+        "model": dict(**width, block_size=32 if tiny else 256, dropout=0.0, vocab_size=128 if tiny else 50304),
+        "train": dict(batch_size=4, gradient_accumulation_steps=2, max_iters=6, eval_interval=3, eval_iters=2,
+                      device=device, dtype="bfloat16", parallel="fsdp", seed=1337),
+        "optim": dict(learning_rate=1e-3, warmup_iters=2, lr_decay_iters=6, min_lr=1e-4), "run": dict(num_to_keep=None)})
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-fsdp-") as tmp:
+        out = Path(tmp)
+        dist.init_process_group("nccl" if on_cuda(device) else "gloo", init_method=f"file://{out / 'store'}",
+                                rank=0, world_size=1)
+        try:
+            ctx = TrainContext(device=device)
+            full = train(config, str(data_dir), ctx, LocalReporter(out / "full"))
+            resumed = train(config, str(data_dir), ctx, LocalReporter(out / "part"),
+                            resume_from=str(out / "full" / "checkpoint_000003"))
+            ddp = train(config.replace(train__parallel="ddp"), str(data_dir), ctx, LocalReporter(out / "ddp"))
+            layout = sorted(p.name for p in (out / "full" / "checkpoint_000006" / "model").iterdir())
+        finally:
+            dist.destroy_process_group()
+    rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))  # noqa: E731
+    free_memory(device)
+    return {"fsdp": full.losses, "resumed": resumed.losses, "ddp": ddp.losses, "sharded_files": layout,
+            "resume_max_rel_diff": rel(resumed.losses, full.losses[3:]), "ddp_max_rel_diff": rel(full.losses, ddp.losses),
+            "ok": all(math.isfinite(v) for v in full.losses + resumed.losses) and ".metadata" in layout}
+
+
 # ------------------------------------------------------------------------------------------ device helpers
 
 
@@ -393,6 +430,10 @@ def print_report(results: dict) -> None:
           f"{gen['identical']}")
     xl = results["xl_step"]
     print(f"== XL step: {xl.get('num_params', 0) / 1e6:,.1f}M parameters, {_fmt(xl)}")
+    fsdp = results["fsdp"]
+    print(f"== FSDP, 1 rank, bf16: {'ok' if fsdp['ok'] else 'FAIL'}; losses {' '.join(f'{v:.4f}' for v in fsdp['fsdp'])}; "
+          f"resumed from step 3 max rel diff {fsdp['resume_max_rel_diff']:.1e}; against ddp {fsdp['ddp_max_rel_diff']:.1e}; "
+          f"shards {' '.join(fsdp['sharded_files'])}")
     print(f"== total {results['seconds']:.0f} s")
 
 
@@ -425,11 +466,12 @@ def main(argv: list[str] | None = None) -> int:
         timed_part("bf16 loss", results, lambda: part_bf16_loss(device, shapes, windows))
         timed_part("generation", results, lambda: part_generation(device, shapes, windows))
         timed_part("xl step", results, lambda: part_xl(device, shapes, windows))
+        timed_part("fsdp", results, lambda: part_fsdp(device, Path(tmp), args.tiny))
     results["seconds"] = time.perf_counter() - start
     print_report(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    ok = results["bf16_loss"]["ok"] and results["generation"]["identical"]
+    ok = results["bf16_loss"]["ok"] and results["generation"]["identical"] and results["fsdp"]["ok"]
     return 0 if ok else 1
 
 

@@ -28,10 +28,13 @@ def test_tiny_run_prints_every_section(tmp_path):
     text = proc.stdout
     for section in ("== throughput", "a. fp32 + TF32, eager", "b. bf16, eager", "c. bf16 + torch.compile",
                     "c'. c, stats read every 10 updates", "== bf16 vs fp32 loss, 20 updates", ": ok",
-                    "== generation, greedy", "identical tokens: True", "GPT-2 XL shape, bf16 eager", "== XL step"):
+                    "== generation, greedy", "identical tokens: True", "GPT-2 XL shape, bf16 eager", "== XL step",
+                    "== FSDP, 1 rank, bf16: ok"):
         assert section in text, section
     results = json.loads(out.read_text())
     assert [row["config"][:2] for row in results["throughput"]] == ["a.", "b.", "c.", "c'"]
     assert all(row["tokens_per_s"] > 0 and row["mfu"] is None for row in results["throughput"])  # no MFU on a CPU
     assert len(results["bf16_loss"]["bf16"]) == 20 and results["bf16_loss"]["max_rel_diff"] < 2e-2
     assert results["generation"]["identical"] and results["xl_step"]["num_params"] > 0
+    fsdp = results["fsdp"]
+    assert fsdp["resume_max_rel_diff"] == 0.0 and fsdp["sharded_files"] == [".metadata", "__0_0.distcp"]  # CPU: exact
