@@ -250,10 +250,8 @@ def check_committed(dir: str | os.PathLike, optional: tuple[str, ...] = ()) -> d
 def load_checkpoint(
     dir: str | os.PathLike, map_location: str | torch.device = "cpu", *, with_optimizer: bool = True
 ) -> Checkpoint:
-    """Read a checkpoint directory. Missing or unreadable files raise CheckpointError naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
+    """Read a checkpoint directory, sharded or not. Missing or unreadable files raise CheckpointError naming the
+    file."""
     path = Path(dir)
     state_path = path / STATE_FILE
     # Training state (optimizer, scaler) is only needed to resume: a weights-only copy (the MLflow registered model
@@ -262,19 +260,7 @@ def load_checkpoint(
     state = check_committed(path, optional=optional)
     is_sharded = sharded.is_sharded(list(state.get("files") or []))
 
-    model_path = path / (sharded.MODEL_DIR if is_sharded else MODEL_FILE)
-    try:
-        if is_sharded:  # whole tensors from every rank's shards, in this process alone
-            model_state = {k: v.to(map_location) for k, v in sharded.read_full(model_path).items()}
-            tied = dict(state.get("tied") or {})
-        else:
-            model_state = load_file(str(model_path), device=str(map_location))
-            with safe_open(str(model_path), framework="pt") as f:
-                tied = json.loads((f.metadata() or {}).get("tied", "{}"))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{model_path}: unreadable ({type(e).__name__}: {e})") from None
-    for alias, kept in tied.items():
-        model_state[alias] = model_state[kept]
+    model_state = _read_weights(path, state, is_sharded, map_location)
 
     optimizer_state = scaler_state = None
     if with_optimizer and (path / OPTIMIZER_FILE).is_file():
@@ -305,6 +291,28 @@ def load_checkpoint(
         state=state,
         sharded=is_sharded,
     )
+
+
+def _read_weights(path: Path, state: dict[str, Any], is_sharded: bool,
+                  map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """The weights with nanoGPT's keys, both names of a tied tensor present (one tensor)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    model_path = path / (sharded.MODEL_DIR if is_sharded else MODEL_FILE)
+    try:
+        if is_sharded:  # whole tensors from every rank's shards, in this process alone
+            model_state = {k: v.to(map_location) for k, v in sharded.read_full(model_path).items()}
+            tied = dict(state.get("tied") or {})
+        else:
+            model_state = load_file(str(model_path), device=str(map_location))
+            with safe_open(str(model_path), framework="pt") as f:
+                tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{model_path}: unreadable ({type(e).__name__}: {e})") from None
+    for alias, kept in tied.items():
+        model_state[alias] = model_state[kept]
+    return model_state
 
 
 def full_optimizer_state(ckpt: Checkpoint) -> dict[str, Any] | None:

@@ -80,10 +80,11 @@ def evaluate_windows(
         totals[1] += xt.size(0)
         num_batches += 1
     if strategy.collective_forward:
-        dummy = torch.zeros((1, windows.block_size), dtype=torch.long, device=precision.device)
+        # a full batch with targets: the forward a compiled model has a graph for already
+        dummy = torch.zeros((batch_size, windows.block_size), dtype=torch.long, device=precision.device)
         for _ in range(windows.eval_batch_count(num_windows, batch_size, strategy.world_size) - num_batches):
             with precision.autocast():
-                model(dummy)  # the all-gathers the other ranks wait for; nothing counted
+                model(dummy, dummy)  # the all-gathers the other ranks wait for; nothing counted
     strategy.all_reduce_sum(totals)
     model.train(was_training)
     loss_sum, count, num_bytes = totals.tolist()

@@ -61,7 +61,14 @@ from nanogpt.model import GPT
 from nanogpt.parallel import Strategy, strategy_for
 from nanogpt.sampling import sample_text
 from nanogpt.schedule import lr_at, should_eval, should_save
-from nanogpt.step import NonFiniteError, NonFinitePolicy, StepStats, apply_update, compute_gradients, read_stats
+from nanogpt.step import (
+    NonFiniteError,
+    NonFinitePolicy,
+    StepStats,
+    apply_update,
+    compute_gradients,
+    read_stats,
+)
 from nanogpt.tokenizers import Tokenizer, TokenizerError, token_byte_lengths, tokenizer_from_dict
 from nanogpt.tracking import NullTracker, Tracker
 
