@@ -95,8 +95,10 @@ class TrainContext:
 
 class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        """Called by EVERY rank at the same steps (in Ray it is a barrier); rank 0 passes the checkpoint directory
-        it just wrote (the reporter takes it over: train() deletes it after report returns), the others None."""
+        """Called by EVERY rank at the same steps (in Ray it is a barrier). With a checkpoint, rank 0 passes the
+        directory it just wrote and the others None (DDP), or every rank passes its part of a sharded checkpoint,
+        the files disjoint, for the reporter to merge into one directory (FSDP). The reporter takes the directory
+        over: train() deletes it after report returns."""
         ...
 
 
