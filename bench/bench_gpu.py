@@ -8,8 +8,8 @@ The exact command for the lent H200 (device tool, from the repository root; noth
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/bench_gpu.py --out $OUT/bench_gpu.json 2>&1 | tee $OUT/bench_gpu.log
 
-What it runs, in order, each part under its own time limit (`LIMITS`, seconds; a part stops at its limit after the
-step in flight and reports what it measured. The limits add up to 5.5 minutes (plus ~30 s of the rest), so one rerun
+What it runs, in order, each part under its own time limit (`LIMITS`, seconds, on a GPU; a part stops at its limit
+after the step in flight and reports what it measured. The limits add up to 5.5 minutes (plus ~30 s of the rest), so one rerun
 fits in 15 minutes of device time; expected on an H200: ~3 minutes, torch.compile the only long part at 40-90 s.
 Not measured yet: this script was written without a GPU, and its --tiny run is what the tests check):
   data        random but learnable token shards (phrases of GPT-2 token ids drawn from a fixed set, repeated), written
@@ -117,19 +117,21 @@ class Shapes:
     new_tokens: int
     data_tokens: int
     data_vocab: int
+    limits: dict[str, float]
+    """Seconds per part (LIMITS on a GPU; on a shared CPU the tiny run is bounded by its sizes alone)."""
 
 
 FULL = Shapes(
     model=GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=False),
     xl=GPTConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50304, bias=False),
     batch_size=12, micro_steps=4, xl_batch_size=8, steps=10, warmup=3, loss_steps=20, prompt_tokens=16,
-    new_tokens=256, data_tokens=8_000_000, data_vocab=GPT2_VOCAB,
+    new_tokens=256, data_tokens=8_000_000, data_vocab=GPT2_VOCAB, limits=LIMITS,
 )
 TINY = Shapes(
     model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=128, bias=False),
     xl=GPTConfig(n_layer=3, n_head=5, n_embd=80, block_size=32, vocab_size=128, bias=False),
     batch_size=4, micro_steps=2, xl_batch_size=2, steps=3, warmup=1, loss_steps=20, prompt_tokens=4,
-    new_tokens=20, data_tokens=50_000, data_vocab=100,
+    new_tokens=20, data_tokens=50_000, data_vocab=100, limits={name: 3600 for name in LIMITS},
 )
 
 
@@ -247,11 +249,11 @@ def part_throughput(device: str, shapes: Shapes, windows: TokenWindows, compile_
         model = fresh_model(shapes.model, device)
         trained = torch.compile(model, backend=compile_backend) if compiled else model
         run = run_updates(trained, precision, windows, shapes, **common,
-                          limit_s=LIMITS["compile" if compiled else "throughput"])
+                          limit_s=shapes.limits["compile" if compiled else "throughput"])
         rows.append(throughput_row(name, model, run, precision, tokens))
         log.info("%s: %s", name, _fmt(rows[-1]))
         if compiled:  # c': the same compiled model, the statistics read every 10 updates instead of every one
-            run = run_updates(trained, precision, windows, shapes, **common, limit_s=LIMITS["sync"], read_every=10)
+            run = run_updates(trained, precision, windows, shapes, **common, limit_s=shapes.limits["sync"], read_every=10)
             rows.append(throughput_row("c'. c, stats read every 10 updates", model, run, precision, tokens))
             log.info("%s: %s", rows[-1]["config"], _fmt(rows[-1]))
         del model, trained
@@ -263,7 +265,7 @@ def part_bf16_loss(device: str, shapes: Shapes, windows: TokenWindows) -> dict:
     """The same initial weights and batches, 20 updates in bf16 autocast and in plain fp32 (TF32 off)."""
     base = fresh_model(shapes.model, device)
     common = dict(batch_size=shapes.batch_size, micro_steps=1, num_steps=shapes.loss_steps, warmup=0,
-                  limit_s=LIMITS["bf16 loss"] / 2)
+                  limit_s=shapes.limits["bf16 loss"] / 2)
     curves = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         precision = Precision(device, dtype)
@@ -305,7 +307,7 @@ def part_xl(device: str, shapes: Shapes, windows: TokenWindows) -> dict:
     set_tf32(precision, True)
     model = fresh_model(shapes.xl, device)
     run = run_updates(model, precision, windows, shapes, batch_size=shapes.xl_batch_size, micro_steps=1,
-                      num_steps=2 + 5, warmup=2, limit_s=LIMITS["XL step"])
+                      num_steps=2 + 5, warmup=2, limit_s=shapes.limits["XL step"])
     row = throughput_row("GPT-2 XL shape, bf16 eager", model, run, precision,
                          shapes.xl_batch_size * shapes.xl.block_size)
     row["num_params"] = model.get_num_params()
