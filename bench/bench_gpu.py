@@ -9,9 +9,9 @@ The exact command for the lent H200 (device tool, from the repository root; noth
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/bench_gpu.py --out $OUT/bench_gpu.json 2>&1 | tee $OUT/bench_gpu.log
 
 What it runs, in order, each part under its own time limit (`LIMITS`, seconds, on a GPU; a part stops at its limit
-after the step in flight and reports what it measured. The limits add up to 5.5 minutes (plus ~30 s of the rest), so one rerun
-fits in 15 minutes of device time; expected on an H200: ~3 minutes, torch.compile the only long part at 40-90 s.
-Not measured yet: this script was written without a GPU, and its --tiny run is what the tests check):
+after the step in flight and reports what it measured). The limits add up to 5.5 minutes, plus ~30 s for the rest,
+so one rerun fits in 15 minutes of device time. Expected on an H200: ~3 minutes, torch.compile the only long part
+(40-90 s). Not measured yet: this script was written without a GPU; its --tiny run is what the tests check.
   data        random but learnable token shards (phrases of GPT-2 token ids drawn from a fixed set, repeated), written
               with nanogpt.shards.write_shard + a manifest and read back through shards.verify / load_split
   throughput  GPT-2 124M (block 1024, vocab 50304, bias off), 12 x 1024 tokens per micro-batch, 4 micro-steps per
