@@ -86,6 +86,12 @@ class TokenWindows:
             yield self.read(*self.locate(mine[i : i + batch_size]))
 
 
+    def eval_batch_count(self, num_windows: int, batch_size: int, world_size: int = 1) -> int:
+        """The most eval batches any rank runs (rank 0's: its share is the largest), for ranks that must all run
+        the same number of forward passes (FSDP)."""
+        return -(-len(rank_share(np.arange(num_windows), 0, world_size)) // batch_size)
+
+
 def rank_share(positions: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """Rank `rank`'s part of a partition of `positions`: every world_size-th one, starting at `rank`."""
     if not 0 <= rank < world_size:

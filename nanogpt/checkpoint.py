@@ -10,6 +10,11 @@
         state.json          step, best_val_loss, model_args, seed, world_size, tokens_seen, extra, and the size of
                             every other file: the commit record, written LAST
 
+An FSDP run writes a sharded checkpoint instead (nanogpt/sharded_checkpoint.py): `model/` and `optimizer/`
+folders of torch.distributed.checkpoint shards in place of model.safetensors and optimizer.pt, one file per rank in
+each, the rest as above. `is_checkpoint`, `load_checkpoint` (the weights read whole), `load_model` and the exports
+take either kind.
+
 The directory is built under a temporary sibling name and renamed into place once state.json is in it. A copy of
 it (Ray's upload to run storage, an MLflow download) counts as a checkpoint only when state.json reads and every
 file it lists has the recorded size (`is_checkpoint`): a copy cut short by a full disk is refused with a
@@ -21,10 +26,12 @@ from it makes update `step` next, exactly as the uninterrupted run did.
     ckpt = load_checkpoint("out/checkpoint_000250")          # Checkpoint(model_state=..., step=250, ...)
     model, config = load_model("out/checkpoint_000250")      # a GPT in eval mode, and the run's Config
     export_nanogpt_ckpt("out/checkpoint_000250", "ckpt.pt")  # nanoGPT's sample.py loads it
+    consolidate_checkpoint("out/checkpoint_000250", "out/whole_000250")   # a sharded checkpoint, unsharded
     export_hf_dir("out/checkpoint_000250", "hf/")            # transformers.GPT2LMHeadModel.from_pretrained("hf/")
 
 `LocalReporter` is the plain-process `Reporter` for `nanogpt.train.train`: it moves each reported checkpoint into
-`out_dir/checkpoint_<step:06d>` and keeps the best (by val_loss) plus the latest `num_to_keep`.
+`out_dir/checkpoint_<step:06d>` (merging the ranks' parts of a sharded one) and keeps the best (by val_loss) plus
+the latest `num_to_keep`.
 """
 
 from __future__ import annotations
@@ -42,8 +49,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 
+from nanogpt import sharded_checkpoint as sharded
 from nanogpt.config import Config, ConfigError
 from nanogpt.model import GPT, MODEL_ARGS, GPTConfig, clean_state_dict
 from nanogpt.shards import fsync_dir  # files and directories alike
@@ -84,6 +93,25 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     """All of state.json (seed, world_size, tokens_seen, versions, ...)."""
+    sharded: bool = False
+    """Written by FSDP: the weights were read whole from model/; the AdamW state stays in optimizer/ (optimizer_state
+    is None) for the strategy to load shard by shard, or whole with `full_optimizer_state`."""
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What a checkpoint records besides weights and optimizer state: where the run is and what it trained on."""
+
+    model_args: GPTConfig
+    config: Config
+    step: int
+    best_val_loss: float
+    tokenizer: dict[str, Any] | None = None
+    manifest_json: str | None = None
+    extra: dict[str, Any] | None = None
+    world_size: int = 1
+    tokens_seen: int | None = None
+    scaler_state: dict[str, Any] | None = None
 
 
 def save_checkpoint(
@@ -106,6 +134,9 @@ def save_checkpoint(
     `model_state`: the full state with nanoGPT's keys (parallel.Strategy.model_state_dict), for `model_args`."""
     from safetensors.torch import save_file
 
+    record = CheckpointRecord(model_args=model_args, config=config, step=step, best_val_loss=best_val_loss,
+                              tokenizer=tokenizer, manifest_json=manifest_json, extra=extra, world_size=world_size,
+                              tokens_seen=tokens_seen, scaler_state=scaler_state)
     final = Path(dir)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise CheckpointError(f"{final}: already exists and is not an empty directory")
@@ -119,36 +150,7 @@ def save_checkpoint(
         if optimizer_state is not None:
             torch.save(optimizer_state, staging / OPTIMIZER_FILE)
             files.append(OPTIMIZER_FILE)
-        if scaler_state:
-            torch.save(scaler_state, staging / SCALER_FILE)
-            files.append(SCALER_FILE)
-        (staging / CONFIG_FILE).write_text(config.to_yaml())
-        files.append(CONFIG_FILE)
-        if tokenizer is not None:
-            (staging / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False) + "\n")
-            files.append(TOKENIZER_FILE)
-        if manifest_json is not None:
-            (staging / MANIFEST_FILE).write_text(manifest_json)
-            files.append(MANIFEST_FILE)
-        state = {
-            "format_version": FORMAT_VERSION,
-            "step": int(step),
-            "best_val_loss": float(best_val_loss) if math.isfinite(best_val_loss) else None,  # JSON has no inf
-            "model_args": dataclasses.asdict(model_args),
-            "seed": config.train.seed,
-            "world_size": int(world_size),
-            "tokens_seen": int(tokens_seen) if tokens_seen is not None else None,
-            "files": files,
-            # the commit record: a copy of this directory (Ray's upload to run storage, an MLflow download) is
-            # complete only when every file has the size it had here
-            "sizes": {name: (staging / name).stat().st_size for name in files},
-            "extra": extra or {},
-            "versions": {"torch": torch.__version__},
-        }
-        for name in files:  # every file durable before the commit record that vouches for it
-            fsync_dir(staging / name)
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        fsync_dir(staging / STATE_FILE)
+        write_record(staging, {name: (staging / name).stat().st_size for name in files}, record)
         if final.exists():
             final.rmdir()  # empty (checked above): os.replace needs the name free or an empty directory
         os.replace(staging, final)
@@ -157,6 +159,50 @@ def save_checkpoint(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def write_record(dir: str | os.PathLike, sizes: dict[str, int], record: CheckpointRecord,
+                 tied: dict[str, str] | None = None) -> None:
+    """Finish a checkpoint directory that holds its tensors already: config, tokenizer, manifest and scaler files,
+    then state.json, the commit record, last. `sizes`: {path relative to the checkpoint: bytes} of the tensor files,
+    every rank's for a sharded checkpoint (other ranks' files may live in their own parts until the reporter merges
+    them). `tied`: {alias: kept} of a sharded checkpoint's weights (safetensors metadata records it otherwise)."""
+    root = Path(dir)
+    written = []
+    if record.scaler_state:
+        torch.save(record.scaler_state, root / SCALER_FILE)
+        written.append(SCALER_FILE)
+    (root / CONFIG_FILE).write_text(record.config.to_yaml())
+    written.append(CONFIG_FILE)
+    if record.tokenizer is not None:
+        (root / TOKENIZER_FILE).write_text(json.dumps(record.tokenizer, ensure_ascii=False) + "\n")
+        written.append(TOKENIZER_FILE)
+    if record.manifest_json is not None:
+        (root / MANIFEST_FILE).write_text(record.manifest_json)
+        written.append(MANIFEST_FILE)
+    sizes = {**sizes, **{name: (root / name).stat().st_size for name in written}}
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": int(record.step),
+        "best_val_loss": float(record.best_val_loss) if math.isfinite(record.best_val_loss) else None,  # no inf in JSON
+        "model_args": dataclasses.asdict(record.model_args),
+        "seed": record.config.train.seed,
+        "world_size": int(record.world_size),
+        "tokens_seen": int(record.tokens_seen) if record.tokens_seen is not None else None,
+        "files": list(sizes),
+        # the commit record: a copy of this directory (Ray's upload to run storage, an MLflow download) is
+        # complete only when every file has the size it had here
+        "sizes": sizes,
+        "extra": record.extra or {},
+        "versions": {"torch": torch.__version__},
+    }
+    if tied is not None:
+        state["tied"] = tied
+    for name in sizes:  # every file durable before the commit record that vouches for it (this rank's files)
+        if (root / name).exists():
+            fsync_dir(root / name)
+    (root / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    fsync_dir(root / STATE_FILE)
 
 
 def read_state(dir: str | os.PathLike) -> dict[str, Any]:
@@ -177,7 +223,8 @@ def is_checkpoint(dir: str | os.PathLike) -> bool:
 
 def check_committed(dir: str | os.PathLike, optional: tuple[str, ...] = ()) -> dict[str, Any]:
     """state.json of a committed checkpoint; CheckpointError naming the first file that is missing or has the
-    wrong size. Files in `optional` may be missing (a weights-only copy leaves the optimizer out)."""
+    wrong size. Files in `optional` (names, or folders of a sharded checkpoint) may be missing (a weights-only copy
+    leaves the optimizer out)."""
     path = Path(dir)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -191,7 +238,7 @@ def check_committed(dir: str | os.PathLike, optional: tuple[str, ...] = ()) -> d
     for name, size in sizes.items():
         file = path / name
         if not file.is_file():
-            if name in optional:
+            if name in optional or name.split("/")[0] in optional:
                 continue
             raise CheckpointError(f"{file}: missing from the checkpoint (state.json lists it)")
         if size is not None and file.stat().st_size != size:
@@ -203,25 +250,17 @@ def check_committed(dir: str | os.PathLike, optional: tuple[str, ...] = ()) -> d
 def load_checkpoint(
     dir: str | os.PathLike, map_location: str | torch.device = "cpu", *, with_optimizer: bool = True
 ) -> Checkpoint:
-    """Read a checkpoint directory. Missing or unreadable files raise CheckpointError naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
+    """Read a checkpoint directory, sharded or not. Missing or unreadable files raise CheckpointError naming the
+    file."""
     path = Path(dir)
     state_path = path / STATE_FILE
     # Training state (optimizer, scaler) is only needed to resume: a weights-only copy (the MLflow registered model
     # leaves it out) loads for sampling and evaluation.
-    state = check_committed(path, optional=() if with_optimizer else (OPTIMIZER_FILE, SCALER_FILE))
+    optional = () if with_optimizer else (OPTIMIZER_FILE, SCALER_FILE, sharded.OPTIMIZER_DIR)
+    state = check_committed(path, optional=optional)
+    is_sharded = sharded.is_sharded(list(state.get("files") or []))
 
-    model_path = path / MODEL_FILE
-    try:
-        model_state = load_file(str(model_path), device=str(map_location))
-        with safe_open(str(model_path), framework="pt") as f:
-            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{model_path}: unreadable ({type(e).__name__}: {e})") from None
-    for alias, kept in tied.items():
-        model_state[alias] = model_state[kept]
+    model_state = _read_weights(path, state, is_sharded, map_location)
 
     optimizer_state = scaler_state = None
     if with_optimizer and (path / OPTIMIZER_FILE).is_file():
@@ -250,7 +289,44 @@ def load_checkpoint(
         manifest_json=manifest_json,
         extra=dict(state.get("extra") or {}),
         state=state,
+        sharded=is_sharded,
     )
+
+
+def _read_weights(path: Path, state: dict[str, Any], is_sharded: bool,
+                  map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """The weights with nanoGPT's keys, both names of a tied tensor present (one tensor)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    model_path = path / (sharded.MODEL_DIR if is_sharded else MODEL_FILE)
+    try:
+        if is_sharded:  # whole tensors from every rank's shards, in this process alone
+            model_state = {k: v.to(map_location) for k, v in sharded.read_full(model_path).items()}
+            tied = dict(state.get("tied") or {})
+        else:
+            model_state = load_file(str(model_path), device=str(map_location))
+            with safe_open(str(model_path), framework="pt") as f:
+                tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{model_path}: unreadable ({type(e).__name__}: {e})") from None
+    for alias, kept in tied.items():
+        model_state[alias] = model_state[kept]
+    return model_state
+
+
+def full_optimizer_state(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """The checkpoint's whole AdamW state in torch's numbered layout (optimizer.load_state_dict, nanoGPT's ckpt.pt):
+    as read, or from a sharded checkpoint's optimizer/ shards; None when it has none (a weights-only copy)."""
+    if not ckpt.sharded:
+        return ckpt.optimizer_state
+    if not sharded.has_optimizer_shards(list(ckpt.state.get("files") or [])):
+        return None
+    folder = ckpt.path / sharded.OPTIMIZER_DIR
+    try:
+        return sharded.by_index(sharded.read_full(folder))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{folder}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def build_model(ckpt: Checkpoint, dropout: float | None = None) -> GPT:
@@ -262,7 +338,8 @@ def build_model(ckpt: Checkpoint, dropout: float | None = None) -> GPT:
     try:
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as e:
-        raise CheckpointError(f"{ckpt.path / MODEL_FILE}: does not match its model_args {args}: {e}") from None
+        weights = ckpt.path / (sharded.MODEL_DIR if ckpt.sharded else MODEL_FILE)
+        raise CheckpointError(f"{weights}: does not match its model_args {args}: {e}") from None
     return model
 
 
@@ -274,8 +351,32 @@ def load_model(dir: str | os.PathLike, device: str | torch.device = "cpu") -> tu
     return model, ckpt.config
 
 
+def is_sharded_checkpoint(dir: str | os.PathLike) -> bool:
+    """True for a committed sharded (FSDP) checkpoint, False for an unsharded one; CheckpointError if neither."""
+    return sharded.is_sharded(list(check_committed(dir, optional=(OPTIMIZER_FILE, SCALER_FILE,
+                                                                   sharded.OPTIMIZER_DIR)).get("files") or []))
+
+
+def consolidate_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                           with_optimizer: bool = True) -> Path:
+    """An unsharded copy of a checkpoint at `out_dir` (model.safetensors and optimizer.pt, DDP's layout, written
+    atomically): what sample.py, evaluate.py, nanoGPT and the MLflow registry read without torch.distributed. A
+    sharded checkpoint's weights and AdamW state are read whole in this process (no process group needed).
+    `with_optimizer=False`: weights only."""
+    ckpt = load_checkpoint(ckpt_dir, map_location="cpu", with_optimizer=with_optimizer)
+    return save_checkpoint(
+        out_dir, model_state=ckpt.model_state, model_args=GPTConfig(**{k: ckpt.model_args[k] for k in MODEL_ARGS}),
+        optimizer_state=full_optimizer_state(ckpt) if with_optimizer else None,
+        scaler_state=ckpt.scaler_state if with_optimizer else None, step=ckpt.step,
+        best_val_loss=ckpt.best_val_loss, config=ckpt.config, tokenizer=ckpt.tokenizer,
+        manifest_json=ckpt.manifest_json, extra=ckpt.extra, world_size=int(ckpt.state.get("world_size") or 1),
+        tokens_seen=ckpt.state.get("tokens_seen"),
+    )
+
+
 def export_nanogpt_ckpt(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write nanoGPT's `ckpt.pt` ({model, optimizer, model_args, iter_num, best_val_loss, config}) from a checkpoint.
+    """Write nanoGPT's `ckpt.pt` ({model, optimizer, model_args, iter_num, best_val_loss, config}) from a checkpoint,
+    sharded or not (a sharded one's weights and AdamW state are read whole).
 
     Plain types only (config is a flat dict of str/int/float/bool/None), so nanoGPT's sample.py and
     `torch.load(weights_only=True)` read it. Written to a temporary name and renamed (nanoGPT overwrites in place).
@@ -289,7 +390,7 @@ def export_nanogpt_ckpt(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike
     config = {**{k: v for k, v in bare.items() if v is not _AMBIGUOUS}, **flat}
     payload = {
         "model": ckpt.model_state,
-        "optimizer": ckpt.optimizer_state,
+        "optimizer": full_optimizer_state(ckpt),
         "model_args": {k: ckpt.model_args[k] for k in MODEL_ARGS},
         "iter_num": ckpt.step,
         "best_val_loss": ckpt.best_val_loss,
@@ -341,7 +442,11 @@ class LocalReporter:
     """The `Reporter` of a plain process: each reported checkpoint is moved to out_dir/checkpoint_<step:06d>
     (copied under a temporary name and renamed when the source is on another filesystem), with the reported
     metrics beside it in metrics.json. Kept: the latest `num_to_keep` (None: all) and the best by val_loss among
-    checkpoints evaluated at their own step. Every report's metrics are appended to `history`."""
+    checkpoints evaluated at their own step. Every report's metrics are appended to `history`.
+
+    Several processes on one machine (torch.distributed initialized: mp.spawn, torchrun) each report, at the same
+    steps: the ranks' parts of a checkpoint (every rank's shards under FSDP, rank 0's whole checkpoint under DDP)
+    are moved into one directory, and rank 0 puts it in place once every rank is done (a collective)."""
 
     def __init__(self, out_dir: str | os.PathLike, num_to_keep: int | None = None) -> None:
         if num_to_keep is not None and num_to_keep < 1:
@@ -352,9 +457,11 @@ class LocalReporter:
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         self.history.append(dict(metrics))
+        step = int(metrics["step"])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            checkpoint_dir = self._merge_parts(step, checkpoint_dir)
         if checkpoint_dir is None:
             return
-        step = int(metrics["step"])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         dest = self.out_dir / f"checkpoint_{step:06d}"
         staging = self.out_dir / f".{dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -375,6 +482,19 @@ class LocalReporter:
                 shutil.rmtree(staging, ignore_errors=True)
         log.info("saved checkpoint %s", dest)
         self._prune()
+
+    def _merge_parts(self, step: int, part: str | None) -> str | None:
+        """Collective: every rank moves its part (if any) into one directory; rank 0 gets it (None if empty)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        token = [uuid.uuid4().hex[:8]]
+        dist.broadcast_object_list(token, src=0)  # one fresh directory name for all ranks
+        merged = self.out_dir / f".checkpoint_{step:06d}.parts-{token[0]}"
+        if part is not None:
+            _move_files(Path(part), merged)
+        dist.barrier()  # every part is in
+        if dist.get_rank() != 0:
+            return None
+        return str(merged) if merged.exists() else None
 
     def _prune(self) -> None:
         if self.num_to_keep is None:
@@ -408,6 +528,15 @@ def _dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         seen[ident] = key
         tensors[key] = t.detach().cpu().contiguous()
     return tensors, tied
+
+
+def _move_files(src: Path, dest: Path) -> None:
+    """Every file under src to the same relative path under dest (folders merged), then src removed."""
+    for file in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dest / file.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(file), str(target))  # a rename on one filesystem, a copy across
+    shutil.rmtree(src, ignore_errors=True)
 
 
 def _read(path: Path, parse, binary: bool = False):

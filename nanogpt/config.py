@@ -159,6 +159,12 @@ class TrainConfig:
     """Skip up to this many steps whose loss or gradient norm is NaN/inf; 0 stops at the first."""
     sample_tokens: int = 0
     """Generate this many tokens at each eval as a text sample (0: none)."""
+    parallel: str = "ddp"
+    """How workers share the model. ddp: every worker holds the whole model and AdamW state (16 bytes per parameter
+    in float32: 25 GB for GPT-2 XL) and gradients are all-reduced; fsdp: FSDP2, parameters, gradients and AdamW
+    state sharded over the workers (1/N each), an all-gather per transformer block in every forward and backward;
+    its checkpoints are sharded (torch.distributed.checkpoint). fsdp needs torch.distributed (Ray Train, torchrun),
+    also on one worker, and bfloat16 or float32. See README "DDP or FSDP"."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval")
@@ -166,6 +172,10 @@ class TrainConfig:
             raise ConfigError("train.max_iters, checkpoint_interval and max_nonfinite_skips must be >= 0")
         _one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
         _one_of(self, "device", ("auto", "cpu", "cuda", "mps"))
+        _one_of(self, "parallel", ("ddp", "fsdp"))
+        if self.parallel == "fsdp" and self.dtype == "float16":
+            raise ConfigError("train.parallel=fsdp trains in bfloat16 or float32, not train.dtype=float16 (its loss "
+                              "scaler would see only each worker's shard of the gradients): use --train.dtype=bfloat16")
 
 
 @dataclass(frozen=True)

@@ -60,12 +60,15 @@ def evaluate_windows(
     byte_lengths: np.ndarray | None = None,
 ) -> WindowLoss:
     """This rank's share of `num_windows` fixed windows (batches.TokenWindows.eval_batches), summed and
-    all-reduced. `model` must not be the DDP wrapper: ranks may run different numbers of batches.
+    all-reduced. `model` must not be the DDP wrapper: ranks may run different numbers of batches. Under FSDP
+    (strategy.collective_forward) a rank with fewer batches runs forwards of one dummy window until every rank has
+    run as many as rank 0: their losses are not counted.
     `byte_lengths[token]`: UTF-8 length of each token id, for bits per byte (tokenizers.token_byte_lengths)."""
     strategy = strategy or SingleProcess()
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=precision.device)  # loss sum, windows, target bytes
+    num_batches = 0
     for x, y in windows.eval_batches(num_windows, batch_size, strategy.rank, strategy.world_size):
         if byte_lengths is not None:
             totals[2] += float(byte_lengths[y].sum())
@@ -75,6 +78,13 @@ def evaluate_windows(
         # the loss is a mean over the batch's B*T targets, all windows T long: B * loss sums the windows'
         totals[0] += loss.double() * xt.size(0)
         totals[1] += xt.size(0)
+        num_batches += 1
+    if strategy.collective_forward:
+        # a full batch with targets: the forward a compiled model has a graph for already
+        dummy = torch.zeros((batch_size, windows.block_size), dtype=torch.long, device=precision.device)
+        for _ in range(windows.eval_batch_count(num_windows, batch_size, strategy.world_size) - num_batches):
+            with precision.autocast():
+                model(dummy, dummy)  # the all-gathers the other ranks wait for; nothing counted
     strategy.all_reduce_sum(totals)
     model.train(was_training)
     loss_sum, count, num_bytes = totals.tolist()

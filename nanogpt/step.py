@@ -1,7 +1,9 @@
 """One optimizer update, and what to do when it is not finite.
 
 `compute_gradients` runs a step's micro-batches on this rank and returns the step's statistics, reduced over
-ranks; `apply_update` then steps the optimizer, or skips the update when `NonFinitePolicy` says so. Batches and
+ranks, as a tensor on the device; `read_stats` brings them to the host (the step's one host sync, which the
+non-finite check needs before the update); `apply_update` then steps the optimizer, or skips the update when
+`NonFinitePolicy` says so. Batches and
 dropout masks are pure functions of (seed, step, global micro-batch), so a resumed run redoes exactly the
 uninterrupted run's updates.
 """
@@ -44,10 +46,11 @@ def compute_gradients(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: TokenWindows, step: int, *, seed: int,
     batch_size: int, micro_steps: int, strategy: Strategy, precision: Precision, scaler: torch.amp.GradScaler,
     grad_clip: float,
-) -> StepStats:
+) -> torch.Tensor:
     """Forward and backward over this rank's `micro_steps` micro-batches of `step` (the gradients averaged over
     ranks by the strategy), unscaled and clipped; one small all-reduce for the statistics, so every rank gets the
-    same and skips or stops at the same step (a rank leaving alone would hang the others)."""
+    same and skips or stops at the same step (a rank leaving alone would hang the others). Returns them on the
+    device, unread: [loss, non-finite flag, gradient norm], each summed over ranks (`read_stats`)."""
     device = precision.device
     loss_sum = torch.zeros((), device=device)
     first = global_micro_batch(strategy.rank, 0, micro_steps)
@@ -72,15 +75,22 @@ def compute_gradients(
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards; the whole norm on every rank
+        grad_norm = grad_norm.full_tensor()
     # With float16, inf gradients are the GradScaler's business (it skips the update and lowers the scale).
     bad = ~torch.isfinite(loss_sum)
     if not scaler.is_enabled():
         bad = bad | ~torch.isfinite(grad_norm)
     stats = torch.stack([loss_sum / micro_steps, bad.float(), grad_norm.float()])
     strategy.all_reduce_sum(stats)
+    return stats
+
+
+def read_stats(stats: torch.Tensor, world_size: int) -> StepStats:
+    """compute_gradients' statistics on the host: waits for the step's work on the device to finish."""
     step_loss, num_bad, norm = stats.tolist()
     # the norm is the same on every rank (the gradients are all-reduced): the sum over ranks / world size
-    return StepStats(step_loss / strategy.world_size, norm / strategy.world_size, finite=num_bad == 0)
+    return StepStats(step_loss / world_size, norm / world_size, finite=num_bad == 0)
 
 
 def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, stats: StepStats) -> None:

@@ -10,8 +10,9 @@ checkpoints go) is passed in as a `TrainContext` and a `Reporter`.
     result = train(cfg, "data/shakespeare_char", TrainContext(), LocalReporter("out/run", cfg.run.num_to_keep))
 
 The loop is short: each piece is a module of its own. init_from.py builds the model, devices.py resolves device
-and dtype, parallel.py wraps the model (DDP today), step.py makes one update and holds the non-finite policy,
-evaluation.py the one evaluation, schedule.py says when to evaluate and save (and the learning rate).
+and dtype, parallel.py wraps the model (DDP, or FSDP from fsdp.py per train.parallel) and writes its checkpoints,
+step.py makes one update and holds the non-finite policy, evaluation.py the one evaluation, schedule.py says when
+to evaluate and save (and the learning rate).
 
 Steps. `step` counts optimizer updates. Everything recorded at step s describes the weights after s updates:
 the eval at s, the checkpoint at s (state.json "step": s), and the training metrics of update s (its loss was
@@ -50,7 +51,7 @@ import torch
 
 from nanogpt import shards
 from nanogpt.batches import TokenWindows, micro_steps_per_rank
-from nanogpt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nanogpt.checkpoint import Checkpoint, CheckpointRecord, load_checkpoint
 from nanogpt.config import Config
 from nanogpt.devices import Precision
 from nanogpt.evaluation import evaluate_windows
@@ -60,7 +61,14 @@ from nanogpt.model import GPT
 from nanogpt.parallel import Strategy, strategy_for
 from nanogpt.sampling import sample_text
 from nanogpt.schedule import lr_at, should_eval, should_save
-from nanogpt.step import NonFiniteError, NonFinitePolicy, StepStats, apply_update, compute_gradients
+from nanogpt.step import (
+    NonFiniteError,
+    NonFinitePolicy,
+    StepStats,
+    apply_update,
+    compute_gradients,
+    read_stats,
+)
 from nanogpt.tokenizers import Tokenizer, TokenizerError, token_byte_lengths, tokenizer_from_dict
 from nanogpt.tracking import NullTracker, Tracker
 
@@ -87,8 +95,10 @@ class TrainContext:
 
 class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        """Called by EVERY rank at the same steps (in Ray it is a barrier); rank 0 passes the checkpoint directory
-        it just wrote (the reporter takes it over: train() deletes it after report returns), the others None."""
+        """Called by EVERY rank at the same steps (in Ray it is a barrier). With a checkpoint, rank 0 passes the
+        directory it just wrote and the others None (DDP), or every rank passes its part of a sharded checkpoint,
+        the files disjoint, for the reporter to merge into one directory (FSDP). The reporter takes the directory
+        over: train() deletes it after report returns."""
         ...
 
 
@@ -224,7 +234,8 @@ class _Run:
     manifest: shards.Manifest
     raw_model: GPT
     eval_model: torch.nn.Module
-    """Compiled (when asked) but never DDP-wrapped: ranks may run different numbers of eval batches."""
+    """Compiled (when asked) but never DDP-wrapped: ranks may run different numbers of eval batches. Under FSDP the
+    same sharded module as `model` (evaluation then pads the ranks to the same number of forwards)."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -263,7 +274,7 @@ class _Run:
         windows = {split: TokenWindows(shards.load_split(data_dir, split), block_size) for split in ("train", "val")}
         precision.activate()
         model.to(precision.device)
-        strategy = strategy_for(ctx.rank, ctx.world_size, precision.device)
+        strategy = strategy_for(ctx.rank, ctx.world_size, precision.device, tc.parallel, precision.dtype)
         if tc.compile and ctx.rank == 0:
             log.info("compiling the model... (takes a ~minute)")
         eval_model = torch.compile(model) if tc.compile else model
@@ -286,9 +297,7 @@ class _Run:
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from a checkpoint: optimizer and loss-scaler state, step, best and last val loss."""
-        if checkpoint.optimizer_state is not None:
-            self.optimizer.load_state_dict(checkpoint.optimizer_state)
-        else:
+        if not self.strategy.load_optimizer_state(self.raw_model, self.optimizer, checkpoint):
             log.warning("%s has no optimizer state: AdamW starts from zero moments", checkpoint.path)
         if self.scaler.is_enabled() and checkpoint.scaler_state:
             self.scaler.load_state_dict(checkpoint.scaler_state)
@@ -341,36 +350,33 @@ class _Run:
             if val.bits_per_byte is not None:
                 metrics["val_bpb"] = val.bits_per_byte
             self.tracker.log_metrics(metrics, state.step)
-            if tc.sample_tokens > 0:
-                text = sample_text(self.raw_model, self.tokenizer, "", tc.sample_tokens, seed=tc.seed,
-                                   device=self.precision.device, dtype=self.precision.dtype)[0]
-                self.tracker.log_text(text, f"samples/step_{state.step:06d}.txt")
+        if tc.sample_tokens > 0 and (self.main or self.strategy.collective_forward):
+            # under FSDP every rank takes part in the forwards (the same seed: the same tokens); rank 0 logs them
+            text = sample_text(self.raw_model, self.tokenizer, "", tc.sample_tokens, seed=tc.seed,
+                               device=self.precision.device, dtype=self.precision.dtype)[0]
+            self.tracker.log_text(text, f"samples/step_{state.step:06d}.txt")  # a NullTracker off rank 0
         return improved
 
     def report(self, state: LoopState, save: bool) -> None:
-        """Every rank reports (a reporter may be a barrier); with `save`, rank 0 first writes the checkpoint into
-        a fresh temporary directory and hands it over with the report."""
+        """Every rank reports (a reporter may be a barrier); with `save`, every rank first writes its part of the
+        checkpoint (DDP: rank 0 the whole of it; FSDP: every rank its shards) into a fresh temporary directory and
+        hands it over with the report."""
         metrics = state.report_metrics(self.tokens_per_step)
         if not save:
             self.reporter.report(metrics, None)
             return
-        model_state = self.strategy.model_state_dict(self.raw_model)  # collective under FSDP: every rank
-        optimizer_state = self.strategy.optimizer_state_dict(self.raw_model, self.optimizer)
-        if not self.main:
-            self.reporter.report(metrics, None)
-            return
+        record = CheckpointRecord(
+            model_args=self.raw_model.config, config=self.config, step=state.step, best_val_loss=state.best_val_loss,
+            tokenizer=self.manifest.tokenizer, manifest_json=self.manifest.to_json(),
+            extra={"val_loss": state.val_loss, "val_loss_step": state.val_loss_step},
+            world_size=self.strategy.world_size, tokens_seen=state.step * self.tokens_per_step,
+            scaler_state=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        )
         tmp_root = Path(tempfile.mkdtemp(prefix="nanogpt-ckpt-"))
         try:
-            ckpt_dir = save_checkpoint(
-                tmp_root / f"checkpoint_{state.step:06d}", model_state=model_state,
-                model_args=self.raw_model.config, optimizer_state=optimizer_state,
-                scaler_state=self.scaler.state_dict() if self.scaler.is_enabled() else None, step=state.step,
-                best_val_loss=state.best_val_loss, config=self.config, tokenizer=self.manifest.tokenizer,
-                manifest_json=self.manifest.to_json(), world_size=self.strategy.world_size,
-                tokens_seen=state.step * self.tokens_per_step,
-                extra={"val_loss": state.val_loss, "val_loss_step": state.val_loss_step},
-            )
-            self.reporter.report(metrics, str(ckpt_dir))
+            part = self.strategy.save_checkpoint(tmp_root / f"checkpoint_{state.step:06d}", self.raw_model,
+                                                 self.optimizer, record)
+            self.reporter.report(metrics, str(part) if part is not None else None)
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
 
@@ -379,11 +385,11 @@ class _Run:
         tc = self.config.train
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr_at(step, self.config.optim)
-        stats = compute_gradients(
+        stats = read_stats(compute_gradients(
             self.model, self.optimizer, self.train_windows, step, seed=tc.seed, batch_size=tc.batch_size,
             micro_steps=self.micro_steps, strategy=self.strategy, precision=self.precision, scaler=self.scaler,
             grad_clip=self.config.optim.grad_clip,
-        )
+        ), self.strategy.world_size)
         policy.check(step, stats, log_warning=self.main)
         apply_update(self.optimizer, self.scaler, stats)
         return stats

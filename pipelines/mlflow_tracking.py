@@ -53,7 +53,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from nanogpt.checkpoint import MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, CheckpointError, read_state
+from nanogpt.checkpoint import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SCALER_FILE,
+    CheckpointError,
+    consolidate_checkpoint,
+    is_sharded_checkpoint,
+    read_state,
+)
 from nanogpt.config import Config, RunConfig
 from nanogpt.shards import MANIFEST_NAME
 from nanogpt.storage import is_uri
@@ -411,11 +419,14 @@ class MlflowTracker:
     def log_checkpoint(self, path: str | os.PathLike, kind: str = "best", include_optimizer: bool | None = None) -> None:
         """Log a checkpoint directory under `checkpoints/<kind>` (best | final). The optimizer and scaler state
         (torch pickles, large) go with `final` only unless `include_optimizer` says otherwise; `best` is what
-        `register_best` registers: safetensors weights, config, tokenizer, manifest, state."""
+        `register_best` registers: safetensors weights, config, tokenizer, manifest, state. A sharded (FSDP)
+        checkpoint is logged unsharded (nanogpt.checkpoint.consolidate_checkpoint): the same files as DDP's, no
+        torch.distributed.checkpoint pickles in the registry."""
         if kind not in CHECKPOINT_KINDS:
             raise ValueError(f"checkpoint kind must be one of {', '.join(CHECKPOINT_KINDS)}, got {kind!r}")
         src = Path(path)
-        if not (src / MODEL_FILE).is_file():
+        shards = _is_sharded(src)
+        if not (src / MODEL_FILE).is_file() and not shards:
             log.warning("not logging checkpoint %s to MLflow: no model.safetensors in it", src)
             return
         keep_optimizer = (kind == "final") if include_optimizer is None else include_optimizer
@@ -428,7 +439,10 @@ class MlflowTracker:
                 return
             with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-") as tmp:
                 staged = Path(tmp) / kind
-                _link_tree(src, staged, skip=() if keep_optimizer else FILES_NOT_REGISTERED)
+                if shards:
+                    consolidate_checkpoint(src, staged, with_optimizer=keep_optimizer)
+                else:
+                    _link_tree(src, staged, skip=() if keep_optimizer else FILES_NOT_REGISTERED)
                 self.client.log_artifacts(self._run_id, str(staged), f"checkpoints/{kind}")
 
         self._queue(f"log checkpoint {src} as {kind}", send)
@@ -745,6 +759,13 @@ def _param_value(key: Any, value: Any) -> str:
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _is_sharded(checkpoint: Path) -> bool:
+    try:
+        return is_sharded_checkpoint(checkpoint)
+    except CheckpointError:
+        return False
 
 
 def _link_tree(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:

@@ -13,7 +13,8 @@
 Options: --config <preset name in pipelines/configs/ | file.yaml> (default shakespeare_char_cpu), any
 `--section.key=value` override (nanogpt/config.py), --sample[=N] (print N tokens from the best checkpoint at the
 end, default 500), --sample-start TEXT, --export-nanogpt PATH (nanoGPT's ckpt.pt of the best checkpoint),
---export-hf DIR (a Hugging Face GPT-2 directory), --address / --num-cpus (which Ray: by default RAY_ADDRESS, a
+--export-hf DIR (a Hugging Face GPT-2 directory), --export-checkpoint DIR (the best checkpoint unsharded: an
+FSDP run's as model.safetensors + optimizer.pt), --address / --num-cpus (which Ray: by default RAY_ADDRESS, a
 running cluster, else a local instance). Exit status: 0 done, 2 bad config/data (nothing started), 1 training failed.
 
 The job, in order, on the driver: check the config and the run's name (pipelines/runs.py) and hash the shards in
@@ -53,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanogpt.batches import micro_steps_per_rank
-from nanogpt.checkpoint import CheckpointError, export_hf_dir, export_nanogpt_ckpt
+from nanogpt.checkpoint import CheckpointError, consolidate_checkpoint, export_hf_dir, export_nanogpt_ckpt
 from nanogpt.config import Config, ConfigError, load_config
 from nanogpt.corpus import CorpusError
 from nanogpt.sampling import generate_from_checkpoint
@@ -222,6 +223,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--sample-start", default="\n", help="the sample's prompt (default: a newline)")
     parser.add_argument("--export-nanogpt", metavar="PATH", help="write the best checkpoint as nanoGPT's ckpt.pt")
     parser.add_argument("--export-hf", metavar="DIR", help="write the best checkpoint as a Hugging Face GPT-2 dir")
+    parser.add_argument("--export-checkpoint", metavar="DIR",
+                        help="write the best checkpoint unsharded (model.safetensors + optimizer.pt), e.g. an FSDP one")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (same as --run.tracking_uri; default: "
                         "MLFLOW_TRACKING_URI, else <run.out_dir>/mlflow.db)")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a running cluster, else local)")
@@ -249,8 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("training failed: %s", e)
         return 1
     _print_outcome(outcome)
-    if outcome.best_checkpoint is not None and (args.sample or args.export_nanogpt or args.export_hf):
+    if outcome.best_checkpoint is not None and (args.sample or args.export_nanogpt or args.export_hf
+                                                or args.export_checkpoint):
         with local_checkpoint_dir(outcome.best_checkpoint) as ckpt_dir:
+            if args.export_checkpoint:
+                print(f"unsharded checkpoint: {consolidate_checkpoint(ckpt_dir, args.export_checkpoint)}")
             if args.export_nanogpt:
                 print(f"nanoGPT ckpt.pt: {export_nanogpt_ckpt(ckpt_dir, args.export_nanogpt)}")
             if args.export_hf:

@@ -56,7 +56,9 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
 
 class RayReporter:
     """The loop's Reporter inside Ray Train: every rank calls ray.train.report at the same steps (a barrier);
-    rank 0 attaches the checkpoint directory the loop just wrote (Ray copies it to storage before returning)."""
+    rank 0 attaches the checkpoint directory the loop just wrote (Ray copies it to storage before returning).
+    Under FSDP every rank attaches its part (its shards; rank 0's also the metadata and state.json): Ray uploads
+    each rank's directory into the same checkpoint directory in storage and registers it once all have reported."""
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
