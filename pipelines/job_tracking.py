@@ -37,8 +37,8 @@ def open_job_run(config: Config, plan: RunPlan) -> str | None:
     device = "cuda" if config.run.use_gpu else "cpu"
     tracker = make_mlflow_tracker(config, run_id=run_id, world_size=config.run.num_workers, device=device,
                                   manifest=config.data.dir, run_tags={RUN_DIR_TAG: plan.run_dir},
-                                  system_metrics=False)
-    tracker.flush()
+                                  system_metrics=False, owns_run=False)
+    tracker.close()  # sends what is queued; the run stays open for the workers (owns_run=False)
     if tracker.run_id is None:
         log.warning("MLflow at %s is unreachable: rank 0 will create the job's run when it answers",
                     tracker.tracking_uri)

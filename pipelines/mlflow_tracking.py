@@ -29,6 +29,7 @@ Checkpoint URIs for sampling and evaluation:
 
 from __future__ import annotations
 
+import atexit
 import collections
 import hashlib
 import importlib.metadata
@@ -38,20 +39,19 @@ import logging
 import math
 import os
 import platform
+import queue
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from nanogpt.checkpoint import (
     MODEL_FILE,
@@ -65,6 +65,13 @@ from nanogpt.checkpoint import (
 from nanogpt.config import Config, RunConfig
 from nanogpt.shards import MANIFEST_NAME
 from nanogpt.storage import is_uri
+
+# mlflow is imported where it is used, not here: `import mlflow` costs 1.4-2.3 s on 2 cores, and the driver imports
+# this module before training only for resolve_tracking_uri (pure string work); a worker's tracker imports it on its
+# own thread (see MlflowTracker).
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +147,14 @@ class _Op:
 class MlflowTracker:
     """`nanogpt.tracking.Tracker` on MLflow. Call `start(run_id)` first (or use `make_mlflow_tracker`).
 
-    Not thread-safe: call it from one thread (rank 0's training loop). MLflow's own system-metrics thread logs
-    beside it through its own client.
+    The MLflow calls run, in the order they were made, on a thread of the tracker ("mlflow-tracker"): log_metrics,
+    log_params, set_tags, log_text and start(wait=False) return at once, so the training loop never waits for a
+    store (a sqlite commit is about 10 ms, more on a busy disk; a server is a round trip; a new sqlite store first
+    runs its migrations). Everything that reads the tracker's state (run_id, reachable, num_buffered_points,
+    flush, close, register_best) or hands it a file (log_artifact, log_checkpoint) first waits until the calls
+    made before it are done, so it sees what a synchronous tracker would. A process that exits without close()
+    gets up to 30 s at exit to send what is still queued; a SIGKILL loses it. Call the tracker from one thread
+    (rank 0's training loop). MLflow's own system-metrics thread logs beside it through its own client.
     """
 
     def __init__(
@@ -176,8 +189,12 @@ class MlflowTracker:
             for key, value in HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)
         self._client: MlflowClient | None = None
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._thread_done = False
 
         self._run_id: str | None = None
+        self._params_logged: dict[str, str] | None = None  # the run's params as far as we know (saves get_run calls)
         self._resume_id: str | None = None
         self._started = False
         self._closing = False
@@ -205,30 +222,93 @@ class MlflowTracker:
     def client(self) -> MlflowClient:
         """Created at first use, inside a guarded call: a sqlite store connects (and may fail) right away."""
         if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            _quiet_mlflow_info_logs()
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         return self._client
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run id; None until the store has answered once."""
+        self._wait()
         return self._run_id
 
     @property
     def reachable(self) -> bool:
         """False while an outage is under way (calls are being buffered)."""
+        self._wait()
         return self._down_since is None
 
     @property
     def num_buffered_points(self) -> int:
+        self._wait()
         return len(self._metrics)
 
-    def start(self, run_id: str | None = None) -> str | None:
+    def start(self, run_id: str | None = None, wait: bool = True) -> str | None:
         """Continue run `run_id` (from a checkpoint's state.json extra) or create a run; returns the run id, or None
-        when the store is unreachable (the run is then created at the first call that gets through)."""
+        when the store is unreachable (the run is then created at the first call that gets through).
+        wait=False: return None at once and start the run on the tracker's thread (`run_id` waits for it)."""
+        self._submit(lambda: self._start_now(run_id), wait=wait)
+        return self._run_id if wait else None
+
+    def _start_now(self, run_id: str | None) -> None:
         self._resume_id = run_id
         self._started = True
         self._ensure_run(force=True)
-        return self._run_id
+
+    # -------------------------------------------------------------------------------- the tracker's thread
+
+    def _submit(self, job: Callable[[], None], wait: bool = False) -> None:
+        """Run `job` on the tracker's thread after the jobs before it; with `wait`, return when it is done (raising
+        what it raised). On that thread itself, or once the thread has stopped (after close), run it here."""
+        if self._thread_done or threading.current_thread() is self._thread:
+            job()
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+            self._thread.start()
+            _LIVE_TRACKERS.add(self)
+        if not wait:
+            self._jobs.put(job)
+            return
+        errors: list[BaseException] = []
+
+        def run_and_keep_error() -> None:
+            try:
+                job()
+            except BaseException as e:
+                errors.append(e)
+
+        self._jobs.put(run_and_keep_error)
+        self._wait()
+        if errors:
+            raise errors[0]
+
+    def _wait(self) -> None:
+        """Return when every job submitted so far is done."""
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._jobs.join()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                job()
+            except Exception:  # every MLflow call in a job is guarded: this is a bug, and tracking must not stop
+                log.exception("MLflow tracker: a call failed")
+            finally:
+                self._jobs.task_done()
+
+    def _stop_thread(self, timeout: float | None = None) -> None:
+        """Let the thread finish the jobs queued so far, then stop it (later calls run on the caller's thread)."""
+        if self._thread is None or self._thread_done:
+            return
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        self._thread_done = not self._thread.is_alive()
 
     def _ensure_run(self, force: bool = False) -> bool:
         if self._run_id is not None:
@@ -245,6 +325,8 @@ class MlflowTracker:
         return self._run_id is not None
 
     def _open_run(self) -> None:
+        from mlflow.exceptions import MlflowException
+
         run = None
         if self._resume_id:
             try:
@@ -286,6 +368,8 @@ class MlflowTracker:
         return found[0] if found else None
 
     def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
@@ -336,42 +420,58 @@ class MlflowTracker:
         """Params as strings (≤ 6000 chars). On a continued run, keys already logged are not logged again; a key
         whose value changed keeps its first value, and the new one goes to the tag `param_changed.<key>`."""
         values = {str(k): _param_value(k, v) for k, v in params.items()}
-        self._queue("log params", lambda: self._log_params_now(values))
+        self._submit(lambda: self._queue("log params", lambda: self._log_params_now(values)))
 
     def _log_params_now(self, values: dict[str, str]) -> None:
-        existing = self.client.get_run(self._run_id).data.params
+        from mlflow.entities import Param
+
+        if self._params_logged is None:  # once per run (a continued run has params already); then kept up to date
+            self._params_logged = dict(self.client.get_run(self._run_id).data.params)
+        existing = self._params_logged
         new = [Param(k, v) for k, v in values.items() if k not in existing]
         changed = {f"param_changed.{k}": v for k, v in values.items() if k in existing and existing[k] != v}
         for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self._run_id, params=chunk, synchronous=True)
+            existing.update((p.key, p.value) for p in chunk)
         if changed:
             log.info("MLflow run %s: params changed since it was created: %s", self._run_id, sorted(changed))
             self._set_tags_now({k: v for k, v in changed.items()})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         values = {str(k): str(v)[:MAX_TAG_VALUE_CHARS] for k, v in tags.items()}
-        self._queue("set tags", lambda: self._set_tags_now(values))
+        self._submit(lambda: self._queue("set tags", lambda: self._set_tags_now(values)))
 
     def _set_tags_now(self, values: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         tags = [RunTag(k, v) for k, v in values.items()]
         for chunk in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self._run_id, tags=chunk, synchronous=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Buffer the points, then send everything buffered in `log_batch` calls of ≤ 1000 points."""
+        """Buffer the points, then send everything buffered in `log_batch` calls of ≤ 1000 points (on the tracker's
+        thread: this returns at once)."""
         timestamp = int(time.time() * 1000)
+        points = []
         for key, value in metrics.items():
             try:
                 number = float(value)
             except (TypeError, ValueError):
                 log.warning("metric %r=%r is not a number; not logged", key, value)
                 continue
+            points.append((str(key), number, timestamp, int(step)))
+        self._submit(lambda: self._log_points_now(points))
+
+    def _log_points_now(self, points: list[tuple[str, float, int, int]]) -> None:
+        from mlflow.entities import Metric
+
+        for key, number, timestamp, step in points:
             if self._disabled:
                 return
             if len(self._metrics) == self._metrics.maxlen:
                 self._dropped_points += 1
-            self._metrics.append(Metric(str(key), number, timestamp, int(step)))
-        self.flush()
+            self._metrics.append(Metric(key, number, timestamp, step))
+        self._flush_now()
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file, or a directory's contents, under `artifact_path`. Queued while the store is down (a path
@@ -389,25 +489,33 @@ class MlflowTracker:
             else:
                 self.client.log_artifact(self._run_id, str(src), artifact_path)
 
-        self._queue(f"log artifact {src}", send)
+        # waits: the caller may delete the file once this returns
+        self._submit(lambda: self._queue(f"log artifact {src}", send), wait=True)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """A text artifact, e.g. the sample generated at an eval: `samples/step_000250.txt`."""
-        self._queue(f"log text {artifact_file}", lambda: self.client.log_text(self._run_id, text, artifact_file))
+        self._submit(lambda: self._queue(f"log text {artifact_file}",
+                                         lambda: self.client.log_text(self._run_id, text, artifact_file)))
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush what is buffered (one last try even while the breaker is open) and stop system metrics; when this
         tracker owns the run, also log the loss-curve PNG and end the run with `status` (FINISHED | FAILED |
         KILLED). A training worker's tracker does not own the job's run: the driver ends it. Idempotent."""
+        try:
+            self._submit(lambda: self._close_now(status), wait=True)
+        finally:
+            self._stop_thread()
+
+    def _close_now(self, status: str) -> None:
         if self._closing or not self._started:
             return
         self._closing = True
         self._retry_at = 0.0
-        self.flush()
-        if self.owns_run and self._run_id is not None and self.reachable:
-            self.log_loss_curve()
+        self._flush_now()
+        if self.owns_run and self._run_id is not None and self._down_since is None:
+            self._queue("log plots/loss_curve.png", self._loss_curve_job())
         self._stop_system_metrics()
-        if self.owns_run and self._run_id is not None and self.reachable:
+        if self.owns_run and self._run_id is not None and self._down_since is None:
             self._guarded("end run", lambda: self.client.set_terminated(self._run_id, status=status))
         if self._metrics or self._ops:
             log.warning("MLflow at %s stayed unreachable: %d metric points and %d calls were not recorded",
@@ -430,8 +538,6 @@ class MlflowTracker:
             log.warning("not logging checkpoint %s to MLflow: no model.safetensors in it", src)
             return
         keep_optimizer = (kind == "final") if include_optimizer is None else include_optimizer
-        if kind == "best":
-            self._best_dir = src
 
         def send() -> None:
             if not src.is_dir():
@@ -445,14 +551,24 @@ class MlflowTracker:
                     _link_tree(src, staged, skip=() if keep_optimizer else FILES_NOT_REGISTERED)
                 self.client.log_artifacts(self._run_id, str(staged), f"checkpoints/{kind}")
 
-        self._queue(f"log checkpoint {src} as {kind}", send)
+        def job() -> None:
+            if kind == "best":
+                self._best_dir = src
+            self._queue(f"log checkpoint {src} as {kind}", send)
+
+        self._submit(job, wait=True)  # waits: the caller may delete the directory once this returns
 
     def register_best(self, name: str | None = None) -> str | None:
         """Register `checkpoints/best` of this run as a new version of model `name` (default: the
         `registered_model_name` given, else `<experiment>-<run name>`); returns the version, or None (with a
         warning) when it cannot. Load it back with `resolve_checkpoint_uri(f"models:/{name}/{version}")`."""
+        versions: list[str | None] = []
+        self._submit(lambda: versions.append(self._register_best_now(name)), wait=True)
+        return versions[0]
+
+    def _register_best_now(self, name: str | None) -> str | None:
         self._retry_at = 0.0
-        if not self.flush():  # the best checkpoint may still be queued
+        if not self._flush_now():  # the best checkpoint may still be queued
             log.warning("MLflow is unreachable: the best checkpoint was not registered")
             return None
         name = sanitize_model_name(name or self.registered_model_name or f"{self.experiment}-{self.run_name}")
@@ -461,6 +577,8 @@ class MlflowTracker:
         return versions[0] if versions else None
 
     def _register_now(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         logged = {Path(f.path).name for f in self.client.list_artifacts(self._run_id, "checkpoints/best")}
         if MODEL_FILE not in logged:
             raise MlflowException.invalid_parameter_value(
@@ -489,6 +607,9 @@ class MlflowTracker:
     def log_loss_curve(self, artifact_file: str = "plots/loss_curve.png") -> None:
         """A PNG of every `*loss*` metric (train and val) against step, from the run's full history (attempts
         before a restart included)."""
+        self._submit(lambda: self._queue(f"log {artifact_file}", self._loss_curve_job(artifact_file)))
+
+    def _loss_curve_job(self, artifact_file: str = "plots/loss_curve.png") -> Callable[[], None]:
         def send() -> None:
             keys = sorted(k for k in self.client.get_run(self._run_id).data.metrics
                           if "loss" in k and not k.startswith("system/"))
@@ -502,12 +623,17 @@ class MlflowTracker:
                 folder = str(Path(artifact_file).parent)
                 self.client.log_artifact(self._run_id, str(png), None if folder == "." else folder)
 
-        self._queue(f"log {artifact_file}", send)
+        return send
 
     # ----------------------------------------------------------------------------------- the breaker
 
     def flush(self) -> bool:
         """Send what is queued and buffered; True when nothing is left. Returns at once while the breaker is open."""
+        done: list[bool] = []
+        self._submit(lambda: done.append(self._flush_now()), wait=True)
+        return done[0]
+
+    def _flush_now(self) -> bool:
         if not self._ensure_run():
             return False
         while self._ops:
@@ -533,7 +659,7 @@ class MlflowTracker:
         if len(self._ops) == self._ops.maxlen:
             log.warning("MLflow call queue is full: dropping %s", self._ops[0].what)
         self._ops.append(_Op(what, fn))
-        self.flush()
+        self._flush_now()
 
     def _guarded(self, what: str, fn: Callable[[], None], force: bool = False) -> bool:
         """Run `fn`; True when done (or rejected for good: dropped), False when the store is unreachable."""
@@ -594,9 +720,12 @@ def make_mlflow_tracker(
     **kwargs: Any,
 ) -> MlflowTracker:
     """The tracker of a training job, started: run `run_id` continued (None: a new run), the flattened config as
-    params, `standard_tags` as tags, the resolved config and the dataset manifest as artifacts."""
+    params, `standard_tags` as tags, the resolved config and the dataset manifest as artifacts.
+
+    Returns at once: importing mlflow, a new sqlite store's migrations and the run's creation (2-5 s on 2 cores)
+    happen on the tracker's thread while the worker loads the data and builds the model."""
     tracker = MlflowTracker.from_config(config, **kwargs)
-    tracker.start(run_id)
+    tracker.start(run_id, wait=False)
     tracker.log_params(config.to_flat())
     tracker.set_tags(standard_tags(config, world_size, device, manifest))
     tracker.log_text(config.to_yaml(), "config.yaml")
@@ -689,6 +818,7 @@ def resolve_checkpoint_uri(uri: str, dst: str | os.PathLike | None = None, track
             raise FileNotFoundError(f"checkpoint {uri} does not exist")
         return str(path.resolve())
     import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
 
     tracking_uri = tracking_uri_for(tracking_uri)
     db = sqlite_path(tracking_uri)
@@ -712,6 +842,9 @@ def resolve_checkpoint_uri(uri: str, dst: str | os.PathLike | None = None, track
 def _model_version_source(uri: str, registry_uri: str) -> str:
     """`models:/<name>/<version>`, `models:/<name>/latest` or `models:/<name>@<alias>`, each optionally followed by
     `/<path>`: the artifact URI of that model version's files."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     parts = uri.removeprefix("models:/").strip("/").split("/")
     client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
     if "@" in parts[0]:
@@ -737,6 +870,8 @@ def _model_version_source(uri: str, registry_uri: str) -> str:
 
 def _is_rejection(error: Exception) -> bool:
     """A request the store answered and refused (4xx other than timeout/rate limit): retrying will not help."""
+    from mlflow.exceptions import MlflowException
+
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
         return 400 <= status < 500 and status not in (408, 429)
@@ -744,6 +879,8 @@ def _is_rejection(error: Exception) -> bool:
 
 
 def _short(error: Exception, limit: int = 300) -> str:
+    from mlflow.exceptions import MlflowException
+
     text = error.message if isinstance(error, MlflowException) else f"{type(error).__name__}: {error}"
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -819,6 +956,27 @@ def _git_commit(directory: Path) -> tuple[str | None, bool]:
         return head or None, bool(status)
     except (OSError, subprocess.SubprocessError):
         return None, False
+
+
+def _quiet_mlflow_info_logs() -> None:
+    """MLflow's INFO lines that tell a training job's console nothing it needs: "Creating initial MLflow database
+    tables...", "Updating database tables" (a new sqlite store) and the system-metrics monitor's start/stop lines.
+    Their warnings still show. Called where a tracker first imports mlflow (MLflow sets its loggers up on import)."""
+    for name in ("mlflow.store.db.utils", "mlflow.system_metrics.system_metrics_monitor"):
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
+# Trackers whose thread is running: at interpreter exit each gets up to 30 s to send what is still queued (a job's
+# worker that raised before close(), a script that forgot it). Weak: a dropped tracker is not kept alive by this.
+_LIVE_TRACKERS: weakref.WeakSet[MlflowTracker] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_trackers_at_exit() -> None:
+    for tracker in list(_LIVE_TRACKERS):
+        tracker._stop_thread(timeout=30.0)
 
 
 def _monitor_alive(monitor: Any) -> bool:

@@ -1,7 +1,13 @@
 """Connect to Ray the way every entry point here does: an existing cluster if there is one, else a local one.
 
 `ray.init()` with no address uses RAY_ADDRESS (set by `ray job submit`), then the cluster that `ray start` left on
-this machine, and only then starts a local instance. Usage stats stay off; token auth stays as Ray sets it.
+this machine, and only then starts a local instance. Usage stats stay off; token auth stays on.
+
+A local instance started here is set up for one training job on a small machine (measured on 2 cores with
+bench/bench_main_job.py): its workers run at nice 0, and it starts no processes the job cannot use (Ray Train's
+preemption watcher, idle prestarted workers). A cluster we connect to keeps the settings of whoever started it.
+The dashboard stays: Ray Train V2's placement-group cleaner asks the dashboard's state API every second whether the
+controller is alive; with include_dashboard=False that call fails (ServerUnavailable) and the cleaner warns.
 """
 
 from __future__ import annotations
@@ -13,12 +19,60 @@ import ray
 
 log = logging.getLogger(__name__)
 
+# Environment for the processes of a local instance (the raylet, the Train controller and workers inherit the
+# driver's environment). setdefault: a variable the user set wins.
+LOCAL_INSTANCE_ENV = {
+    # Ray starts workers at nice 15 so that its daemons win on a busy node. Here the worker IS the job: whenever
+    # anything else on the machine wants CPU (another user's tests, our own driver and daemons) a nice-15 worker gets
+    # a small fraction of a core (CFS weight 36 against 1024 at nice 0), and its two OpenMP threads then wait
+    # on each other at every barrier. `ray job submit` also runs its jobs at 0.
+    "RAY_worker_niceness": "0",
+    # Ray Train's preemption watcher: one more actor process (about 2 CPU-s to start on these cores, then a poll every
+    # 5 s) that watches for cloud spot-node preemption, which a single local machine does not have.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray prestarts one idle worker per CPU for the driver's job (about 0.9 CPU-s each, while the Train controller
+    # starts). Ray Train never uses them: its controller and workers run with their own runtime env (env_vars), so
+    # each gets a fresh process anyway. Ray Data tasks (pipelines/prepare.py) start their workers on demand instead.
+    "RAY_prestart_worker_first_driver": "0",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Initialise Ray once per process; a no-op when it already is (inside a job, a test, a Tune trial)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=address, num_cpus=num_cpus, log_to_driver=True)
+    if starts_local_instance(address):
+        for key, value in LOCAL_INSTANCE_ENV.items():
+            os.environ.setdefault(key, value)
+        # Token auth stays on (Ray's default for a new local instance); its warning saying so on every start goes.
+        # (Setting RAY_AUTH_MODE=token instead does not work once ray is imported: the driver keeps "disabled".)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            _DropMessage("Token authentication is enabled for this Ray cluster"))
+    # WARNING, not INFO, for the driver's `ray` loggers: no "Started a local Ray instance" and Ray Train driver
+    # chatter on a nanoGPT user's console; the workers' own output (log_to_driver) is unaffected.
+    ray.init(address=address, num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING)
     resources = ray.cluster_resources()
     log.info("Ray ready: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def starts_local_instance(address: str | None) -> bool:
+    """Whether `ray.init(address)` will start a new local instance rather than connect to a running one (Ray's own
+    rule: RAY_ADDRESS, then the cluster `ray start` recorded on this machine, else local)."""
+    if address is not None and address.startswith("ray://"):
+        return False
+    from ray._private.services import canonicalize_bootstrap_address  # Ray 2.60; private API, Ray is pinned
+
+    try:
+        return canonicalize_bootstrap_address(address) is None
+    except Exception:  # a bad address or "auto" with nothing running: ray.init reports it
+        return False

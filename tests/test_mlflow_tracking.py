@@ -201,6 +201,7 @@ def test_server_dying_mid_run_never_stalls_training_and_buffered_metrics_arrive(
     tracker = make_mlflow_tracker(config, system_metrics=False, retry_interval_s=1.0)
     for step in range(3):
         tracker.log_metrics({"train/loss": 5.0 - step}, step=step)
+    assert tracker.flush()  # log_metrics returns before its points are sent: these three are in before the outage
 
     mlflow_server.kill()
     durations = []

@@ -1,0 +1,185 @@
+"""The main job (pipelines/pretrain.py: Ray Train + MLflow) against the loops it wraps, side by side under the same
+machine load: per-step time, and how long the command takes before its first training step.
+
+    .venv/bin/python bench/bench_main_job.py --input ../shared/data/tinyshakespeare/input.txt --iters 300 --repeat 3
+    NANOGPT_TINYSHAKESPEARE=../shared/data/tinyshakespeare/input.txt .venv/bin/python bench/bench_main_job.py
+    .venv/bin/python bench/bench_main_job.py --data-dir data/shakespeare_char --repeat 3 -- --run.tracker=none
+
+Each round runs, one after the other (rounds alternate, so a change in machine load hits all three):
+  (a) nanoGPT's train.py inner loop (bench/bench_train.py's run_nanogpt_loop), in this process;
+  (b) the plain nanogpt.train.train loop, one process, no Ray (bench/bench_train.py's run_plain), in this process;
+  (c) `python pipelines/pretrain.py --config shakespeare_char_cpu --train.max_iters=N --data.dir=... --run.out_dir=
+      <fresh temp dir>` as a subprocess, MLflow on (the preset's default: a new sqlite store each time), plus any
+      arguments given after `--`.
+All three train the shakespeare_char_cpu preset for --iters updates in total, the first --warmup of them untimed.
+
+ms/step is the MEAN time per update over the timed updates of a run (evaluations excluded), and the table shows
+the median of that over the --repeat runs. (a) and (b) time every update in the process that runs it. (c) times
+the job from outside, by the wall-clock arrival of its per-interval log lines (`iter N: loss ..., time X ms` is
+printed by rank 0 every train.log_interval updates): the time between two such lines over the updates between
+them, summed over the intervals that hold no evaluation. That covers everything the worker does per step,
+tracking calls included. "main (loop timer)" is the mean of the same lines' own `time X ms` (the loop's
+perf_counter mean over the interval, which leaves out the logging and tracking done at the interval's end).
+
+Start-up of (c): seconds from starting the command to the arrival of milestone lines: Ray ready (ray.init done),
+fit starts (the driver's "run ... ->" line), the first worker line, MLflow run ready (the worker's "MLflow: run"
+line), model built ("tokens per iteration"), step-0 eval done, the first update done ("iter 0", the figure called
+"to first step"), the last update's line, the command's exit. Log lines reach the driver through Ray's log monitor:
+allow about 0.1 s of delay on each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/...` from the repo root
+
+from bench.bench_train import prepare_char_shards, run_nanogpt_loop, run_plain  # noqa: E402
+from nanogpt.config import Config, load_config  # noqa: E402
+
+log = logging.getLogger("bench_main_job")
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = "shakespeare_char_cpu"
+ITER_LINE = re.compile(r"iter (\d+): loss \S+, time ([\d.]+)ms")
+# (name, pattern of the first line that marks it), in the order they happen
+MILESTONES = [
+    ("Ray ready", re.compile(r"Ray ready:")),
+    ("fit starts", re.compile(r"nanogpt\.pretrain: run \S+ ->")),
+    ("first worker line", re.compile(r"\(RayTrainWorker pid=")),
+    ("MLflow run ready", re.compile(r"RayTrainWorker.*MLflow: (run|continuing run) ")),
+    ("model built", re.compile(r"tokens per iteration will be")),
+    ("step-0 eval done", re.compile(r"step 0: train loss")),
+    ("first update done", re.compile(r"iter 0: loss")),
+]
+
+
+def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config: Config, extra: list[str],
+                 echo: bool = False) -> dict:
+    """Run the main job as a subprocess; time its steps and milestones from its output (see the module docstring)."""
+    cmd = [sys.executable, str(REPO / "pipelines" / "pretrain.py"), "--config", PRESET, f"--train.max_iters={iters}",
+           f"--data.dir={data_dir}", f"--run.out_dir={out_dir}", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # line by line through the pipe, or the arrival times mean nothing
+    lines: list[tuple[float, str]] = []
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+            if echo:
+                print(f"{lines[-1][0]:7.2f} | {lines[-1][1]}", flush=True)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    code = proc.wait()
+    total = time.perf_counter() - start
+    reader.join(timeout=10)
+    if code != 0:
+        tail = "\n".join(text for _, text in lines[-30:])
+        raise RuntimeError(f"{' '.join(cmd)} exited with {code}:\n{tail}")
+
+    milestones: dict[str, float] = {}
+    for t, text in lines:
+        for name, pattern in MILESTONES:
+            if name not in milestones and pattern.search(text):
+                milestones[name] = t
+    iter_lines = [(t, int(m.group(1)), float(m.group(2))) for t, text in lines if (m := ITER_LINE.search(text))]
+    if not iter_lines:
+        raise RuntimeError(f"no `iter N:` lines in the output of {' '.join(cmd)}")
+    milestones["last update done"] = iter_lines[-1][0]
+    milestones["command exits"] = total
+
+    tc = config.train
+    evals = set(range(0, iters + 1, tc.eval_interval)) | {iters}
+    span = steps = 0.0
+    loop_ms = []
+    for (t0, s0, _), (t1, s1, ms) in zip(iter_lines, iter_lines[1:]):
+        # the interval (s0, s1] holds updates s0+1 .. s1; evaluation e runs just before update e
+        if s0 + 1 < warmup or any(s0 < e <= s1 for e in evals):
+            continue
+        span += t1 - t0
+        steps += s1 - s0
+        loop_ms.append(ms)
+    if not steps:
+        raise RuntimeError("no timed interval: raise --iters or lower --warmup")
+    return {"mean_ms_per_iter": span / steps * 1000, "loop_ms_per_iter": statistics.fmean(loop_ms),
+            "iters_timed": int(steps), "milestones": milestones, "total_s": total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", help="prepared char shards of Tiny Shakespeare")
+    parser.add_argument("--input", default=os.environ.get("NANOGPT_TINYSHAKESPEARE"),
+                        help="Tiny Shakespeare input.txt (default: $NANOGPT_TINYSHAKESPEARE)")
+    parser.add_argument("--iters", type=int, default=300, help="updates per run, warm-up included (default 300)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed first updates (default 10)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of (a), (b), (c) (default 3)")
+    parser.add_argument("--echo", action="store_true", help="print the main job's output as it arrives")
+    parser.add_argument("extra", nargs="*", help="after `--`: more arguments for pipelines/pretrain.py")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("nanogpt").setLevel(logging.WARNING)
+
+    config = load_config(PRESET, [], search_dirs=[REPO / "pipelines" / "configs"])
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-main-") as tmp:
+        if args.data_dir:
+            data_dir = Path(args.data_dir).resolve()
+        elif args.input:
+            data_dir = prepare_char_shards(Path(args.input).read_text(encoding="utf-8"), Path(tmp) / "data")
+        else:
+            parser.error("pass --data-dir, --input or set NANOGPT_TINYSHAKESPEARE")
+        runs: dict[str, list[dict]] = {"(a) nanoGPT's loop": [], "(b) plain nanogpt.train": [], "(c) main job": []}
+        timed = args.iters - args.warmup
+        for i in range(args.repeat):  # alternate, so a change in machine load hits all three
+            runs["(a) nanoGPT's loop"].append(run_nanogpt_loop(config, data_dir, timed, warmup=args.warmup))
+            runs["(b) plain nanogpt.train"].append(run_plain(config, data_dir, timed, warmup=args.warmup))
+            runs["(c) main job"].append(run_main_job(data_dir, Path(tmp) / f"runs{i}", args.iters, args.warmup,
+                                                     config, args.extra, echo=args.echo))
+            log.info("round %d/%d: %s", i + 1, args.repeat, ", ".join(
+                f"{name.split()[0]} {r[-1]['mean_ms_per_iter']:.1f}" for name, r in runs.items()) + " ms/step")
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    log.info("torch %s, %d torch threads here, %d CPUs, load average %.2f before, %.2f after; %d updates per run, "
+             "the first %d untimed; main job args: %s", torch.__version__, torch.get_num_threads(), os.cpu_count(),
+             load_before[0], os.getloadavg()[0], args.iters, args.warmup, " ".join(args.extra) or "(preset)")
+    log.info("%-28s %14s   %s", "", "ms/step median", "each run")
+    for name, results in runs.items():
+        log.info("%-28s %14.1f   %s", name, med(name, "mean_ms_per_iter"),
+                 " ".join(f"{r['mean_ms_per_iter']:.1f}" for r in results))
+    log.info("%-28s %14.1f   %s", "(c) main job, loop timer", med("(c) main job", "loop_ms_per_iter"),
+             " ".join(f"{r['loop_ms_per_iter']:.1f}" for r in runs["(c) main job"]))
+    main_ms = med("(c) main job", "mean_ms_per_iter")
+    log.info("main / plain: %.3fx   main / nanoGPT: %.3fx   plain / nanoGPT: %.3fx", main_ms / med(
+        "(b) plain nanogpt.train", "mean_ms_per_iter"), main_ms / med("(a) nanoGPT's loop", "mean_ms_per_iter"),
+        med("(b) plain nanogpt.train", "mean_ms_per_iter") / med("(a) nanoGPT's loop", "mean_ms_per_iter"))
+    log.info("main job start-up, seconds from the command's start (median; each run):")
+    names = [name for name, _ in MILESTONES] + ["last update done", "command exits"]
+    for name in names:
+        values = [r["milestones"].get(name) for r in runs["(c) main job"]]
+        known = [v for v in values if v is not None]
+        log.info("  %-20s %6s   %s", name, f"{statistics.median(known):.1f}" if known else "-",
+                 " ".join("-" if v is None else f"{v:.1f}" for v in values))
+    log.info("to first step: %.1f s (median), command total: %.1f s (median)",
+             statistics.median(r["milestones"]["first update done"] for r in runs["(c) main job"]),
+             med("(c) main job", "total_s"))
+
+
+if __name__ == "__main__":
+    main()
