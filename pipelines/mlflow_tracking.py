@@ -98,6 +98,10 @@ CHECKPOINT_KINDS = ("best", "final")
 # MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and lands on the GenAI traces page
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # ExperimentKind.CUSTOM_MODEL_DEVELOPMENT in the UI bundle
+# The UI's chart view puts the experiment's primary metric first (getBaseChartAndSectionConfigs's primaryMetricKey)
+PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"
+PRIMARY_METRIC = "val_loss"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, PRIMARY_METRIC_TAG: PRIMARY_METRIC}
 LOGGED_MODEL_NAME = "checkpoint-best"
 _LOCAL_REGISTRY_LOCK = threading.Lock()
 # The registered model is weights + config + tokenizer: no pickled optimizer state (optimizer.pt is torch.save).
@@ -380,13 +384,14 @@ class MlflowTracker:
         if found is None:
             try:
                 return self.client.create_experiment(self.experiment, artifact_location=self._artifact_location(),
-                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                                                     tags=EXPERIMENT_TAGS)
             except MlflowException as e:  # another trial created it first
                 found = self.client.get_experiment_by_name(self.experiment)
                 if found is None:
                     raise e from None
-        if EXPERIMENT_KIND_TAG not in found.tags:  # ours from before the tag, or created by someone else untagged
-            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        for key, value in EXPERIMENT_TAGS.items():  # ours from before these tags, or created untagged by someone
+            if key not in found.tags:  # a value someone chose (e.g. in the UI) stays
+                self.client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
 
     def _artifact_location(self) -> str | None:
@@ -649,11 +654,17 @@ class MlflowTracker:
                                                     model_id=model_id)
         # A local registry store resolves models:/<model_id> through the process-wide tracking URI (MLflow
         # 3.17's SqlAlchemyStore.create_model_version), not this client's: point it at our store meanwhile.
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+        # Not mlflow's _use_tracking_uri: restoring an unset URI unsets MLFLOW_TRACKING_URI in os.environ.
+        from mlflow.tracking._tracking_service import utils as tracking_utils
 
-        with _LOCAL_REGISTRY_LOCK, _use_tracking_uri(self.tracking_uri):
-            return self.client.create_model_version(name, source=source, run_id=self._run_id, tags=tags,
-                                                    model_id=model_id)
+        with _LOCAL_REGISTRY_LOCK:
+            before = tracking_utils._tracking_uri
+            tracking_utils._tracking_uri = self.tracking_uri
+            try:
+                return self.client.create_model_version(name, source=source, run_id=self._run_id, tags=tags,
+                                                        model_id=model_id)
+            finally:
+                tracking_utils._tracking_uri = before
 
     def _link_model_version(self, model_id: str, name: str, version: str) -> None:
         """The logged model's `mlflow.modelVersions` tag (what mlflow.register_model and a server write): the
@@ -665,8 +676,8 @@ class MlflowTracker:
             linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
         except ValueError:
             linked = []
-        entry = {"name": name, "version": version}
-        if entry not in [{"name": e.get("name"), "version": str(e.get("version"))} for e in linked]:
+        if (name, version) not in [(e.get("name"), str(e.get("version"))) for e in linked]:  # a server wrote it
+            entry = {"name": name, "version": int(version)}  # as a server writes it
             self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
 
     # -------------------------------------------------------------------------------------- loss curve

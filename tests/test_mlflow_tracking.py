@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def check_round_trip(client: MlflowClient, tracker: MlflowTracker, config: Confi
     model = client.get_logged_model(mv.source.removeprefix("models:/"))
     assert model.source_run_id == run.info.run_id and model.experiment_id == run.info.experiment_id
     assert str(model.status) == "READY" and model.name == "checkpoint-best"
-    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": name, "version": "1"}]
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": name, "version": 1}]  # once, as a server writes it
     assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 4)]
     model_files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
     assert {"model.safetensors", "config.yaml", "state.json"} <= model_files and "optimizer.pt" not in model_files
@@ -124,6 +125,7 @@ def check_ui_tags(client: MlflowClient, run) -> None:
     """What MLflow 3.17's UI reads: the experiment's kind, the run's dataset input, its Project-style source."""
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "val_loss"  # its chart first
     [dataset_input] = run.inputs.dataset_inputs
     dataset = dataset_input.dataset
     assert dataset.digest == manifest_fingerprint(MANIFEST) == run.data.tags["data.fingerprint"]
@@ -155,13 +157,16 @@ def run_training_like_job(config: Config, checkpoint: Path, **tracker_kwargs) ->
 # ------------------------------------------------------------------------------------------- local store
 
 
-def test_local_store_round_trip_without_server(tmp_path):
+def test_local_store_round_trip_without_server(tmp_path, monkeypatch):
     import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path, as in every Ray worker)
 
     out = tmp_path / "out"
-    config = make_config(out, "shakespeare", "local-exp")
+    # the store named in the config, while the environment names someone else's: registering must keep both as set
+    config = make_config(out, "shakespeare", "local-exp", tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
     checkpoint = fake_checkpoint(tmp_path / "checkpoint_000004", config, step=4, val_loss=2.99)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     tracker, version = run_training_like_job(config, checkpoint, system_metrics_interval_s=0.3)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9"
 
     assert tracker.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
     assert (out / "mlflow.db").is_file()
@@ -174,17 +179,25 @@ def test_local_store_round_trip_without_server(tmp_path):
 
 def test_local_resume_keeps_one_run_and_tags_changed_params(tmp_path):
     config = make_config(tmp_path / "out", "resumed", "resume-exp")
-    first = make_mlflow_tracker(config, system_metrics=False)
+    (tmp_path / "out").mkdir()
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'out').resolve()}/mlflow.db")
+    # made before the kind tag existed
+    old_experiment = client.create_experiment("resume-exp", artifact_location=(tmp_path / "art").as_uri())
+    first = make_mlflow_tracker(config, system_metrics=False, manifest=MANIFEST)
     log_losses(first, train=TRAIN[:3], val=VAL[:1])  # then the worker "dies": no close()
 
     resumed = config.replace(model__init_from="resume")
-    second = make_mlflow_tracker(resumed, run_id=first.run_id, system_metrics=False)
+    second = make_mlflow_tracker(resumed, run_id=first.run_id, system_metrics=False, manifest=MANIFEST)
     assert second.run_id == first.run_id
     log_losses(second, train=TRAIN[3:], val=VAL[1:])
     second.close()
 
-    client = MlflowClient(second.tracking_uri)
+    assert second.tracking_uri == client.tracking_uri
     run = client.get_run(first.run_id)
+    assert run.info.experiment_id == old_experiment
+    assert client.get_experiment(old_experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(old_experiment).tags["mlflow.experiment.primaryMetric.name"] == "val_loss"
+    assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [manifest_fingerprint(MANIFEST)]  # once
     assert history(client, run.info.run_id, "train/loss") == TRAIN
     assert run.data.params["model.init_from"] == "scratch"  # MLflow params are immutable: first value kept
     assert run.data.tags["param_changed.model.init_from"] == "resume"
