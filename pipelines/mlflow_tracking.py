@@ -7,6 +7,14 @@ Stores: with no `run.tracking_uri` and no MLFLOW_TRACKING_URI, a local store nee
 
     mlflow ui --backend-store-uri sqlite:///$PWD/out/mlflow.db
 
+What MLflow 3.17's UI shows of it: experiments tagged `mlflow.experimentKind=custom_model_development` (training
+runs, not GenAI) and `mlflow.experiment.primaryMetric.name=val_loss` (its chart first); each run's token dataset
+as a dataset input (Dataset column, Datasets filter), MLflow Projects' source tags (Source column: <repo>:<entry
+point>), and the registered best checkpoint as a LoggedModel of the run (Models column; the version page links
+"Source Run" and "Source Model"). The GenAI / Model training switch at the top left is the browser's own setting
+(default GenAI, which opens an experiment on its traces Overview): open `#/experiments/<id>?workflowType=
+machine_learning` once, or click "Model training", and the browser keeps it.
+
 On rank 0 of a training job:
 
     tracker = make_mlflow_tracker(config, run_id=None, world_size=4, device="cuda", manifest=m)  # a new run
