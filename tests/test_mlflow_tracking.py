@@ -18,7 +18,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
 from nanogpt.config import Config
-from pipelines.mlflow_tracking import MlflowTracker, make_mlflow_tracker, manifest_fingerprint, resolve_checkpoint_uri
+from pipelines.mlflow_tracking import (
+    MlflowTracker,
+    make_mlflow_tracker,
+    manifest_fingerprint,
+    resolve_checkpoint_uri,
+)
 
 pytest_plugins = ("tests.mlflow_server",)
 
