@@ -23,6 +23,7 @@ from pipelines.runs import RunPlan
 log = logging.getLogger(__name__)
 
 RUN_DIR_TAG = "nanogpt.run_dir"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # nests a run under another in the UI (a sweep's trials under the sweep)
 
 
 def job_tracker(config: Config, run_dir: str, **kwargs) -> MlflowTracker:
@@ -30,14 +31,18 @@ def job_tracker(config: Config, run_dir: str, **kwargs) -> MlflowTracker:
     return MlflowTracker.from_config(config, run_tags={RUN_DIR_TAG: run_dir}, **kwargs)
 
 
-def open_job_run(config: Config, plan: RunPlan) -> str | None:
+def open_job_run(config: Config, plan: RunPlan, parent_run_id: str | None = None) -> str | None:
     """Create the job's run, or continue the run of plan.run_dir when the job continues it, with the config as
-    params, the standard tags, the config and the dataset manifest. Returns its id (None: store unreachable)."""
-    run_id = find_job_run(config, plan.run_dir) if plan.continues_run else None
+    params, the standard tags, the config and the dataset manifest. Returns its id (None: store unreachable).
+    With `parent_run_id` (a sweep's trial) the run is nested under that run, and found again by its run
+    directory even before its first checkpoint (a trial restarted early would otherwise get a second run)."""
+    run_id = find_job_run(config, plan.run_dir) if plan.continues_run or parent_run_id else None
+    tags = {RUN_DIR_TAG: plan.run_dir}
+    if parent_run_id:
+        tags[PARENT_RUN_TAG] = parent_run_id
     device = "cuda" if config.run.use_gpu else "cpu"
     tracker = make_mlflow_tracker(config, run_id=run_id, world_size=config.run.num_workers, device=device,
-                                  manifest=config.data.dir, run_tags={RUN_DIR_TAG: plan.run_dir},
-                                  system_metrics=False, owns_run=False)
+                                  manifest=config.data.dir, run_tags=tags, system_metrics=False, owns_run=False)
     tracker.close()  # sends what is queued; the run stays open for the workers (owns_run=False)
     if tracker.run_id is None:
         log.warning("MLflow at %s is unreachable: rank 0 will create the job's run when it answers",

@@ -117,13 +117,16 @@ def pretrain(config: Config, preset: str | None = None, *, address: str | None =
     return fit(config, plan, run_id, on_step)
 
 
-def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnStep] = ()) -> PretrainOutcome:
-    """Build the TorchTrainer, fit it, and finish the job's MLflow run (FAILED when the workers failed)."""
+def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnStep] = (), *,
+        callbacks: Sequence[Any] = (), log_checkpoints: bool = True) -> PretrainOutcome:
+    """Build the TorchTrainer, fit it, and finish the job's MLflow run (FAILED when the workers failed).
+    `callbacks`: Ray Train callbacks (a sweep trial's TuneReportCallback). `log_checkpoints=False` ends the MLflow
+    run without logging or registering checkpoints (a sweep registers only its best trial's)."""
     import ray.train
 
     from pipelines.trainer import build_trainer
 
-    trainer = build_trainer(config, plan, tracking_run_id=run_id, on_step=on_step)
+    trainer = build_trainer(config, plan, tracking_run_id=run_id, on_step=on_step, callbacks=callbacks)
     log.info("run %s -> %s (%d workers)%s", plan.name, plan.run_dir, config.run.num_workers,
              f", resuming from {plan.resume_from}" if plan.resume_from else
              (", continuing from its latest checkpoint" if plan.continues_run else ""))
@@ -139,7 +142,8 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
     if config.run.tracker == "mlflow":
         from pipelines.job_tracking import finish_job_run
 
-        outcome.tracking = finish_job_run(config, plan, run_id, outcome.best_checkpoint, outcome.latest_checkpoint)
+        best, latest = (outcome.best_checkpoint, outcome.latest_checkpoint) if log_checkpoints else (None, None)
+        outcome.tracking = finish_job_run(config, plan, run_id, best, latest)
     return outcome
 
 

@@ -6,7 +6,9 @@ this machine, and only then starts a local instance. Usage stats stay off; token
 A local instance started here is set up for one training job on a small machine (measured on 2 cores with
 bench/bench_main_job.py): its workers run at nice 0, and it starts no processes the job cannot use (Ray Train's
 preemption watcher, idle prestarted workers). A cluster we connect to keeps the settings of whoever started it.
-The dashboard stays: Ray Train V2's placement-group cleaner asks the dashboard's state API every second whether the
+It is private to this machine: every port on 127.0.0.1 (GCS, raylet, workers, agents, metrics, dashboard), the
+token file readable by its owner only, and a watchdog (pipelines/ray_watchdog.py) that stops its processes if the
+driver dies without shutting Ray down (`kill -9`). The dashboard stays: Ray Train V2's placement-group cleaner asks the dashboard's state API every second whether the
 controller is alive; with include_dashboard=False that call fails (ServerUnavailable) and the cleaner warns.
 """
 
@@ -14,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import ray
 
@@ -34,7 +39,12 @@ LOCAL_INSTANCE_ENV = {
     # starts). Ray Train never uses them: its controller and workers run with their own runtime env (env_vars), so
     # each gets a fresh process anyway. Ray Data tasks (pipelines/prepare.py) start their workers on demand instead.
     "RAY_prestart_worker_first_driver": "0",
+    # Ray binds its servers to the node IP (all interfaces for the C++ ones) unless that IP is loopback, which it
+    # is only where Ray disables clusters (macOS/Windows): do the same here, so nothing listens off this machine.
+    # Read by ray_constants at import time in every Ray process this driver starts (they inherit the variable).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # Ray's default token location (token auth is on by default)
 
 
 class _DropMessage(logging.Filter):
@@ -51,18 +61,44 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if starts_local_instance(address):
-        for key, value in LOCAL_INSTANCE_ENV.items():
-            os.environ.setdefault(key, value)
-        # Token auth stays on (Ray's default for a new local instance); its warning saying so on every start goes.
-        # (Setting RAY_AUTH_MODE=token instead does not work once ray is imported: the driver keeps "disabled".)
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-            _DropMessage("Token authentication is enabled for this Ray cluster"))
+    local = starts_local_instance(address)
+    if local:
+        _prepare_local_instance()
     # WARNING, not INFO, for the driver's `ray` loggers: no "Started a local Ray instance" and Ray Train driver
     # chatter on a nanoGPT user's console; the workers' own output (log_to_driver) is unaffected.
     ray.init(address=address, num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING)
+    if local:
+        _restrict_token_file()
+        _start_watchdog()
     resources = ray.cluster_resources()
     log.info("Ray ready: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def _prepare_local_instance() -> None:
+    for key, value in LOCAL_INSTANCE_ENV.items():
+        os.environ.setdefault(key, value)
+    # this process imported ray already: its own copy of the constant decides the driver's node IP
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+    _restrict_token_file()
+    # Token auth stays on (Ray's default for a new local instance); its warning saying so on every start goes.
+    # (Setting RAY_AUTH_MODE=token instead does not work once ray is imported: the driver keeps "disabled".)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _DropMessage("Token authentication is enabled for this Ray cluster"))
+
+
+def _restrict_token_file() -> None:
+    """Ray writes ~/.ray/auth_token world-readable (0644); whoever reads it can run code on this Ray."""
+    if TOKEN_FILE.parent.is_dir():
+        TOKEN_FILE.parent.chmod(0o700)
+    if TOKEN_FILE.is_file():
+        TOKEN_FILE.chmod(0o600)
+
+
+def _start_watchdog() -> None:
+    """A process outside this one's session (a Ctrl-C in the terminal is the driver's), watching this pid."""
+    watchdog = Path(__file__).with_name("ray_watchdog.py")
+    subprocess.Popen([sys.executable, str(watchdog), str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def starts_local_instance(address: str | None) -> bool:

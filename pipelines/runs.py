@@ -10,6 +10,10 @@ run of the same name, so whether a name may exist is decided here from model.ini
 
 Names left to us are `<preset>-<YYYYmmdd-HHMMSS>-<4 random hex>`: unique even when two jobs (sweep trials) start
 in the same second.
+
+A sweep's trial (pipelines/sweep_trial.py) is the exception: its name is fixed by its Tune trial id, and whenever
+its directory holds a Ray Train run it continues it (plan_trial_run): a trial restarted by Tune, or by a resumed
+sweep, picks up its own checkpoints.
 """
 
 from __future__ import annotations
@@ -118,6 +122,14 @@ def check_writable(directory: str, key: str) -> None:
         raise ConfigError(f"{key}={directory}: {path} is a file, so the directory cannot be created there")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={directory}: {path} is not writable")
+
+
+def plan_trial_run(config: Config) -> RunPlan:
+    """A sweep trial's run, `<run.out_dir>/<run.name>` (both set by the sweep driver): new the first time, continued
+    from its latest checkpoint when the trial runs again."""
+    storage = resolve_local(config.run.out_dir)
+    run_dir = join(storage, config.run.name)
+    return RunPlan(config.run.name, storage, run_dir, None, exists(join(run_dir, RAY_SNAPSHOT)))
 
 
 def unique_name(preset: str, storage: str) -> str:

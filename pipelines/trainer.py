@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None = None,
-                  on_step: Sequence[OnStep] = ()):
+                  on_step: Sequence[OnStep] = (), callbacks: Sequence[Any] = ()):
     """The TorchTrainer for `config` (resolved by the driver: run name, storage, data and tracking paths), its
-    checkpoints kept by val_loss; one plain dict goes to the workers."""
+    checkpoints kept by val_loss; one plain dict goes to the workers. `callbacks`: Ray Train callbacks, e.g. a
+    sweep trial's TuneReportCallback."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -50,6 +51,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
                 num_to_keep=rc.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
             ),
             failure_config=FailureConfig(max_failures=rc.max_failures),
+            callbacks=list(callbacks) or None,
         ),
     )
 

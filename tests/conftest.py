@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,12 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real Ray local cluster shared by the whole session (ray.init costs ~7 s and ~1.4 GB)."""
@@ -29,9 +36,17 @@ def ray_local():
 
     # Unix socket paths are limited to 107 bytes: a pytest tmp_path is too deep for Ray's temp dir.
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=True)
+    # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner asks whether a controller is
+    # dead: without it, the workers' placement groups of sweep trials stopped early are never removed. The cleaner
+    # finds the API by RAY_API_SERVER_ADDRESS (inherited by every Ray process started here), else by scanning the
+    # machine, which fails while other Ray instances run beside this one.
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _temp_dir=temp_dir, log_to_driver=True)
     yield ray
     ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -35,3 +35,47 @@ class KillRankAt:
         time.sleep(self.delay_s)
         marker.write_text(f"killed rank {self.rank} (pid {os.getpid()}) after update {step}\n")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class HoldAt:
+    """Every rank stops after update `step` and waits for the file `release` (at most `timeout_s`), once: a
+    restarted group finds `release` and runs through. Rank r first writes `<held_dir>/held.rank<r>` with the id of
+    its Ray node, so the test knows where each rank is and that all of them are past `step` (and so past the
+    checkpoints before it) when it pulls a node out from under them."""
+
+    step: int
+    held_dir: str
+    release: str
+    timeout_s: float = 120.0
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        import ray
+        import ray.train
+
+        if step != self.step or Path(self.release).exists():
+            return
+        rank = ray.train.get_context().get_world_rank()
+        Path(self.held_dir, f"held.rank{rank}").write_text(ray.get_runtime_context().get_node_id())
+        deadline = time.monotonic() + self.timeout_s
+        while not Path(self.release).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank}: nobody released {self.release} in {self.timeout_s} s")
+            time.sleep(0.2)
+
+
+@dataclass
+class NodeAt:
+    """Rank r writes the id of its Ray node to `<out_dir>/step<step>.rank<r>` after update `step` (the last
+    time wins): where the ranks ran after a restart."""
+
+    step: int
+    out_dir: str
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        import ray
+        import ray.train
+
+        if step == self.step:
+            rank = ray.train.get_context().get_world_rank()
+            Path(self.out_dir, f"step{step}.rank{rank}").write_text(ray.get_runtime_context().get_node_id())

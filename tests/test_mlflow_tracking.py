@@ -155,8 +155,18 @@ def run_training_like_job(config: Config, checkpoint: Path, **tracker_kwargs) ->
     tracker.log_checkpoint(checkpoint, "best")
     tracker.log_checkpoint(checkpoint, "final")
     version = tracker.register_best()
+    if tracker.system_metrics:  # a real job runs for minutes: give the sampler the time for its first point
+        wait_for_system_metrics(tracker)
     tracker.close()
     return tracker, version
+
+
+def wait_for_system_metrics(tracker: MlflowTracker, timeout_s: float = 30.0) -> None:
+    client, deadline = MlflowClient(tracker.tracking_uri), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(k.startswith("system/") for k in client.get_run(tracker.run_id).data.metrics):
+            return
+        time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------------------------- local store

@@ -1,0 +1,292 @@
+"""The Ray side of a sweep: the Tuner over pipelines/sweep_trial.run_trial, and what the driver does with the
+results (table, CSV, plot, MLflow, the best trial registered). Called by pipelines/tune.py after every check.
+
+    outcome = run_sweep(plan_sweep("lr_shakespeare_char", [], [], None))
+    outcome = run_sweep(load_sweep("out/s1"), resume=True)           # Tuner.restore: finished trials stay done
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+
+from nanogpt.config import Config, ConfigError
+from nanogpt.train import OnStep
+from pipelines.sweep_plan import Sweep
+from pipelines.sweep_report import (
+    FINISHED,
+    MLFLOW_STATUS,
+    STOPPED,
+    TrialRow,
+    best_row,
+    plot_loss_vs_lr,
+    pretrain_command,
+    results_csv,
+    trial_status,
+)
+from pipelines.sweep_spec import METRIC, MODE, PRESET_DIR, SweepSpec, base_tokens_per_step, trial_config
+from pipelines.sweep_trial import TrialSetup, run_trial, trial_params, trial_run_name
+
+log = logging.getLogger(__name__)
+
+# The trial itself only drives a TorchTrainer (its workers reserve their own CPUs/GPUs); Tune rejects {"cpu": 0}.
+DRIVER_RESOURCES = {"cpu": 0.01}
+RESULTS_CSV, PLOT_PNG, COMMAND_TXT = "results.csv", "val_loss_vs_lr.png", "best_command.txt"
+
+
+@dataclass
+class SweepOutcome:
+    rows: list[TrialRow]
+    best: TrialRow | None
+    command: str | None
+    parent_run_id: str | None = None
+    model_uri: str | None = None
+
+
+def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None, num_cpus: int | None = None,
+              on_step: Sequence[OnStep] = ()) -> SweepOutcome:
+    """Run (or, with `resume`, continue) the sweep; `on_step` hooks run on every trial's workers."""
+    from pipelines.pretrain import prepare_data
+    from pipelines.ray_session import init_ray
+
+    init_ray(address=address, num_cpus=num_cpus)
+    if sweep.needs_data:
+        prepare_data(sweep.base)  # once, before any trial: trials never race to prepare
+    parent = _open_parent(sweep)
+    setup = TrialSetup(sweep.spec, sweep.base, sweep.trials_dir, parent, tuple(on_step))
+    tuner = _tuner(sweep, setup, resume)
+    try:
+        results = tuner.fit()
+    except BaseException:
+        _finish_parent(sweep, parent, {}, {}, {}, "FAILED")
+        raise
+    rows = [_row(sweep, result) for result in results]
+    return _report(sweep, parent, sorted(rows, key=lambda r: r.trial_id))
+
+
+def _tuner(sweep: Sweep, setup: TrialSetup, resume: bool):
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), DRIVER_RESOURCES)
+    if resume:
+        if not tune.Tuner.can_restore(sweep.sweep_dir):
+            raise ConfigError(f"--resume {sweep.sweep_dir}: Tune saved no experiment state there yet (the sweep "
+                              "stopped in its first seconds); start it again under a new --name")
+        # finished trials stay finished; unfinished ones run again and their TorchTrainers continue from their
+        # checkpoints; trials that failed (e.g. diverged) are not retried
+        return tune.Tuner.restore(sweep.sweep_dir, trainable, resume_unfinished=True, resume_errored=False)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(sweep.spec),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode=MODE, num_samples=sweep.spec.num_samples, search_alg=_search_alg(sweep),
+            scheduler=_scheduler(sweep), time_budget_s=sweep.spec.time_budget_s, trial_name_creator=trial_dir_name,
+            trial_dirname_creator=trial_dir_name,
+        ),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.base.run.out_dir,
+                                  callbacks=[TrialRunsCallback(sweep.spec, setup.base, sweep.trials_dir)]),
+    )
+
+
+def trial_dir_name(trial) -> str:
+    """Tune's name and directory for a trial: the same as its Ray Train run's (`trial-<trial id>`)."""
+    return trial_run_name(trial.trial_id)
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's search space, flat by config key: {"optim.learning_rate": tune.loguniform(1e-4, 1e-2), ...}."""
+    space: dict[str, Any] = {}
+    for d in spec.search:
+        if d.kind == "values":
+            space[d.key] = tune.grid_search(list(d.args)) if spec.algorithm == "grid" else tune.choice(list(d.args))
+        elif d.kind == "loguniform":
+            space[d.key] = tune.loguniform(*d.args)
+        else:
+            space[d.key] = tune.uniform(*d.args)
+    return space
+
+
+def _search_alg(sweep: Sweep):
+    """Grid and random: Tune's variant generator; optuna: TPE. Each limited to the trials the cluster holds at
+    once (the generator takes the limit itself: TuneConfig.max_concurrent_trials would be ignored for it)."""
+    seed = sweep.base.train.seed  # the same sweep file samples the same trials
+    limit = max_concurrent_trials(sweep)
+    if sweep.spec.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(metric=METRIC, mode=MODE, seed=seed), max_concurrent=limit)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=limit, random_state=seed)
+
+
+def _scheduler(sweep: Sweep):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sc = sweep.spec.scheduler
+    if sc.name == "fifo":
+        return FIFOScheduler()
+    grace = sc.grace_period or max(1, sweep.max_t // sc.reduction_factor**3)
+    # Time is tokens trained (or optimizer steps): every report counts, but reports come at evals and checkpoints,
+    # so their count means nothing. Trials end themselves at max_t (stop_last_trials=False): their fit() returns
+    # and closes their MLflow runs.
+    return ASHAScheduler(time_attr=sc.time_attr, max_t=sweep.max_t, grace_period=grace,
+                         reduction_factor=sc.reduction_factor, stop_last_trials=False)
+
+
+def max_concurrent_trials(sweep: Sweep) -> int:
+    """As many trials as the cluster's CPUs (and GPUs) hold at once, at most the sweep file's limit."""
+    import ray
+
+    rc = sweep.base.run
+    total = ray.cluster_resources()
+    fits = int(total.get("CPU", 0) // (rc.num_workers * rc.cpus_per_worker + DRIVER_RESOURCES["cpu"]))
+    if rc.use_gpu:
+        fits = min(fits, int(total.get("GPU", 0) // (rc.num_workers * rc.gpus_per_worker)))
+    if fits < 1:
+        log.warning("the cluster cannot hold one trial now (%s); trials wait for an autoscaler", total)
+    limit = sweep.spec.max_concurrent_trials
+    return max(1, min(fits, limit) if limit else fits)
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def _row(sweep: Sweep, result) -> TrialRow:
+    trial_id = os.path.basename(result.path).removeprefix("trial-")
+    params = trial_params(result.config, sweep.spec)
+    config = trial_config(sweep.spec, sweep.base, params)
+    derived = {k: v for k, v in config.to_flat().items() if k in _DERIVED and sweep.base.to_flat()[k] != v}
+    metrics = result.metrics or {}
+    step = int(metrics.get("step", 0))
+    return TrialRow(
+        trial_id=trial_id, params={**params, **derived}, tokens_per_step=base_tokens_per_step(config),
+        best_val_loss=_number(metrics.get("best_val_loss")), final_val_loss=_number(metrics.get("val_loss")),
+        tokens=int(metrics.get("tokens", 0)), step=step, max_iters=config.train.max_iters,
+        status=trial_status(result.error is not None, step, config.train.max_iters),
+        run_dir=os.path.join(sweep.trials_dir, trial_run_name(trial_id)), best_checkpoint=_best_checkpoint(result),
+    )
+
+
+_DERIVED = ("train.gradient_accumulation_steps", "train.max_iters", "optim.min_lr")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def _best_checkpoint(result) -> str | None:
+    """The checkpoint reported with the lowest val_loss (Ray Train keeps it: it scores checkpoints by val_loss)."""
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df or METRIC not in df:
+        return None
+    df = df[df["checkpoint_path"].notna() & df[METRIC].notna()]
+    if df.empty:
+        return None
+    return str(df.loc[df[METRIC].idxmin(), "checkpoint_path"])
+
+
+def _report(sweep: Sweep, parent: str | None, rows: list[TrialRow]) -> SweepOutcome:
+    best = best_row(rows)
+    command = pretrain_command(sweep.spec.base, _best_config(sweep, best), [PRESET_DIR]) if best else None
+    files = _write_results(sweep, rows, command)
+    outcome = SweepOutcome(rows, best, command, parent)
+    if sweep.base.run.tracker != "mlflow":
+        return outcome
+    from pipelines.sweep_tracking import register_best_trial
+
+    for row in rows:  # the callback marked the stopped ones already, unless the driver was killed meanwhile
+        _mark(sweep.base, row.run_dir, row.status)
+    if best is not None:
+        outcome.model_uri = register_best_trial(sweep.base, best.run_dir, best.best_checkpoint,
+                                                MLFLOW_STATUS[best.status])
+    metrics = {"best_val_loss": best.best_val_loss, "num_trials": len(rows)} if best else {"num_trials": len(rows)}
+    tags = {"best_trial": best.trial_id, "best_command": command, "registered_model": outcome.model_uri or ""} \
+        if best else {}
+    _finish_parent(sweep, parent, files, metrics, tags, "FINISHED")
+    return outcome
+
+
+def _mark(base: Config, run_dir: str, status: str) -> None:
+    from pipelines.sweep_tracking import mark_trial_run
+
+    try:
+        mark_trial_run(base, run_dir, MLFLOW_STATUS[status], early_stopped=status == STOPPED)
+    except Exception as e:  # tracking never stops a sweep
+        log.warning("could not mark the MLflow run of %s: %s", run_dir, e)
+
+
+def _best_config(sweep: Sweep, best: TrialRow):
+    params = {k: v for k, v in best.params.items() if k in sweep.spec.keys}
+    return trial_config(sweep.spec, sweep.base, params)
+
+
+def _write_results(sweep: Sweep, rows: list[TrialRow], command: str | None) -> dict[str, str]:
+    """results.csv, the plot and the best command in the sweep directory; {artifact path: local file}."""
+    csv_path = os.path.join(sweep.sweep_dir, RESULTS_CSV)
+    with open(csv_path, "w") as f:
+        f.write(results_csv(rows))
+    png_path = os.path.join(sweep.sweep_dir, PLOT_PNG)
+    plot_loss_vs_lr(rows, png_path, title=f"sweep {sweep.name}")
+    files = {RESULTS_CSV: csv_path, f"plots/{PLOT_PNG}": png_path}
+    if command:
+        command_path = os.path.join(sweep.sweep_dir, COMMAND_TXT)
+        with open(command_path, "w") as f:
+            f.write(command + "\n")
+        files[COMMAND_TXT] = command_path
+    return files
+
+
+# ------------------------------------------------------------------------------------------ MLflow
+
+
+def _open_parent(sweep: Sweep) -> str | None:
+    if sweep.base.run.tracker != "mlflow":
+        return None
+    import yaml
+
+    from pipelines.sweep_tracking import open_sweep_run
+
+    spec = sweep.spec
+    params = {"sweep.base": spec.base, "sweep.algorithm": spec.algorithm, "sweep.num_samples": spec.num_samples,
+              "sweep.scheduler": spec.scheduler.name, "sweep.time_attr": spec.scheduler.time_attr,
+              "sweep.batch.keep": spec.batch.keep if spec.batch else "none"}
+    params.update({f"sweep.search.{d.key}": f"{d.kind}{list(d.args)}" for d in spec.search})
+    return open_sweep_run(sweep.base, sweep.sweep_dir, sweep.name, yaml.safe_dump(sweep.data, sort_keys=False),
+                          params)
+
+
+def _finish_parent(sweep: Sweep, parent: str | None, files: dict[str, str], metrics: dict[str, float],
+                   tags: dict[str, str], status: str) -> None:
+    if sweep.base.run.tracker != "mlflow":
+        return
+    from pipelines.sweep_tracking import finish_sweep_run
+
+    finish_sweep_run(sweep.base, parent, sweep.sweep_dir, files, metrics, tags, status)
+
+
+class TrialRunsCallback(tune.Callback):
+    """On the driver, as each trial ends: the MLflow run of a trial the scheduler stopped (or that failed outside
+    Ray Train) gets its status (KILLED / FAILED) and the sweep.early_stopped tag, instead of staying RUNNING."""
+
+    def __init__(self, spec: SweepSpec, base: Config, trials_dir: str) -> None:
+        self.spec, self.base, self.trials_dir = spec, base, trials_dir
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._mark(trial, errored=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._mark(trial, errored=True)
+
+    def _mark(self, trial, errored: bool) -> None:
+        if self.base.run.tracker != "mlflow":
+            return
+        config = trial_config(self.spec, self.base, trial_params(trial.config, self.spec))
+        status = trial_status(errored, int((trial.last_result or {}).get("step", 0)), config.train.max_iters)
+        if status != FINISHED:  # a finished trial ended its own run
+            _mark(self.base, os.path.join(self.trials_dir, trial_run_name(trial.trial_id)), status)

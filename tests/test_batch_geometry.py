@@ -1,0 +1,72 @@
+"""nanogpt/batch_geometry.py against values worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanogpt.batch_geometry import accumulation_for_tokens, rescale_steps, steps_for_tokens, tokens_per_step
+from nanogpt.config import ConfigError
+
+
+@pytest.mark.parametrize("batch_size, block_size, accumulation, expected", [
+    (12, 64, 1, 768),         # nanoGPT's CPU recipe
+    (12, 1024, 40, 491_520),  # train_gpt2: ~0.5M tokens per step
+    (1, 1024, 32, 32_768),    # finetune_shakespeare
+])
+def test_tokens_per_step(batch_size, block_size, accumulation, expected):
+    assert tokens_per_step(batch_size, block_size, accumulation) == expected
+
+
+@pytest.mark.parametrize("tokens, batch_size, block_size, workers, expected", [
+    (3072, 6, 64, 1, 8),     # 48 sequences per step: 6 x 8
+    (3072, 12, 64, 1, 4),
+    (3072, 24, 64, 2, 2),    # 2 micro-batches, one per worker
+    (3072, 48, 64, 1, 1),
+    (491_520, 12, 1024, 8, 40),  # nanoGPT's 5 x 8 GPUs
+    (491_520, 24, 1024, 4, 20),
+])
+def test_accumulation_keeps_tokens_per_step(tokens, batch_size, block_size, workers, expected):
+    accumulation = accumulation_for_tokens(tokens, batch_size, block_size, workers)
+    assert accumulation == expected
+    assert tokens_per_step(batch_size, block_size, accumulation) == tokens
+    assert accumulation % workers == 0
+
+
+@pytest.mark.parametrize("tokens, batch_size, workers, message", [
+    (3072, 5, 1, "train.batch_size=5 cannot keep 3,072 tokens per step: 3,072 / (5 x block_size 64) is not a whole "
+                 "number of micro-batches; use one of 1, 2, 3, 4, 6, 8, 12, 16, 24, 48"),
+    (3072, 16, 2, "train.batch_size=16 cannot keep 3,072 tokens per step on 2 workers: its 3 micro-batches per step "
+                  "do not split evenly over the workers; use one of 1, 2, 3, 4, 6, 8, 12, 24"),
+    (3000, 4, 1, "use one of none (tokens per step is not a multiple of 64)"),
+])
+def test_accumulation_errors_name_the_batch_size(tokens, batch_size, workers, message):
+    with pytest.raises(ConfigError) as e:
+        accumulation_for_tokens(tokens, batch_size, 64, workers)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("num_tokens, step_tokens, expected", [
+    (1_536_000, 384, 4000), (1_536_000, 768, 2000), (1_536_000, 1536, 1000), (768, 768, 1),
+])
+def test_steps_for_tokens(num_tokens, step_tokens, expected):
+    assert steps_for_tokens(num_tokens, step_tokens) == expected
+
+
+def test_steps_for_tokens_names_the_nearest_budgets():
+    with pytest.raises(ConfigError, match=r"1,000 tokens is not a whole number of steps of 768 tokens \(the nearest "
+                                          r"multiples are 768 and 1,536\)"):
+        steps_for_tokens(1000, 768)
+
+
+@pytest.mark.parametrize("steps, old_total, new_total, expected", [
+    (100, 2000, 4000, 200),   # warmup: 5% of the run either way
+    (100, 2000, 1000, 50),
+    (250, 2000, 1000, 125),   # eval interval: the same token counts
+    (2000, 2000, 500, 500),   # lr_decay_iters = max_iters stays so
+    (5, 40, 10, 1),           # 1.25 -> 1
+    (1, 2000, 10, 1),         # never below one step
+    (0, 2000, 1000, 0),       # 0 = off (checkpoint_interval) stays off
+    (3, 40, 20, 2),           # 1.5 rounds to even
+])
+def test_rescale_steps_keeps_the_fraction_of_the_run(steps, old_total, new_total, expected):
+    assert rescale_steps(steps, old_total, new_total) == expected

@@ -1,0 +1,163 @@
+"""Cluster rehearsals on one machine: real multi-node Ray clusters (separate raylets on this host), token auth on.
+
+1. A node is lost mid-run: a head and two worker nodes (ray.cluster_utils.Cluster, in the driver process
+   tests/node_loss_driver.py), a 2-worker pretrain with one rank per node; one node is killed past a checkpoint and
+   a new one joins. Ray Train restarts the group there, from the checkpoint, and every per-step loss equals the
+   uninterrupted reference run's (tests/pretrain_runs.py, on the session's `ray_local`).
+2. Ray's fake autoscaler (cluster/local-fake.yaml): a head with no CPUs gets worker nodes when a pretrain job asks
+   for CPUs, and loses them again once they are idle.
+
+Each starts and stops its own cluster (never `ray stop`): a short temp dir of its own, its own token and ports; the
+driver runs in a subprocess, since this process already holds the session's Ray connection. See tests/local_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.local_cluster import (
+    cluster_env,
+    dashboard_get,
+    free_port,
+    leftovers,
+    short_dir,
+    stop_group,
+    wait_for_dashboard,
+)
+from tests.pretrain_runs import char_shards, debug_run, records, shared_root, step_losses
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return shared_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, root, shakespeare_path) -> Path:
+    return char_shards(root, shakespeare_path)
+
+
+def test_node_lost_midrun_resumes_on_a_new_node_bit_exactly(ray_local, root, shards, tmp_path):
+    reference = debug_run(root, shards)  # the same config, uninterrupted, on the session's local Ray
+    work = short_dir("nl")
+    env = cluster_env(work)
+    proc = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "node_loss_driver.py"), str(shards), str(tmp_path / "runs"),
+             "nodeloss", work],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=540)
+        except subprocess.TimeoutExpired:
+            stop_group(proc, work)
+            output, _ = proc.communicate()
+            pytest.fail(f"the rehearsal did not finish in 540 s:\n{output[-6000:]}")
+        assert proc.returncode == 0, output[-6000:]
+        report = json.loads(output.strip().splitlines()[-1])
+        assert leftovers(work) == [], "Cluster.shutdown() left processes of the rehearsal's cluster"
+    finally:
+        if proc is not None and proc.poll() is None:
+            stop_group(proc, work)
+        shutil.rmtree(work, ignore_errors=True)
+
+    first, second = report["worker_nodes"]
+    held, after = report["held"], report["after"]
+    # one rank per worker node; rank 1's node died; the restarted group ran on the survivor and the new node
+    assert {held["0"], held["1"]} == {first, second}
+    assert report["removed"] == held["1"] and report["added"] not in (first, second)
+    assert {after["0"], after["1"]} == {held["0"], report["added"]}
+    assert report["step"] == 30 and report["world_size"] == 2
+    # resumed from checkpoint_000010 (not from scratch): only updates 10..15 were logged twice
+    logged = [r["step"] for r in records(report["run_dir"]) if "loss" in r]
+    assert [logged.count(step) for step in (5, 9, 10, 15, 16, 20)] == [1, 1, 2, 2, 1, 1]
+    assert step_losses(report["run_dir"]) == step_losses(reference.plan.run_dir)  # bit-equal, all 30 updates
+    assert report["best_val_loss"] == reference.best_val_loss
+
+
+def _fake_cluster_config(gcs_address: str) -> dict:
+    """cluster/local-fake.yaml as shipped, pointed at this test's head and with a 6 s idle timeout."""
+    config = yaml.safe_load((REPO / "cluster" / "local-fake.yaml").read_text())
+    config["provider"]["gcs_address"] = gcs_address
+    config["idle_timeout_minutes"] = 0.1
+    return config
+
+
+def _nodes(dashboard: str, token: str) -> list[dict]:
+    status, body = dashboard_get(f"{dashboard}/api/v0/nodes?limit=100&detail=true", token)
+    assert status == 200, status
+    return body["data"]["result"]["result"]
+
+
+def _wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} in {timeout_s} s"
+        time.sleep(1)
+
+
+def test_fake_autoscaler_adds_nodes_for_a_job_and_removes_them_when_idle(ray_local, shards, tmp_path):
+    from ray._private.services import get_node_ip_address
+
+    work = short_dir("fa")
+    port, dashboard_port = free_port(), free_port()
+    config_path = Path(work) / "fake.yaml"
+    config_path.write_text(yaml.safe_dump(_fake_cluster_config(f"{get_node_ip_address()}:{port}")))
+    # the monitor looks at the cluster every second instead of every 5 (Ray's own knob for its tests)
+    env = cluster_env(work, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    token = env["RAY_AUTH_TOKEN"]
+    ports = {flag: free_port() for flag in (
+        "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+        "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")}
+    log = Path(work) / "head.log"
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=0", "--disable-usage-stats",
+             f"--temp-dir={work}", f"--autoscaling-config={config_path}", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+             *(f"{flag}={p}" for flag, p in ports.items())],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_dashboard(dashboard, head, log)
+        assert dashboard_get(f"{dashboard}/api/v0/nodes", None)[0] == 401  # token auth is on
+        _wait_until(lambda: [n["is_head_node"] for n in _nodes(dashboard, token) if n["state"] == "ALIVE"] == [True],
+                    60, "the head did not register alone")
+
+        # 2 workers of 1 CPU each, and the head has none: nothing can run until the autoscaler adds a node
+        started = time.monotonic()
+        job = subprocess.run(
+            [sys.executable, "pipelines/pretrain.py", "--address", f"{get_node_ip_address()}:{port}",
+             "--config", "debug", "--train.max_iters=6", "--train.eval_interval=3", "--optim.lr_decay_iters=6",
+             "--run.num_workers=2", "--run.tracker=none", f"--data.dir={shards}",
+             f"--run.out_dir={tmp_path / 'runs'}", "--run.name=autoscaled"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=420)
+        job_s = time.monotonic() - started
+        assert job.returncode == 0, (job.stdout + job.stderr)[-6000:]
+        assert "training waits until an autoscaler adds nodes" in job.stderr
+        assert f"best checkpoint: {tmp_path / 'runs' / 'autoscaled' / 'checkpoint_000006'}" in job.stdout
+        workers = [n for n in _nodes(dashboard, token) if not n["is_head_node"]]
+        assert workers, "the autoscaler added no node"
+        assert all(n["resources_total"].get("CPU") == 2 for n in workers)  # cpu_worker nodes of local-fake.yaml
+
+        # idle for 6 s: the autoscaler removes every worker node again
+        _wait_until(lambda: not [n for n in _nodes(dashboard, token) if n["state"] == "ALIVE" and not n["is_head_node"]],
+                    90, "idle worker nodes were not removed")
+        removed = [n for n in _nodes(dashboard, token) if not n["is_head_node"]]
+        assert removed and all(n["state"] == "DEAD" for n in removed)
+        print(f"job {job_s:.0f} s on {len(workers)} added node(s), removed after {time.monotonic() - started:.0f} s")
+    finally:
+        stop_group(head, work)  # SIGTERM: `ray start --block` stops the head and the nodes its autoscaler added
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,241 @@
+"""Sweeps end to end: pipelines/tune.py on the session's real Ray local cluster, logging to a real `mlflow server` on
+127.0.0.1, read back with MlflowClient. No mocks. Tiny debug-preset trials, workers at 0.5 CPU.
+
+    NANOGPT_TINYSHAKESPEARE=... TIKTOKEN_CACHE_DIR=... .venv/bin/python -m pytest tests/test_tune.py
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines import tune
+from tests.pretrain_runs import char_shards, records, shared_root
+
+pytest_plugins = ("tests.mlflow_server",)
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = {"train": {"max_iters": 30, "eval_interval": 10, "eval_iters": 2}, "optim": {"lr_decay_iters": 30},
+        "run": {"cpus_per_worker": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory, shakespeare_path) -> Path:
+    return char_shards(shared_root(tmp_path_factory), shakespeare_path)
+
+
+def sweep_file(tmp_path: Path, search: dict, base: str = "debug", overrides: dict | None = None, **top) -> str:
+    data = {"base": base, "overrides": overrides if overrides is not None else TINY, "search": search, **top}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def runs_of(client: MlflowClient, experiment: str) -> tuple[object, list]:
+    """(the sweep's parent run, its child runs); fails unless there is exactly one parent and every other run of
+    the experiment is its child."""
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    children = [r for r in runs if r is not parents[0]]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in children)
+    return parents[0], children
+
+
+def common_args(shards: Path, out: Path, server, experiment: str) -> list[str]:
+    return [f"--data.dir={shards}", f"--run.out_dir={out}", f"--tracking-uri={server.uri}",
+            f"--run.experiment={experiment}"]
+
+
+def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shards, mlflow_server, tmp_path, capsys):
+    """4 learning rates, 2 trials at a time, ASHA on tokens: the two good rates run first, so the two hopeless ones
+    (1e-5, 3e-6) are behind them at the first rung (5,120 tokens = step 10) and are stopped there."""
+    sweep = sweep_file(tmp_path, {"optim.learning_rate": {"values": [1e-2, 3e-3, 1e-5, 3e-6]}}, algorithm="grid",
+                       scheduler={"name": "asha", "time_attr": "tokens", "grace_period": 5120, "reduction_factor": 2},
+                       min_lr_ratio=0.1, max_concurrent_trials=2)
+    args = ["--sweep", sweep, "--name", "asha", *common_args(shards, tmp_path / "out", mlflow_server, "tune-asha"),
+            "--run.registered_model=tune-asha-best"]
+    assert tune.main(args) == 0
+    out = capsys.readouterr().out
+    assert "stopped early" in out and "best: trial" in out
+
+    client = MlflowClient(mlflow_server.uri)
+    parent, children = runs_of(client, "tune-asha")
+    assert len(children) == 4 and parent.info.status == "FINISHED"
+    by_lr = {float(r.data.params["optim.learning_rate"]): r for r in children}
+    stopped = [r for r in children if r.data.tags.get("sweep.early_stopped") == "true"]
+    assert stopped and all(r.info.status == "KILLED" for r in stopped)
+    assert {by_lr[1e-5].info.run_id, by_lr[3e-6].info.run_id} <= {r.info.run_id for r in stopped}
+    assert all(r.info.status == "FINISHED" and r.data.tags["sweep.early_stopped"] == "false"
+               for r in children if r not in stopped)
+    assert all(r.data.metrics["tokens"] < 30 * 512 for r in stopped)
+    assert float(by_lr[1e-2].data.params["optim.min_lr"]) == pytest.approx(1e-3)  # min_lr_ratio
+
+    # the parent: sweep file, results table, plot; the best trial registered
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.yaml", "base_config.yaml", "results.csv", "best_command.txt", "plots"} <= artifacts
+    csv = Path(client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path))).read_text()
+    assert len(csv.splitlines()) == 5 and csv.count("stopped early") == len(stopped)
+    png = Path(client.download_artifacts(parent.info.run_id, "plots/val_loss_vs_lr.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    best = min(children, key=lambda r: r.data.metrics["best_val_loss"])
+    assert parent.data.tags["best_trial"] in best.info.run_name
+    version = client.get_model_version("tune-asha-best", "1")
+    assert version.run_id == best.info.run_id
+    assert f"--optim.learning_rate={float(best.data.params['optim.learning_rate'])!r}" in out
+    assert_no_placement_group_left(ray_local)
+
+
+def assert_no_placement_group_left(ray, timeout: float = 60) -> None:
+    """Stopped trials' placement groups are removed (ray#54305); Ray's cleaner does it shortly after."""
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert alive == []
+
+
+def test_constant_tokens_sweep_keeps_tokens_per_step(shards, mlflow_server, tmp_path, capsys):
+    sweep = sweep_file(tmp_path, {"train.batch_size": {"values": [8, 16, 32]}}, algorithm="grid",
+                       batch={"keep": "tokens_per_step", "tokens_per_step": 1024})
+    args = ["--sweep", sweep, "--name", "tokens", "--train.max_iters=10", "--optim.lr_decay_iters=10",
+            *common_args(shards, tmp_path / "out", mlflow_server, "tune-tokens")]
+    assert tune.main(args) == 0
+    _, children = runs_of(MlflowClient(mlflow_server.uri), "tune-tokens")
+    assert len(children) == 3
+    geometry = {int(r.data.params["train.batch_size"]): int(r.data.params["train.gradient_accumulation_steps"])
+                for r in children}
+    assert geometry == {8: 4, 16: 2, 32: 1}
+    assert {r.data.tags["tokens_per_step"] for r in children} == {"1024"}
+    assert {r.data.metrics["tokens"] for r in children} == {10 * 1024}
+    assert "tokens_per_step" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bpe_shards(ray_local, tmp_path_factory, shakespeare_path, tiktoken_cache) -> Path:
+    from nanogpt.config import DataConfig
+    from pipelines.prepare import prepare
+
+    out = shared_root(tmp_path_factory) / "shakespeare_bpe"
+    if not (out / "manifest.json").exists():
+        prepare(DataConfig(input=str(shakespeare_path), tokenizer="gpt2", val_fraction=0.1), out)
+    return out
+
+
+def test_finetune_sweep_from_a_local_hf_gpt2_dir(bpe_shards, mlflow_server, tmp_path):
+    """finetune_gpt2_lr (nanoGPT's finetune_shakespeare over LRs) from a tiny random GPT-2 that transformers saves:
+    every trial starts from its weights and keeps its learning rate constant."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf_tiny")
+    args = ["--sweep", "finetune_gpt2_lr", "--name", "ft", "--sweep.search.optim.learning_rate={values: [3e-5, 3e-4]}",
+            f"--model.init_from={tmp_path / 'hf_tiny'}", "--model.block_size=32", "--run.use_gpu=false", "--train.device=cpu",
+            "--train.dtype=float32", "--train.batch_size=2", "--train.gradient_accumulation_steps=2",
+            "--train.max_iters=6", "--train.eval_interval=3", "--train.eval_iters=2", "--run.cpus_per_worker=0.5",
+            *common_args(bpe_shards, tmp_path / "out", mlflow_server, "tune-finetune")]
+    assert tune.main(args) == 0
+    client = MlflowClient(mlflow_server.uri)
+    parent, children = runs_of(client, "tune-finetune")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    for run in children:
+        assert run.data.params["model.init_from"] == str(tmp_path / "hf_tiny")
+        lr = float(run.data.params["optim.learning_rate"])
+        values = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+        assert len(values) == 6 and all(v == pytest.approx(lr) for v in values)
+    assert parent.data.params["sweep.base"] == "finetune_shakespeare"
+
+
+def experiment_trials(sweep_dir: Path) -> dict[str, str]:
+    """{trial id: status} from Tune's saved experiment state (what a restore will see)."""
+    states = sorted(glob.glob(str(sweep_dir / "experiment_state-*.json")))
+    if not states:
+        return {}
+    try:
+        data = json.loads(Path(states[-1]).read_text())
+    except ValueError:  # being written
+        return {}
+    trials = [json.loads(t[0]) for t in data["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def test_sweep_resumes_after_its_driver_is_killed(ray_local, shards, mlflow_server, tmp_path, capsys):
+    """The driver (a `python pipelines/tune.py` process on the same cluster) is SIGKILLed once the first trial has
+    finished and the second has a checkpoint. `--resume` then finishes the sweep: the first trial is not run
+    again, the second continues from its checkpoint, and MLflow still has one parent and two children."""
+    sweep = sweep_file(tmp_path, {"optim.learning_rate": {"values": [1e-3, 2e-3]}}, algorithm="grid",
+                       max_concurrent_trials=1, overrides={
+                           "train": {"max_iters": 100, "eval_interval": 20, "eval_iters": 2, "log_interval": 5},
+                           "optim": {"lr_decay_iters": 100}, "run": {"cpus_per_worker": 0.5}})
+    out = tmp_path / "out"
+    sweep_dir = out / "resume"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(REPO)}  # Tune saves its state every second
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, "pipelines/tune.py", "--sweep", sweep, "--name", "resume",
+                               *common_args(shards, out, mlflow_server, "tune-resume")],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        finished, interrupted = wait_for_one_finished_one_checkpointed(sweep_dir, driver, tmp_path / "driver.log")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    done_dir, cut_dir = sweep_dir / "trials" / f"trial-{finished}", sweep_dir / "trials" / f"trial-{interrupted}"
+    done_before = (done_dir / "metrics.jsonl").read_text()
+    cut_steps_before = [r["step"] for r in records(cut_dir) if "loss" in r]
+    assert cut_steps_before and max(cut_steps_before) < 95
+
+    assert tune.main(["--resume", str(sweep_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished") >= 2 and "stopped early" not in printed
+    assert (done_dir / "metrics.jsonl").read_text() == done_before  # the finished trial did not run again
+    losses = [r["step"] for r in records(cut_dir) if "loss" in r]
+    assert losses.count(0) == 1 and max(losses) == 95  # continued from a checkpoint, not from step 0 (logged: 0, 5, ...)
+    assert len(losses) > len(set(losses)) or min(losses[len(cut_steps_before):]) > 0
+
+    client = MlflowClient(mlflow_server.uri)
+    parent, children = runs_of(client, "tune-resume")
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in children)
+    history = [m.step for m in client.get_metric_history(
+        next(r for r in children if interrupted in r.info.run_name).info.run_id, "loss")]
+    assert history.count(0) == 1 and set(range(0, 100, 5)) <= set(history)
+
+
+def wait_for_one_finished_one_checkpointed(sweep_dir: Path, driver: subprocess.Popen, log: Path,
+                                           timeout: float = 900) -> tuple[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if driver.poll() is not None:
+            pytest.fail(f"the sweep driver exited ({driver.returncode}) before it could be killed:\n"
+                        f"{log.read_text()[-3000:]}")
+        trials = experiment_trials(sweep_dir)
+        done = [t for t, s in trials.items() if s == "TERMINATED"]
+        running = [t for t, s in trials.items() if s == "RUNNING"]
+        if done and running and _has_registered_checkpoint(sweep_dir / "trials" / f"trial-{running[0]}"):
+            return done[0], running[0]
+        time.sleep(0.2)
+    pytest.fail(f"no finished trial and checkpointed trial within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _has_registered_checkpoint(run_dir: Path) -> bool:
+    """Ray Train has registered a checkpoint of the run in its snapshot (what a restarted run restores from)."""
+    try:
+        return '"checkpoint_dir_name"' in (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    except OSError:
+        return False
