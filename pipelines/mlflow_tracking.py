@@ -7,6 +7,14 @@ Stores: with no `run.tracking_uri` and no MLFLOW_TRACKING_URI, a local store nee
 
     mlflow ui --backend-store-uri sqlite:///$PWD/out/mlflow.db
 
+What MLflow 3.17's UI shows of it: experiments tagged `mlflow.experimentKind=custom_model_development` (training
+runs, not GenAI) and `mlflow.experiment.primaryMetric.name=val_loss` (its chart first); each run's token dataset
+as a dataset input (Dataset column, Datasets filter), MLflow Projects' source tags (Source column: <repo>:<entry
+point>), and the registered best checkpoint as a LoggedModel of the run (Models column; the version page links
+"Source Run" and "Source Model"). The GenAI / Model training switch at the top left is the browser's own setting
+(default GenAI, which opens an experiment on its traces Overview): open `#/experiments/<id>?workflowType=
+machine_learning` once, or click "Model training", and the browser keeps it.
+
 On rank 0 of a training job:
 
     tracker = make_mlflow_tracker(config, run_id=None, world_size=4, device="cuda", manifest=m)  # a new run
@@ -43,6 +51,7 @@ import queue
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -94,6 +103,15 @@ HTTP_ENV_DEFAULTS = {
 }
 
 CHECKPOINT_KINDS = ("best", "final")
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and lands on the GenAI traces page
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # ExperimentKind.CUSTOM_MODEL_DEVELOPMENT in the UI bundle
+# The UI's chart view puts the experiment's primary metric first (getBaseChartAndSectionConfigs's primaryMetricKey)
+PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"
+PRIMARY_METRIC = "val_loss"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, PRIMARY_METRIC_TAG: PRIMARY_METRIC}
+LOGGED_MODEL_NAME = "checkpoint-best"
+_LOCAL_REGISTRY_LOCK = threading.Lock()
 # The registered model is weights + config + tokenizer: no pickled optimizer state (optimizer.pt is torch.save).
 FILES_NOT_REGISTERED = (OPTIMIZER_FILE, SCALER_FILE)
 
@@ -371,15 +389,18 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(self.experiment, artifact_location=self._artifact_location())
-        except MlflowException as e:  # another trial created it first
-            found = self.client.get_experiment_by_name(self.experiment)
-            if found is None:
-                raise e from None
-            return found.experiment_id
+        if found is None:
+            try:
+                return self.client.create_experiment(self.experiment, artifact_location=self._artifact_location(),
+                                                     tags=EXPERIMENT_TAGS)
+            except MlflowException as e:  # another trial created it first
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise e from None
+        for key, value in EXPERIMENT_TAGS.items():  # ours from before these tags, or created untagged by someone
+            if key not in found.tags:  # a value someone chose (e.g. in the UI) stays
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
     def _artifact_location(self) -> str | None:
         """Beside a sqlite database, not in the cwd (MLflow's default); a server chooses its own."""
@@ -447,6 +468,14 @@ class MlflowTracker:
         tags = [RunTag(k, v) for k, v in values.items()]
         for chunk in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self._run_id, tags=chunk, synchronous=True)
+
+    def log_dataset(self, manifest: Any, source: str | os.PathLike | None = None, context: str = "training") -> None:
+        """The token dataset as the run's MLflow dataset input (the UI's Dataset column and Datasets filter):
+        `dataset_input(manifest, source)`. Logging the same dataset again (a resumed run) adds nothing."""
+        entity = dataset_input(manifest, source, context)
+        if entity is not None:
+            self._submit(lambda: self._queue(f"log dataset {entity.dataset.name}",
+                                             lambda: self.client.log_inputs(self._run_id, [entity])))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer the points, then send everything buffered in `log_batch` calls of ≤ 1000 points (on the tracker's
@@ -594,13 +623,70 @@ class MlflowTracker:
         state = _read_state(self._best_dir)
         if state:
             tags.update({"step": str(state.get("step")), "best_val_loss": str(state.get("best_val_loss"))})
-        # Not mlflow.register_model: it wants an MLmodel file or a LoggedModel; a checkpoint is plain artifacts.
-        version = self.client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/checkpoints/best", run_id=self._run_id, tags=tags,
-        )
+        model_id = self._log_model_now(run, tags, state)
+        # Not mlflow.register_model: it wants an MLmodel file; a checkpoint is safetensors + config. As MLflow 3
+        # links them: source models:/<model_id> (the version page links the logged model, which links the run).
+        version = self._create_model_version(name, model_id, tags)
+        self._link_model_version(model_id, name, str(version.version))
         self.client.set_tag(self._run_id, "registered_model", f"models:/{name}/{version.version}")
-        log.info("MLflow: registered checkpoints/best of run %s as models:/%s/%s", self._run_id, name, version.version)
+        log.info("MLflow: registered checkpoints/best of run %s as models:/%s/%s (logged model %s)", self._run_id,
+                 name, version.version, model_id)
         return str(version.version)
+
+    def _log_model_now(self, run: Any, tags: Mapping[str, str], state: Mapping[str, Any]) -> str:
+        """An MLflow 3 LoggedModel of the run's checkpoints/best (the files copied into the model's artifacts,
+        READY), listed among the run's outputs at the checkpoint's step: the runs table's Models column."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        step = state.get("step") if isinstance(state.get("step"), int) else 0
+        params = {k: str(v) for k, v in state.items() if k in ("step", "best_val_loss")}
+        model = self.client.create_logged_model(
+            run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=self._run_id, tags=dict(tags),
+            params=params or None, model_type="nanogpt-checkpoint",
+        )
+        try:
+            with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
+                local = self.client.download_artifacts(self._run_id, "checkpoints/best", tmp)
+                self.client.log_model_artifacts(model.model_id, local)
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        except Exception:
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.log_outputs(self._run_id, [LoggedModelOutput(model.model_id, step)])
+        return model.model_id
+
+    def _create_model_version(self, name: str, model_id: str, tags: Mapping[str, str]) -> Any:
+        source = f"models:/{model_id}"
+        if sqlite_path(self.tracking_uri) is None and not self.tracking_uri.startswith("file:"):
+            return self.client.create_model_version(name, source=source, run_id=self._run_id, tags=tags,
+                                                    model_id=model_id)
+        # A local registry store resolves models:/<model_id> through the process-wide tracking URI (MLflow
+        # 3.17's SqlAlchemyStore.create_model_version), not this client's: point it at our store meanwhile.
+        # Not mlflow's _use_tracking_uri: restoring an unset URI unsets MLFLOW_TRACKING_URI in os.environ.
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        with _LOCAL_REGISTRY_LOCK:
+            before = tracking_utils._tracking_uri
+            tracking_utils._tracking_uri = self.tracking_uri
+            try:
+                return self.client.create_model_version(name, source=source, run_id=self._run_id, tags=tags,
+                                                        model_id=model_id)
+            finally:
+                tracking_utils._tracking_uri = before
+
+    def _link_model_version(self, model_id: str, name: str, version: str) -> None:
+        """The logged model's `mlflow.modelVersions` tag (what mlflow.register_model and a server write): the
+        Models column and the logged model page show the registered version."""
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        model = self.client.get_logged_model(model_id)
+        try:
+            linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        except ValueError:
+            linked = []
+        if (name, version) not in [(e.get("name"), str(e.get("version"))) for e in linked]:  # a server wrote it
+            entry = {"name": name, "version": int(version)}  # as a server writes it
+            self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
 
     # -------------------------------------------------------------------------------------- loss curve
 
@@ -717,6 +803,7 @@ def make_mlflow_tracker(
     world_size: int = 1,
     device: Any = "cpu",
     manifest: Any = None,
+    entry_point: str | None = None,
     **kwargs: Any,
 ) -> MlflowTracker:
     """The tracker of a training job, started: run `run_id` continued (None: a new run), the flattened config as
@@ -727,17 +814,21 @@ def make_mlflow_tracker(
     tracker = MlflowTracker.from_config(config, **kwargs)
     tracker.start(run_id, wait=False)
     tracker.log_params(config.to_flat())
-    tracker.set_tags(standard_tags(config, world_size, device, manifest))
+    tracker.set_tags(standard_tags(config, world_size, device, manifest, entry_point))
     tracker.log_text(config.to_yaml(), "config.yaml")
     manifest_dict = _manifest_dict(manifest)
     if manifest_dict is not None:
         tracker.log_text(json.dumps(manifest_dict, indent=2, sort_keys=True, default=str) + "\n", "data/manifest.json")
+        source = manifest if isinstance(manifest, (str, os.PathLike)) else config.data.dir
+        tracker.log_dataset(manifest_dict, source)
     return tracker
 
 
-def standard_tags(config: Config, world_size: int, device: Any, manifest: Any = None) -> dict[str, str]:
-    """Where and on what a run trained: git commit, package versions, world size, device, dataset fingerprint.
-    `device`: "cuda" / torch.device; `manifest`: a Manifest, its dict, or a path to manifest.json or its dir."""
+def standard_tags(config: Config, world_size: int, device: Any, manifest: Any = None,
+                  entry_point: str | None = None) -> dict[str, str]:
+    """Where and on what a run trained: source (`source_tags`), package versions, world size, device, dataset
+    fingerprint. `device`: "cuda" / torch.device; `manifest`: a Manifest, its dict, or a path to manifest.json or
+    its dir; `entry_point`: the script that ran (default: sys.argv[0])."""
     tags = {
         "world_size": str(world_size),
         "python": platform.python_version(),
@@ -749,9 +840,7 @@ def standard_tags(config: Config, world_size: int, device: Any, manifest: Any = 
             tags[f"version.{package}"] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    commit, dirty = _git_commit(Path(__file__).resolve().parents[1])
-    if commit:
-        tags.update({"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower()})
+    tags.update(source_tags(entry_point))
     device_type = str(device).split(":")[0]
     tags["device.type"] = device_type
     if device_type == "cuda":
@@ -772,6 +861,79 @@ def standard_tags(config: Config, world_size: int, device: Any, manifest: Any = 
             if key in manifest_dict:
                 tags[f"data.{key}"] = str(manifest_dict[key])
     return tags
+
+
+def source_tags(entry_point: str | None = None) -> dict[str, str]:
+    """The tags MLflow Projects set, which the UI's Source and Version columns render ("<repo>:<entry point>",
+    the commit linked when the remote is on GitHub/GitLab): mlflow.source.type=PROJECT, mlflow.source.name (the
+    git remote URL, else the checkout's path), mlflow.project.entryPoint (`entry_point`, default sys.argv[0],
+    relative to the checkout), mlflow.source.git.commit/branch/repoURL; plus git.commit and git.dirty."""
+    root = Path(__file__).resolve().parents[1]
+    tags = {"mlflow.source.type": "PROJECT"}
+    commit, dirty = _git_commit(root)
+    remote = _without_credentials(_git(root, "config", "--get", "remote.origin.url"))
+    top = _git(root, "rev-parse", "--show-toplevel") if commit else None
+    tags["mlflow.source.name"] = remote or top or str(root)
+    if remote:
+        tags["mlflow.source.git.repoURL"] = remote
+    if commit:
+        tags.update({"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower()})
+        branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":  # HEAD: detached, no branch
+            tags["mlflow.source.git.branch"] = branch
+    if entry_point is None:
+        entry_point = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-m") else None
+    if entry_point:
+        path = Path(entry_point).resolve()
+        base = Path(top) if top else root
+        tags["mlflow.project.entryPoint"] = str(path.relative_to(base)) if path.is_relative_to(base) else entry_point
+    return tags
+
+
+def dataset_input(manifest: Any, source: str | os.PathLike | None = None, context: str = "training") -> Any:
+    """An mlflow.entities.DatasetInput for a token dataset: name = the data directory's name, digest = the
+    manifest fingerprint, source = {"uri": the directory or URI} of type "local" or the URI's scheme, schema =
+    the token column (mlflow_colspec, which the UI renders) with dtype, vocab size and tokenizer, profile = the
+    splits' token and document counts. None when the manifest is unreadable."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    manifest_dict = _manifest_dict(manifest)
+    if manifest_dict is None:
+        return None
+    if source is None and isinstance(manifest, (str, os.PathLike)):
+        source = manifest
+    uri = str(source) if source is not None else ""
+    if uri and not is_uri(uri):
+        path = Path(uri).expanduser().resolve()
+        uri = str(path.parent if path.name == MANIFEST_NAME else path)
+    scheme = urllib.parse.urlparse(uri).scheme if is_uri(uri) else ""
+    name = (uri.rstrip("/").rsplit("/", 1)[-1] if uri else "") or "dataset"
+    tokenizer = manifest_dict.get("tokenizer") or {}
+    tokenizer_summary = {k: v for k, v in tokenizer.items() if k != "chars"} if isinstance(tokenizer, Mapping) else tokenizer
+    splits = manifest_dict.get("splits") or {}
+    schema = {
+        "mlflow_colspec": [{"type": "long", "name": "token", "required": True}],
+        "dtype": manifest_dict.get("dtype"),
+        "vocab_size": manifest_dict.get("vocab_size"),
+        "tokenizer": tokenizer_summary,
+    }
+    profile = {
+        "num_tokens": {k: v.get("num_tokens") for k, v in splits.items() if isinstance(v, Mapping)},
+        "num_documents": {k: v.get("num_documents") for k, v in splits.items() if isinstance(v, Mapping)},
+        "num_shards": {k: len(v.get("shards") or []) for k, v in splits.items() if isinstance(v, Mapping)},
+        "vocab_size": manifest_dict.get("vocab_size"),
+        "tokenizer": tokenizer_summary.get("name") if isinstance(tokenizer_summary, Mapping) else tokenizer_summary,
+    }
+    dataset = Dataset(
+        name=name,
+        digest=manifest_fingerprint(manifest_dict),
+        source_type=scheme or "local",
+        source=json.dumps({"uri": uri}),
+        schema=json.dumps(schema, default=str),
+        profile=json.dumps(profile, default=str),
+    )
+    return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def manifest_fingerprint(manifest: Mapping[str, Any]) -> str:
@@ -943,6 +1105,25 @@ def _manifest_dict(manifest: Any) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         log.warning("dataset manifest %s unreadable: %s", manifest, e)
         return None
+
+
+def _without_credentials(url: str | None) -> str | None:
+    """https://user:token@host/x -> https://host/x (a remote URL may carry a token; tags are readable by all)."""
+    if not url or "://" not in url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _git(directory: Path, *args: str) -> str | None:
+    """`git -C directory args...`'s output, or None (not a checkout, no such config, git missing)."""
+    try:
+        done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def _git_commit(directory: Path) -> tuple[str | None, bool]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
 from nanogpt.config import Config
-from pipelines.mlflow_tracking import MlflowTracker, make_mlflow_tracker, resolve_checkpoint_uri
+from pipelines.mlflow_tracking import (
+    MlflowTracker,
+    make_mlflow_tracker,
+    manifest_fingerprint,
+    resolve_checkpoint_uri,
+)
 
 pytest_plugins = ("tests.mlflow_server",)
 
@@ -27,6 +33,7 @@ VAL = [(2, 3.61), (4, 2.99)]
 
 
 def make_config(out_dir: Path, name: str, experiment: str, tracking_uri: str | None = None, **changes) -> Config:
+    changes.setdefault("data__dir", str(out_dir.parent / "data" / "shakespeare_char"))
     return Config().replace(run__out_dir=str(out_dir), run__name=name, run__experiment=experiment,
                             run__tracking_uri=tracking_uri, **changes)
 
@@ -92,9 +99,19 @@ def check_round_trip(client: MlflowClient, tracker: MlflowTracker, config: Confi
     name = f"{config.run.experiment}-{config.run.name}"
     mv = client.get_model_version(name, version)
     assert mv.run_id == run.info.run_id
-    assert mv.source == f"{run.info.artifact_uri}/checkpoints/best"
+    # MLflow 3's links: version -> logged model (source models:/<model_id>) -> run (source_run_id, run outputs),
+    # and the logged model's mlflow.modelVersions tag back to the version (the runs table's Models column)
+    assert mv.source.startswith("models:/m-")
+    model = client.get_logged_model(mv.source.removeprefix("models:/"))
+    assert model.source_run_id == run.info.run_id and model.experiment_id == run.info.experiment_id
+    assert str(model.status) == "READY" and model.name == "checkpoint-best"
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": name, "version": 1}]  # once, as a server writes it
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 4)]
+    model_files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
+    assert {"model.safetensors", "config.yaml", "state.json"} <= model_files and "optimizer.pt" not in model_files
     assert mv.tags["step"] == "4" and mv.tags["best_val_loss"] == "2.99"
     assert run.data.tags["registered_model"] == f"models:/{name}/1"
+    check_ui_tags(client, run)
 
     original = (checkpoint / "model.safetensors").read_bytes()
     for i, uri in enumerate([f"models:/{name}/1", f"models:/{name}/latest", f"runs:/{run.info.run_id}/checkpoints/best"]):
@@ -103,9 +120,36 @@ def check_round_trip(client: MlflowClient, tracker: MlflowTracker, config: Confi
         assert (local / "state.json").is_file() and not (local / "optimizer.pt").exists()
 
 
+MANIFEST = {"vocab_size": 8, "dtype": "uint16", "tokenizer": {"name": "char", "vocab_size": 8, "chars": "abcdefgh"},
+            "splits": {"train": {"shards": [{"name": "train_000000.bin"}], "num_tokens": 900, "num_documents": 3},
+                       "val": {"shards": [{"name": "val_000000.bin"}], "num_tokens": 100, "num_documents": 1}},
+            "input_fingerprint": "in", "settings_fingerprint": "set", "stats": {"s": 1}}
+
+
+def check_ui_tags(client: MlflowClient, run) -> None:
+    """What MLflow 3.17's UI reads: the experiment's kind, the run's dataset input, its Project-style source."""
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "val_loss"  # its chart first
+    [dataset_input] = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.digest == manifest_fingerprint(MANIFEST) == run.data.tags["data.fingerprint"]
+    assert dataset.name == "shakespeare_char" and dataset.source_type == "local"
+    assert json.loads(dataset.source)["uri"].endswith("/data/shakespeare_char")
+    assert json.loads(dataset.profile)["num_tokens"] == {"train": 900, "val": 100}
+    schema = json.loads(dataset.schema)
+    assert schema["vocab_size"] == 8 and schema["tokenizer"] == {"name": "char", "vocab_size": 8}
+    assert schema["mlflow_colspec"][0]["name"] == "token"
+    assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "training")]
+    tags = run.data.tags
+    assert tags["mlflow.source.type"] == "PROJECT" and tags["mlflow.source.name"]
+    assert tags["mlflow.project.entryPoint"] == "pipelines/pretrain.py"
+    assert tags.get("mlflow.source.git.commit") == tags.get("git.commit")
+
+
 def run_training_like_job(config: Config, checkpoint: Path, **tracker_kwargs) -> tuple[MlflowTracker, str | None]:
-    tracker = make_mlflow_tracker(config, world_size=2, device="cpu", manifest={"vocab_size": 8, "stats": {"s": 1}},
-                                  **tracker_kwargs)
+    tracker = make_mlflow_tracker(config, world_size=2, device="cpu", manifest=MANIFEST,
+                                  entry_point="pipelines/pretrain.py", **tracker_kwargs)
     log_losses(tracker)
     tracker.log_text("ROMEO: sample at step 2", "samples/step_000002.txt")
     tracker.log_checkpoint(checkpoint, "best")
@@ -128,13 +172,16 @@ def wait_for_system_metrics(tracker: MlflowTracker, timeout_s: float = 30.0) -> 
 # ------------------------------------------------------------------------------------------- local store
 
 
-def test_local_store_round_trip_without_server(tmp_path):
+def test_local_store_round_trip_without_server(tmp_path, monkeypatch):
     import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path, as in every Ray worker)
 
     out = tmp_path / "out"
-    config = make_config(out, "shakespeare", "local-exp")
+    # the store named in the config, while the environment names someone else's: registering must keep both as set
+    config = make_config(out, "shakespeare", "local-exp", tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
     checkpoint = fake_checkpoint(tmp_path / "checkpoint_000004", config, step=4, val_loss=2.99)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     tracker, version = run_training_like_job(config, checkpoint, system_metrics_interval_s=0.3)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9"
 
     assert tracker.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
     assert (out / "mlflow.db").is_file()
@@ -147,17 +194,25 @@ def test_local_store_round_trip_without_server(tmp_path):
 
 def test_local_resume_keeps_one_run_and_tags_changed_params(tmp_path):
     config = make_config(tmp_path / "out", "resumed", "resume-exp")
-    first = make_mlflow_tracker(config, system_metrics=False)
+    (tmp_path / "out").mkdir()
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'out').resolve()}/mlflow.db")
+    # made before the kind tag existed
+    old_experiment = client.create_experiment("resume-exp", artifact_location=(tmp_path / "art").as_uri())
+    first = make_mlflow_tracker(config, system_metrics=False, manifest=MANIFEST)
     log_losses(first, train=TRAIN[:3], val=VAL[:1])  # then the worker "dies": no close()
 
     resumed = config.replace(model__init_from="resume")
-    second = make_mlflow_tracker(resumed, run_id=first.run_id, system_metrics=False)
+    second = make_mlflow_tracker(resumed, run_id=first.run_id, system_metrics=False, manifest=MANIFEST)
     assert second.run_id == first.run_id
     log_losses(second, train=TRAIN[3:], val=VAL[1:])
     second.close()
 
-    client = MlflowClient(second.tracking_uri)
+    assert second.tracking_uri == client.tracking_uri
     run = client.get_run(first.run_id)
+    assert run.info.experiment_id == old_experiment
+    assert client.get_experiment(old_experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(old_experiment).tags["mlflow.experiment.primaryMetric.name"] == "val_loss"
+    assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [manifest_fingerprint(MANIFEST)]  # once
     assert history(client, run.info.run_id, "train/loss") == TRAIN
     assert run.data.params["model.init_from"] == "scratch"  # MLflow params are immutable: first value kept
     assert run.data.tags["param_changed.model.init_from"] == "resume"

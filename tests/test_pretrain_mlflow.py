@@ -94,7 +94,14 @@ def test_two_workers_one_restart_one_mlflow_run(mlflow_server, shards, tmp_path,
 
     assert outcome.tracking["model_uri"] == "models:/shakespeare-debug/1"
     version = client.get_model_version("shakespeare-debug", "1")
-    assert version.run_id == run.info.run_id and version.source.endswith("checkpoints/best")
+    assert version.run_id == run.info.run_id and version.source.startswith("models:/m-")  # its LoggedModel
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert model.source_run_id == run.info.run_id and [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    # what the UI shows: the dataset input (logged once, by the driver), the source, the experiment's kind
+    [dataset] = [i.dataset for i in run.inputs.dataset_inputs]
+    assert dataset.digest == run.data.tags["data.fingerprint"] and dataset.source_type == "local"
+    assert run.data.tags["mlflow.source.type"] == "PROJECT"
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     # and the registered model samples through pipelines/sample.py
     capsys.readouterr()
