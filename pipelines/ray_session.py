@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +63,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local = starts_local_instance(address)
-    if local:
-        _prepare_local_instance()
+    dashboard = _prepare_local_instance() if local else {}
     # WARNING, not INFO, for the driver's `ray` loggers: no "Started a local Ray instance" and Ray Train driver
     # chatter on a nanoGPT user's console; the workers' own output (log_to_driver) is unaffected.
-    ray.init(address=address, num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING)
+    ray.init(address=address, num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING, **dashboard)
     if local:
         _restrict_token_file()
         _start_watchdog()
@@ -74,7 +74,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("Ray ready: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
 
 
-def _prepare_local_instance() -> None:
+def _prepare_local_instance() -> dict:
+    """Set the local instance's environment; return ray.init's dashboard arguments."""
     for key, value in LOCAL_INSTANCE_ENV.items():
         os.environ.setdefault(key, value)
     # this process imported ray already: its own copy of the constant decides the driver's node IP
@@ -84,6 +85,21 @@ def _prepare_local_instance() -> None:
     # (Setting RAY_AUTH_MODE=token instead does not work once ray is imported: the driver keeps "disabled".)
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         _DropMessage("Token authentication is enabled for this Ray cluster"))
+    return _dashboard_on_free_port()
+
+
+def _dashboard_on_free_port() -> dict:
+    """Ray Train's PlacementGroupCleaner asks the State API (the dashboard) whether a controller is dead, to free
+    the workers of a sweep trial Tune stopped. Without RAY_API_SERVER_ADDRESS it scans the machine for Ray instances
+    and gives up when there are several (other users' jobs, a test's cluster): name ours. Every Ray process started
+    here inherits the variable."""
+    if "RAY_API_SERVER_ADDRESS" in os.environ:
+        return {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 def _restrict_token_file() -> None:

@@ -150,6 +150,9 @@ def max_concurrent_trials(sweep: Sweep) -> int:
         fits = min(fits, int(total.get("GPU", 0) // (rc.num_workers * rc.gpus_per_worker)))
     if fits < 1:
         log.warning("the cluster cannot hold one trial now (%s); trials wait for an autoscaler", total)
+    elif int(total.get("CPU", 0) // (rc.num_workers * rc.cpus_per_worker)) > fits:
+        log.warning("each trial's driver reserves %s CPU, so only %d trials fit at once; a slightly smaller "
+                    "run.cpus_per_worker (e.g. 0.95 instead of 1) lets one more run", DRIVER_RESOURCES["cpu"], fits)
     limit = sweep.spec.max_concurrent_trials
     return max(1, min(fits, limit) if limit else fits)
 
