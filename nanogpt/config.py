@@ -65,7 +65,10 @@ class DataConfig:
     """Where token shards live, and how `pipelines/prepare.py` makes them from a corpus."""
 
     dir: str | None = None
-    """Directory of prepared shards (train_*.bin, val_*.bin, manifest.json)."""
+    """Directory of prepared shards (train_*.bin, val_*.bin, manifest.json), or a URI (s3://, gs://) of one: each
+    node then keeps a verified copy in cache_dir (nanogpt/shard_cache.py)."""
+    cache_dir: str | None = None
+    """Where a node keeps its copy of shards read from a URI data.dir; None: ~/.cache/nanogpt-ray/shards."""
     input: str | None = None
     """Corpus: path, glob, directory, hf:<name>[:<config>], s3://... or gs://..., or `tinyshakespeare`."""
     tokenizer: str = "gpt2"

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from nanogpt import storage
+
 log = logging.getLogger(__name__)
 
 HEADER_INTS = 256
@@ -176,6 +178,11 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
         while chunk := f.read(chunk_bytes):
             sha.update(chunk)
     return sha.hexdigest()
+
+
+def shard_file_bytes(info: ShardInfo, dtype: str) -> int:
+    """The size of a shard file: the header and `info.num_tokens` tokens of `dtype` (uint16 | uint32)."""
+    return HEADER_BYTES + info.num_tokens * np.dtype(dtype).itemsize
 
 
 def shard_name(split: str, index: int) -> str:
@@ -339,15 +346,33 @@ def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
 
 
 def load_manifest(directory: str | os.PathLike) -> Manifest:
-    path = Path(directory) / MANIFEST_NAME
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ShardError(path, "missing: not a prepared shard directory, or its preparation did not finish") from None
+    """The manifest of a shard directory, or of a URI prefix in object storage (s3://bucket/shards)."""
+    text = manifest_text(directory)
     try:
         return Manifest.from_json(text)
     except (ValueError, TypeError, KeyError) as e:
-        raise ShardError(path, f"invalid manifest ({type(e).__name__}: {e})") from None
+        raise ShardError(_manifest_path(directory), f"invalid manifest ({type(e).__name__}: {e})") from None
+
+
+def manifest_text(directory: str | os.PathLike) -> str:
+    """manifest.json's text, read from a directory or a URI; ShardError naming it when it is missing."""
+    path = _manifest_path(directory)
+    missing = "missing: not a prepared shard directory, or its preparation did not finish"
+    if storage.is_uri(path):
+        try:
+            if not storage.exists(path):
+                raise ShardError(path, missing)
+            return storage.read_bytes(path).decode()
+        except storage.StorageError as e:
+            raise ShardError(path, f"{e.reason}; {storage.REACH_HINT}") from None
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise ShardError(path, missing) from None
+
+
+def _manifest_path(directory: str | os.PathLike) -> str:
+    return storage.join(str(directory), MANIFEST_NAME)
 
 
 def verify(directory: str | os.PathLike, check_hashes: bool = True) -> Manifest:

@@ -35,6 +35,7 @@ from nanogpt.config import ConfigError, load_config
 from nanogpt.devices import Precision
 from nanogpt.evaluation import evaluate_split
 from nanogpt.sampling import checkpoint_model
+from nanogpt.shard_cache import local_shards
 from nanogpt.tokenizers import TokenizerError, tokenizer_from_dict
 from pipelines.checkpoint_uris import local_checkpoint_dir
 
@@ -78,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir = args.data_dir or config.data.dir
         if not data_dir:
             raise ConfigError("no shards to evaluate on: pass --data-dir")
+        data_dir = local_shards(data_dir, config.data.cache_dir)  # s3://...: this machine's verified copy
         precision = Precision.resolve(args.device or config.train.device, args.dtype or config.train.dtype)
         result = evaluate_split(
             model.to(precision.device), tokenizer, data_dir, args.split,

@@ -72,7 +72,7 @@ from nanogpt.checkpoint import (
     read_state,
 )
 from nanogpt.config import Config, RunConfig
-from nanogpt.shards import MANIFEST_NAME
+from nanogpt.shards import MANIFEST_NAME, ShardError, manifest_text
 from nanogpt.storage import is_uri
 
 # mlflow is imported where it is used, not here: `import mlflow` costs 1.4-2.3 s on 2 cores, and the driver imports
@@ -203,6 +203,8 @@ class MlflowTracker:
         self.retry_interval_s = retry_interval_s
         self.max_retry_interval_s = max_retry_interval_s
         self.failures_before_open = failures_before_open
+        # no tqdm bar on the console for each checkpoint MLflow copies (a user's own setting wins)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if tracking_uri.startswith(("http://", "https://")):
             for key, value in HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)
@@ -1097,12 +1099,10 @@ def _manifest_dict(manifest: Any) -> dict[str, Any] | None:
         return manifest.to_dict()
     if isinstance(manifest, Mapping):
         return dict(manifest)
-    path = Path(manifest)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
+    directory = str(manifest).removesuffix(MANIFEST_NAME).rstrip("/") or "."
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        return json.loads(manifest_text(directory))  # a directory or a URI (s3://...)
+    except (ShardError, OSError, ValueError) as e:
         log.warning("dataset manifest %s unreadable: %s", manifest, e)
         return None
 

@@ -3,8 +3,8 @@
     python pipelines/prepare.py --input data/input.txt --tokenizer char --out data/shakespeare_char
     python pipelines/prepare.py --preset shakespeare --out data/shakespeare          # GPT-2 BPE, 90/10 tail split
     python pipelines/prepare.py --input 'corpus/*.jsonl' --tokenizer gpt2 --out data/c --data.append_eot=true
-    python pipelines/prepare.py --preset openwebtext --out /mnt/shared/owt           # on a cluster:
-    ray job submit --working-dir . -- python pipelines/prepare.py --preset openwebtext --out /mnt/shared/owt
+    python pipelines/prepare.py --preset openwebtext --out s3://bucket/shards/owt    # on a cluster:
+    ray job submit --working-dir . -- python pipelines/prepare.py --preset openwebtext --out s3://bucket/shards/owt
 
 Options: --preset <name> (pipelines/configs/data/<name>.yaml), --input, --tokenizer, --out, any --data.key=value
 (nanogpt/config.py's DataConfig), --force (rebuild even when the manifest says the output is up to date),
@@ -27,7 +27,8 @@ How the work is divided, and why the output never depends on it:
 The tail split (nanoGPT's Shakespeare rule) cuts the concatenated characters at int(n * (1 - val_fraction)); the one
 document holding that point is tokenized again as two halves, like nanoGPT's `data[:i]` / `data[i:]`. The random
 split (nanoGPT's openwebtext rule) hashes (seed, file, document) per document. On a multi-node cluster --out must
-be a filesystem every node sees (NFS, FSx, a mounted bucket): shards are written by the tasks. Parallelism is per
+be a URI (s3://, gs://: each task uploads its shard as one object, nanogpt/shard_prefix.py) or a filesystem every
+node sees (NFS, FSx): shards are written by the tasks. Parallelism is per
 file (a file is read and split into documents by one task), and a Hugging Face dataset goes through
 `ray.data.from_huggingface`, which copies its table from the driver into the object store: for corpora beyond
 that, point --input at the dataset's parquet or jsonl files.
@@ -44,9 +45,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from nanogpt import shard_prefix
 from nanogpt.config import ConfigError, DataConfig, load_config
 from nanogpt.corpus import (
     CorpusError,
@@ -105,6 +109,7 @@ from nanogpt.split_plan import (
     tail_cut,
     tail_split_streams,
 )
+from nanogpt.storage import is_uri, join
 from nanogpt.tokenizers import CharTokenizer, Tokenizer, TokenizerError, build_tokenizer
 from pipelines.ray_session import init_ray
 
@@ -169,23 +174,29 @@ def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -
     holding files prepare did not write (ShardError): it only ever removes its own shards and temporary files.
     """
     start = time.perf_counter()
-    out = Path(out_dir)
+    out = str(out_dir)
     if data.tokenizer == "char" and data.append_eot:
         raise ConfigError("data.append_eot=true needs an end-of-text token; the char tokenizer has none")
     request, hf_ds = _resolve_request(data)
-    with lock_shard_dir(out):
-        check_owned(out)
+    with _locked(out):
+        shard_prefix.check_owned(out) if is_uri(out) else check_owned(out)
         existing = None if force else _up_to_date(out, request.input_fingerprint, request.settings_fingerprint)
         if existing is not None:
-            log.info("%s is up to date (same input and settings fingerprints, every shard's sha256 checked): "
-                     "nothing to do; --force rebuilds", out / MANIFEST_NAME)
+            log.info("%s is up to date (same input and settings fingerprints, every shard %s): nothing to do; "
+                     "--force rebuilds", join(out, MANIFEST_NAME),
+                     "with its size" if is_uri(out) else "with its sha256")
             return existing
         manifest = _build(out, request, hf_ds, start)
     _log_summary(manifest, out, time.perf_counter() - start)
     return manifest
 
 
-def _build(out: Path, request: Request, hf_ds: Any, start: float) -> Manifest:
+def _locked(out: str):
+    """The output's lock (a directory's flock); object stores have none (nanogpt/shard_prefix.py)."""
+    return contextlib.nullcontext() if is_uri(out) else lock_shard_dir(out)
+
+
+def _build(out: str, request: Request, hf_ds: Any, start: float) -> Manifest:
     """Tokenize, plan and write the output: everything after the up-to-date check."""
     data = request.data
     tokenizer = build_tokenizer("gpt2") if data.tokenizer == "gpt2" else None  # fail fast, before any Ray work
@@ -564,23 +575,24 @@ def _read_bytes(path: str) -> bytes:
 # ------------------------------------------------------------------------------------------ 4. write shards
 
 
-def _write_output(out: Path, planned: PlannedOutput, request: Request, start: float) -> Manifest:
+def _write_output(out: str, planned: PlannedOutput, request: Request, start: float) -> Manifest:
     """Invalidate the old output, write every shard from tasks, then the manifest."""
     writing = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    if not is_uri(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     _remove_output(out)
     shards = _write_shards(out, planned, request.data.shard_size)
     manifest = _manifest(planned, request, shards, start, writing)
-    write_manifest(out, manifest)
+    shard_prefix.write_manifest(out, manifest) if is_uri(out) else write_manifest(out, manifest)
     return manifest
 
 
-def _write_shards(out: Path, planned: PlannedOutput, shard_size: int) -> dict[str, list[ShardInfo]]:
+def _write_shards(out: str, planned: PlannedOutput, shard_size: int) -> dict[str, list[ShardInfo]]:
     """Write each planned shard from a task of its own; on any failure, cancel them all and remove the output."""
     plans = plan_output_shards(planned.streams, shard_size)
     tasks: dict[ray.ObjectRef, ShardPlan] = {}
     for plan in plans:
-        path = str(out / shard_name(plan.split, plan.index))
+        path = join(out, shard_name(plan.split, plan.index))
         used = [planned.blocks[b] for b in plan.blocks]
         ref = _write_shard_task.remote(path, planned.tokenizer.vocab_size, planned.codepoints, plan.parts, *used)
         tasks[ref] = plan
@@ -650,11 +662,20 @@ def _write_shard_task(
         if codepoints is not None:  # char-level: code point -> its index in the sorted vocabulary
             chunk = np.searchsorted(codepoints, chunk).astype(np.int64)
         chunks.append(chunk)
-    return write_shard(path, chunks, vocab_size)
+    if not is_uri(path):
+        return write_shard(path, chunks, vocab_size)
+    with tempfile.TemporaryDirectory(prefix="nanogpt-shard-") as tmp:  # on the task's node; one shard at a time
+        local = os.path.join(tmp, path.rsplit("/", 1)[-1])
+        info = write_shard(local, chunks, vocab_size)
+        shard_prefix.upload_shard(local, path)  # one object, visible when its upload completes
+    return info
 
 
-def _remove_output(out: Path) -> None:
+def _remove_output(out: str) -> None:
     """Remove the manifest first (the output stops looking complete), then shards and stray temporary files."""
+    if is_uri(out):
+        return shard_prefix.remove_output(out)
+    out = Path(out)
     manifest = out / MANIFEST_NAME
     if manifest.exists():
         _remove(manifest)
@@ -671,16 +692,20 @@ def _remove(path: Path) -> None:
         raise write_error(path, e, "cannot remove") from None
 
 
-def _up_to_date(out: Path, input_fp: str, settings_fp: str) -> Manifest | None:
+def _up_to_date(out: str, input_fp: str, settings_fp: str) -> Manifest | None:
     """The manifest of `out` when it has these fingerprints and every shard it lists still has its sha256 (a shard
-    damaged since is a rebuild, not a silent "nothing to do"); None otherwise."""
-    if not (out / MANIFEST_NAME).exists():
+    damaged since is a rebuild, not a silent "nothing to do"); None otherwise. In object storage: every shard with
+    its size (hashing would download them all; each training node hashes its download)."""
+    if not (shard_prefix.manifest_exists(out) if is_uri(out) else os.path.exists(join(out, MANIFEST_NAME))):
         return None
     try:
         manifest = load_manifest(out)
         if (manifest.input_fingerprint, manifest.settings_fingerprint) != (input_fp, settings_fp):
-            log.info("%s: input or settings changed, rebuilding", out / MANIFEST_NAME)
+            log.info("%s: input or settings changed, rebuilding", join(out, MANIFEST_NAME))
             return None
+        if is_uri(out):
+            shard_prefix.check_sizes(out, manifest)
+            return manifest
         return verify(out, check_hashes=True)
     except ShardError as e:
         log.warning("rebuilding: %s", e)
@@ -717,7 +742,7 @@ def _describe_source(source: InputSource) -> str:
     return f"Hugging Face dataset, {source.details.get('num_rows', '?'):,} rows"
 
 
-def _log_summary(manifest: Manifest, out: Path, seconds: float) -> None:
+def _log_summary(manifest: Manifest, out: str, seconds: float) -> None:
     s = manifest.stats
     splits = ", ".join(
         f"{name} {info.num_tokens:,} tokens in {len(info.shards)} shard{'s' * (len(info.shards) != 1)}"
@@ -728,7 +753,7 @@ def _log_summary(manifest: Manifest, out: Path, seconds: float) -> None:
         "%.1f s, %s tokens/s -> %s",
         f"{manifest.num_documents:,}", s["num_empty_documents_skipped"], s["num_replaced_characters"], splits,
         manifest.tokenizer["name"], manifest.vocab_size, manifest.dtype, seconds,
-        f"{s['tokens_per_second']:,}", out / MANIFEST_NAME,
+        f"{s['tokens_per_second']:,}", join(out, MANIFEST_NAME),
     )
 
 

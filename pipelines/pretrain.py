@@ -58,8 +58,8 @@ from nanogpt.checkpoint import CheckpointError, consolidate_checkpoint, export_h
 from nanogpt.config import Config, ConfigError, load_config
 from nanogpt.corpus import CorpusError
 from nanogpt.sampling import generate_from_checkpoint
-from nanogpt.shards import MANIFEST_NAME, Manifest, ShardError, verify
-from nanogpt.storage import is_uri, resolve_local
+from nanogpt.shards import MANIFEST_NAME, Manifest, ShardError, load_manifest, verify
+from nanogpt.storage import REACH_HINT, StorageError, exists, is_uri, join, list_names, resolve_local
 from nanogpt.tokenizers import TokenizerError
 from nanogpt.train import OnStep
 from pipelines.checkpoint_uris import local_checkpoint_dir
@@ -158,35 +158,45 @@ def validate(config: Config) -> None:
     if not config.data.dir:
         raise ConfigError("data.dir is not set: the directory of prepared token shards (or where to prepare them "
                           "from data.input), e.g. --data.dir=data/shakespeare_char")
-    if is_uri(config.data.dir):
-        raise ConfigError(f"data.dir={config.data.dir}: token shards are memory-mapped, so data.dir must be a "
-                          "filesystem path every worker sees (a shared mount on a cluster), not a URI")
 
 
 def check_data(config: Config) -> Manifest | None:
     """The shards' manifest, every shard hashed against it (the one hash of this launch: the workers check
     headers and sizes only); None when data.dir has no shards yet and data.input can make them."""
+    try:
+        return _check_data(config)
+    except StorageError as e:  # data.dir in object storage, and the store did not answer
+        raise ShardError(e.uri, f"{e.reason}; {REACH_HINT}") from None
+
+
+def _check_data(config: Config) -> Manifest | None:
     data_dir = config.data.dir
-    if os.path.exists(os.path.join(data_dir, MANIFEST_NAME)):
-        manifest = verify(data_dir)  # ShardError names the damaged file
-        if manifest.tokenizer.get("name") != config.data.tokenizer:
-            raise ConfigError(
-                f"data.dir={data_dir} holds {manifest.tokenizer.get('name')} tokens but data.tokenizer="
-                f"{config.data.tokenizer}: point data.dir at shards of that tokenizer (or set --data.tokenizer)"
-            )
-        _check_windows_fit(config, manifest)
+    remote = is_uri(data_dir)
+    if exists(join(data_dir, MANIFEST_NAME)):
+        # In object storage each node hashes the shards as it downloads them (nanogpt/shard_cache.py).
+        manifest = load_manifest(data_dir) if remote else verify(data_dir)  # ShardError names the damaged file
+        _check_manifest(config, manifest)
         return manifest
     if not config.data.input:
-        raise ShardError(os.path.join(data_dir, MANIFEST_NAME),
+        raise ShardError(join(data_dir, MANIFEST_NAME),
                          "missing and data.input is not set: prepare the shards first (pipelines/prepare.py) or "
                          "set --data.input to prepare them here")
-    if os.path.isdir(data_dir) and any(os.scandir(data_dir)):
+    if list_names(data_dir) if remote else (os.path.isdir(data_dir) and any(os.scandir(data_dir))):
         # never replace someone's files (a killed prepare of another corpus) with shards of data.input
-        raise ShardError(os.path.join(data_dir, MANIFEST_NAME),
+        raise ShardError(join(data_dir, MANIFEST_NAME),
                          f"missing, but {data_dir} is not empty (an interrupted prepare?): finish it with "
                          f"`python pipelines/prepare.py --out {data_dir} --input <the same corpus>`, or point "
                          "--data.dir at a new directory to prepare data.input there")
     return None
+
+
+def _check_manifest(config: Config, manifest: Manifest) -> None:
+    if manifest.tokenizer.get("name") != config.data.tokenizer:
+        raise ConfigError(
+            f"data.dir={config.data.dir} holds {manifest.tokenizer.get('name')} tokens but data.tokenizer="
+            f"{config.data.tokenizer}: point data.dir at shards of that tokenizer (or set --data.tokenizer)"
+        )
+    _check_windows_fit(config, manifest)
 
 
 def _check_windows_fit(config: Config, manifest: Manifest) -> None:

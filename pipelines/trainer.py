@@ -18,7 +18,8 @@ from typing import Any
 
 from nanogpt.checkpoint import CheckpointError, check_committed, checkpoint_dirs
 from nanogpt.config import Config
-from nanogpt.storage import is_uri
+from nanogpt.shard_cache import local_shards
+from nanogpt.storage import is_uri, join
 from nanogpt.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 from nanogpt.train import OnStep, TrainContext
 from pipelines.runs import METRICS_FILE, RunPlan
@@ -62,12 +63,26 @@ class RayReporter:
     Under FSDP every rank attaches its part (its shards; rank 0's also the metadata and state.json): Ray uploads
     each rank's directory into the same checkpoint directory in storage and registers it once all have reported."""
 
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         name = f"checkpoint_{int(metrics['step']):06d}" if checkpoint else None
         ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
+        if name and ray.train.get_context().get_world_rank() == 0:
+            log.info("saved checkpoint to %s", join(self.run_dir, name))
+
+
+def quiet_ray_train_logs() -> None:
+    """Drop Ray Train's INFO lines of every report on every rank ("Reporting training result 3: TrainingReport(...)",
+    "Checkpoint successfully created at: ..."): rank 0's "saved checkpoint to ..." says it once. Warnings stay."""
+    from ray.train.v2._internal.execution import context, storage  # Ray 2.60; private modules, Ray is pinned
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by its path
+    logging.getLogger(storage.__name__).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -78,19 +93,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     from nanogpt.train import train
 
+    quiet_ray_train_logs()
     config = Config.from_dict(loop_config["config"])
     context = ray.train.get_context()
     ray_device = ray.train.torch.get_device()  # cuda:<local gpu> with use_gpu, else cpu
     ctx = TrainContext(
         rank=context.get_world_rank(), world_size=context.get_world_size(), local_rank=context.get_local_rank(),
         device=str(ray_device) if config.train.device in ("auto", "cuda") else config.train.device,
-        shards_hashed=True,  # by the driver, once per launch
+        shards_hashed=True,  # by the driver, once per launch (or, in object storage, by each node as it downloads)
     )
-    hooks = loop_config.get("on_step") or []
-    with _resume_dir(config, loop_config.get("resume_from"), loop_config["run_dir"]) as resume_dir:
-        tracker = make_worker_tracker(config, ctx.rank, loop_config["run_dir"], loop_config.get("tracking_run_id"))
+    hooks, run_dir = loop_config.get("on_step") or [], loop_config["run_dir"]
+    data_dir = local_shards(config.data.dir, config.data.cache_dir)  # s3://...: this node's verified copy
+    if ctx.rank != 0:  # as nanoGPT's master_process: one rank describes the model and the run (warnings stay)
+        logging.getLogger("nanogpt").setLevel(logging.WARNING)
+    with _resume_dir(config, loop_config.get("resume_from"), run_dir) as resume_dir:
+        tracker = make_worker_tracker(config, ctx.rank, run_dir, loop_config.get("tracking_run_id"))
         try:
-            result = train(config, config.data.dir, ctx, RayReporter(), tracker=tracker, resume_from=resume_dir,
+            result = train(config, data_dir, ctx, RayReporter(run_dir), tracker=tracker, resume_from=resume_dir,
                            on_step=_all_of(hooks))
         except BaseException:
             tracker.close(status="FAILED")
