@@ -50,6 +50,16 @@ def open_job_run(config: Config, plan: RunPlan, parent_run_id: str | None = None
     return tracker.run_id
 
 
+def discard_job_run(config: Config, run_id: str | None) -> None:
+    """Delete a run the job opened but never used (the job failed before its workers started)."""
+    if run_id is None:
+        return
+    try:
+        MlflowTracker.from_config(config).client.delete_run(run_id)
+    except Exception as e:  # tracking failures are warnings
+        log.warning("could not delete MLflow run %s of a job that did not start: %s", run_id, e)
+
+
 def find_job_run(config: Config, run_dir: str) -> str | None:
     """The id of the MLflow run tagged with `run_dir` in the job's experiment (the newest), or None."""
     return job_tracker(config, run_dir, system_metrics=False).find_run(RUN_DIR_TAG, run_dir)

@@ -99,22 +99,57 @@ def pretrain(config: Config, preset: str | None = None, *, address: str | None =
     config = config.replace(run__name=plan.name, run__out_dir=plan.storage_path,
                             data__dir=resolve_local(config.data.dir))
     manifest = check_data(config)
-
-    from pipelines.ray_session import init_ray
-
-    init_ray(address=address, num_cpus=num_cpus)
-    check_resources(config)
-    if manifest is None:
-        prepare_data(config)
-    run_id = None
     if config.run.tracker == "mlflow":
-        from pipelines.job_tracking import open_job_run
         from pipelines.mlflow_tracking import resolve_tracking_uri
 
         # resolved here: the workers have another cwd, and maybe another environment
         config = config.replace(run__tracking_uri=resolve_tracking_uri(config))
-        run_id = open_job_run(config, plan)
+    # With the shards there, the MLflow run opens (imports, store set-up: seconds) while Ray starts.
+    with _JobRunOpener(config, plan, early=manifest is not None) as opener:
+        from pipelines.ray_session import init_ray
+
+        init_ray(address=address, num_cpus=num_cpus)
+        check_resources(config)
+        if manifest is None:
+            prepare_data(config)
+        run_id = opener.run_id()
     return fit(config, plan, run_id, on_step)
+
+
+class _JobRunOpener:
+    """The job's MLflow run (run.tracker=mlflow), opened on a thread from the start of the block when `early`, else
+    when asked. A block left by an error before the workers start discards a run it created: a job that never
+    trained leaves no run in the UI."""
+
+    def __init__(self, config: Config, plan: RunPlan, early: bool) -> None:
+        self.config, self.plan, self.future, self.pool = config, plan, None, None
+        if early and config.run.tracker == "mlflow":
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="open-mlflow-run")
+            self.future = self.pool.submit(self._open)
+
+    def _open(self) -> str | None:
+        from pipelines.job_tracking import open_job_run
+
+        return open_job_run(self.config, self.plan)
+
+    def run_id(self) -> str | None:
+        if self.config.run.tracker != "mlflow":
+            return None
+        return self.future.result() if self.future is not None else self._open()
+
+    def __enter__(self) -> _JobRunOpener:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.pool is None:
+            return
+        self.pool.shutdown(wait=True)
+        if exc_type is not None and not self.plan.continues_run and self.future.exception() is None:
+            from pipelines.job_tracking import discard_job_run
+
+            discard_job_run(self.config, self.future.result())
 
 
 def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnStep] = (), *,

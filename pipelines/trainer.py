@@ -181,5 +181,5 @@ def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | N
     from pipelines.job_tracking import job_tracker
 
     mlflow = job_tracker(config, run_dir, owns_run=False)
-    mlflow.start(run_id)
+    mlflow.start(run_id, wait=False)  # MLflow's import and connection overlap building the model
     return MultiTracker(jsonl, mlflow)

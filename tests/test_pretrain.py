@@ -159,7 +159,12 @@ def test_bad_config_fails_before_training(tmp_path, shards, caplog, case, extra,
     argv = ["--config", "debug", f"--run.out_dir={out}", "--run.name=bad", f"--data.dir={data_dir}", *extra]
     assert main(argv) == 2
     assert expected in caplog.text
-    assert not out.exists(), "a run directory was created"
+    assert not (out / "bad").exists(), "a run directory was created"
+    if (out / "mlflow.db").exists():  # the run opened while Ray started (the shards were there): deleted again
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+        assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
 
 
 def test_existing_run_is_never_silently_resumed(tmp_path):
