@@ -32,7 +32,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     """The TorchTrainer for `config` (resolved by the driver: run name, storage, data and tracking paths), its
     checkpoints kept by val_loss; one plain dict goes to the workers. `callbacks`: Ray Train callbacks, e.g. a
     sweep trial's TuneReportCallback."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     rc = config.run
@@ -53,6 +53,9 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
             ),
             failure_config=FailureConfig(max_failures=rc.max_failures),
             callbacks=list(callbacks) or None,
+            # Ray Train's own INFO lines on the console (resource requests, the worker group, each checkpoint):
+            # off, like the rest of Ray's chatter; warnings and errors stay, and Ray's log files keep everything.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -77,12 +80,11 @@ class RayReporter:
 
 
 def quiet_ray_train_logs() -> None:
-    """Drop Ray Train's INFO lines of every report on every rank ("Reporting training result 3: TrainingReport(...)",
-    "Checkpoint successfully created at: ..."): rank 0's "saved checkpoint to ..." says it once. Warnings stay."""
-    from ray.train.v2._internal.execution import context, storage  # Ray 2.60; private modules, Ray is pinned
+    """Drop Ray Train's INFO line of every report on every rank ("Reporting training result 3: TrainingReport(...)"),
+    which LoggingConfig does not reach: its module names its logger by its file path, not `ray.train...`."""
+    from ray.train.v2._internal.execution import context  # Ray 2.60; a private module, Ray is pinned
 
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by its path
-    logging.getLogger(storage.__name__).setLevel(logging.WARNING)
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:

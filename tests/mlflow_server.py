@@ -38,6 +38,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_group(proc: subprocess.Popen | None) -> None:
+    """SIGKILL the process group a server was started in (start_new_session=True), and wait for its leader."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
 class MlflowServer:
     def __init__(self, root: Path, port: int | None = None) -> None:
         self.root = Path(root)
@@ -90,13 +101,7 @@ class MlflowServer:
 
     def kill(self) -> None:
         """SIGKILL the server's process group and wait for it: the port refuses connections at once."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
+        kill_group(self.proc)
         self.proc = None
 
     def restart(self, timeout: float = STARTUP_TIMEOUT_S) -> None:

@@ -14,8 +14,6 @@ dummy credentials and a region in the environment. Nothing in the project knows 
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mlflow_server import free_port
+from tests.mlflow_server import free_port, kill_group
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -65,13 +63,7 @@ class S3Server:
         raise RuntimeError(f"moto server did not answer on {self.endpoint} within {STARTUP_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
+        kill_group(self.proc)
         self.proc = None
 
     def bucket_uri(self, prefix: str = "") -> str:
