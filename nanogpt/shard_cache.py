@@ -70,10 +70,10 @@ def fetch_shards(uri: str, cache_root: str | os.PathLike | None = None) -> Cache
     except OSError as e:
         raise write_error(root, e, "cannot create the shard cache") from None
     with _node_lock(copy.with_name(copy.name + ".lock")):
-        text = _remote_manifest(uri)
+        text, manifest = _remote_manifest(uri)
         if _is_complete(copy, text):
             return CachedShards(str(copy), 0)
-        downloaded = _fill(uri, copy, Manifest.from_json(text), text)
+        downloaded = _fill(uri, copy, manifest, text)
     return CachedShards(str(copy), downloaded)
 
 
@@ -96,14 +96,13 @@ def _node_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _remote_manifest(uri: str) -> str:
-    """The store's manifest.json, checked to parse: ShardError naming it when it cannot be read or is invalid."""
+def _remote_manifest(uri: str) -> tuple[str, Manifest]:
+    """The store's manifest.json, its text and parsed: ShardError naming it when it cannot be read or is invalid."""
     text = manifest_text(uri)
     try:
-        Manifest.from_json(text)
+        return text, Manifest.from_json(text)
     except (ValueError, TypeError, KeyError) as e:
         raise ShardError(join(uri, MANIFEST_NAME), f"invalid manifest ({type(e).__name__}: {e})") from None
-    return text
 
 
 def _is_complete(copy: Path, text: str) -> bool:
