@@ -473,11 +473,17 @@ class MlflowTracker:
 
     def log_dataset(self, manifest: Any, source: str | os.PathLike | None = None, context: str = "training") -> None:
         """The token dataset as the run's MLflow dataset input (the UI's Dataset column and Datasets filter):
-        `dataset_input(manifest, source)`. Logging the same dataset again (a resumed run) adds nothing."""
-        entity = dataset_input(manifest, source, context)
-        if entity is not None:
-            self._submit(lambda: self._queue(f"log dataset {entity.dataset.name}",
-                                             lambda: self.client.log_inputs(self._run_id, [entity])))
+        `dataset_input(manifest, source)`. Logging the same dataset again (a resumed run) adds nothing.
+        Built on the tracker's thread, like every mlflow import here: that thread may be importing mlflow right
+        now, and a second thread importing it meanwhile fails on mlflow's circular imports ("partially
+        initialized module 'mlflow.entities'")."""
+
+        def log_now() -> None:
+            entity = dataset_input(manifest, source, context)
+            if entity is not None:
+                self._queue(f"log dataset {entity.dataset.name}", lambda: self.client.log_inputs(self._run_id, [entity]))
+
+        self._submit(log_now)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer the points, then send everything buffered in `log_batch` calls of ≤ 1000 points (on the tracker's

@@ -165,3 +165,38 @@ def test_mlflow_server_dying_midrun_does_not_stop_training(shards, tmp_path):
     assert (Path(outcome.latest_checkpoint) / "model.safetensors").is_file()
     assert sorted(r["step"] for r in records(run_dir) if "loss" in r) == list(range(40))
     assert outcome.tracking is None or "model_uri" not in outcome.tracking  # nothing registered with no server
+
+
+OPEN_WHILE_RAY_STARTS = """
+import sys
+from nanogpt.config import load_config
+from pipelines.mlflow_tracking import resolve_tracking_uri
+from pipelines.pretrain import PRESET_DIR, _JobRunOpener
+from pipelines.ray_session import init_ray
+from pipelines.runs import plan_run
+config = load_config("debug", [f"--data.dir={sys.argv[1]}", f"--run.out_dir={sys.argv[2]}"], search_dirs=[PRESET_DIR])
+plan = plan_run(config, "debug")
+config = config.replace(run__tracking_uri=resolve_tracking_uri(config))
+with _JobRunOpener(config, plan, early=True) as opener:
+    init_ray(num_cpus=1)
+    print("run", opener.run_id())
+"""
+
+
+def test_the_run_opens_in_a_fresh_process_while_ray_starts(shards, tmp_path):
+    """The driver's first mlflow import runs on two threads at once (the opener's and its tracker's): once, mlflow's
+    circular imports failed there in 2 of 5 fresh processes ("partially initialized module 'mlflow.entities'")."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    for attempt in range(3):
+        out = tmp_path / f"runs{attempt}"
+        result = subprocess.run([sys.executable, "-c", OPEN_WHILE_RAY_STARTS, str(shards), str(out)], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "partially initialized" not in result.stderr, result.stderr[-3000:]
+        run_id = result.stdout.split("run ", 1)[1].strip()
+        client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+        assert [i.dataset.name for i in client.get_run(run_id).inputs.dataset_inputs] == [shards.name]
