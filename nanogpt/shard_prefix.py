@@ -18,9 +18,16 @@ import json
 import os
 
 from nanogpt.shard_dir import is_own_file
-from nanogpt.shards import MANIFEST_FORMAT, MANIFEST_NAME, SHARD_NAME, Manifest, ShardError, shard_file_bytes
+from nanogpt.shards import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    SHARD_NAME,
+    Manifest,
+    ShardError,
+    shard_file_bytes,
+    store_error,
+)
 from nanogpt.storage import (
-    REACH_HINT,
     StorageError,
     join,
     list_names,
@@ -47,24 +54,24 @@ def check_owned(prefix: str) -> None:
 
 def manifest_exists(prefix: str) -> bool:
     uri = join(prefix, MANIFEST_NAME)
-    return _store(uri, size, uri) is not None
+    return _store(size, uri) is not None
 
 
 def remove_output(prefix: str) -> None:
     """Remove the manifest first, then every shard-named object."""
-    _store(prefix, remove, join(prefix, MANIFEST_NAME))
+    _store(remove, join(prefix, MANIFEST_NAME))
     for name in _listed(prefix):
         if SHARD_NAME.match(name):
-            _store(prefix, remove, join(prefix, name))
+            _store(remove, join(prefix, name))
 
 
 def upload_shard(local_path: str | os.PathLike, uri: str) -> None:
-    _store(uri, upload, local_path, uri)
+    _store(upload, local_path, uri)
 
 
 def write_manifest(prefix: str, manifest: Manifest) -> str:
     uri = join(prefix, MANIFEST_NAME)
-    _store(uri, write_bytes, uri, manifest.to_json().encode())
+    _store(write_bytes, uri, manifest.to_json().encode())
     return uri
 
 
@@ -75,24 +82,25 @@ def check_sizes(prefix: str, manifest: Manifest) -> None:
         for info in split.shards:
             uri = join(prefix, info.name)
             expected = shard_file_bytes(info, manifest.dtype)
-            found = _store(uri, size, uri)
+            found = _store(size, uri)
             if found != expected:
                 raise ShardError(uri, "missing" if found is None else f"{found} bytes, expected {expected}")
 
 
 def _is_own_manifest(uri: str) -> bool:
     try:
-        return json.loads(_store(uri, read_bytes, uri)).get("format") == MANIFEST_FORMAT
+        return json.loads(_store(read_bytes, uri)).get("format") == MANIFEST_FORMAT
     except (ValueError, AttributeError):
         return False
 
 
 def _listed(prefix: str) -> list[str]:
-    return _store(prefix, list_names, prefix)
+    return _store(list_names, prefix)
 
 
-def _store(uri: str, fn, *args):
+def _store(fn, *args):
+    """fn(*args), a store's failure raised as the ShardError naming the object."""
     try:
         return fn(*args)
     except StorageError as e:
-        raise ShardError(uri, f"{e.reason}; {REACH_HINT}") from None
+        raise store_error(e) from None

@@ -364,11 +364,16 @@ def manifest_text(directory: str | os.PathLike) -> str:
                 raise ShardError(path, missing)
             return storage.read_bytes(path).decode()
         except storage.StorageError as e:
-            raise ShardError(path, f"{e.reason}; {storage.REACH_HINT}") from None
+            raise store_error(e) from None
     try:
         return Path(path).read_text()
     except FileNotFoundError:
         raise ShardError(path, missing) from None
+
+
+def store_error(e: storage.StorageError) -> ShardError:
+    """An object store that failed on a shard or a manifest: the ShardError naming it, with what to check."""
+    return ShardError(e.uri, f"{e.reason}; {storage.REACH_HINT}")
 
 
 def _manifest_path(directory: str | os.PathLike) -> str:

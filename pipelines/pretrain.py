@@ -58,8 +58,8 @@ from nanogpt.checkpoint import CheckpointError, consolidate_checkpoint, export_h
 from nanogpt.config import Config, ConfigError, load_config
 from nanogpt.corpus import CorpusError
 from nanogpt.sampling import generate_from_checkpoint
-from nanogpt.shards import MANIFEST_NAME, Manifest, ShardError, load_manifest, verify
-from nanogpt.storage import REACH_HINT, StorageError, exists, is_uri, join, list_names, resolve_local
+from nanogpt.shards import MANIFEST_NAME, Manifest, ShardError, load_manifest, store_error, verify
+from nanogpt.storage import StorageError, exists, is_uri, join, list_names, resolve_local
 from nanogpt.tokenizers import TokenizerError
 from nanogpt.train import OnStep
 from pipelines.checkpoint_uris import local_checkpoint_dir
@@ -201,7 +201,7 @@ def check_data(config: Config) -> Manifest | None:
     try:
         return _check_data(config)
     except StorageError as e:  # data.dir in object storage, and the store did not answer
-        raise ShardError(e.uri, f"{e.reason}; {REACH_HINT}") from None
+        raise store_error(e) from None
 
 
 def _check_data(config: Config) -> Manifest | None:
