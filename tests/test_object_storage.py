@@ -3,6 +3,7 @@ output at a prefix (nanogpt/shard_prefix.py), and a node's verified local copy (
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -95,7 +96,7 @@ def test_a_changed_preparation_fetches_only_the_shards_that_differ(published, tm
     fetch_shards(uri, tmp_path / "cache")
     rng = np.random.default_rng(1)
     new_val = write_shard(src / "val_000000.bin", rng.integers(0, 50257, 700), 50257)
-    changed = Manifest(**{**manifest.__dict__, "splits": {**manifest.splits, "val": SplitInfo([new_val], 700)}})
+    changed = dataclasses.replace(manifest, splits={**manifest.splits, "val": SplitInfo([new_val], 700)})
     publish(src, changed, uri)
     again = fetch_shards(uri, tmp_path / "cache")
     assert again.downloaded == 1
