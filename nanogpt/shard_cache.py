@@ -18,15 +18,12 @@ The copy lives in `<cache_root>/<16 hex digits of sha256(uri)>/`: the shards, th
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +41,7 @@ from nanogpt.shards import (
     verify,
     write_error,
 )
-from nanogpt.storage import StorageError, download, is_uri, join
+from nanogpt.storage import StorageError, download, is_uri, join, node_lock
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +62,13 @@ def fetch_shards(uri: str, cache_root: str | os.PathLike | None = None) -> Cache
     """The local copy of the shards at `uri`, downloaded where missing or different (see the module docstring)."""
     root = Path(cache_root or DEFAULT_CACHE_ROOT).expanduser()
     copy = root / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    lock = copy.with_name(copy.name + ".lock")
     try:
         root.mkdir(parents=True, exist_ok=True)
+        lock.touch()
     except OSError as e:
         raise write_error(root, e, "cannot create the shard cache") from None
-    with _node_lock(copy.with_name(copy.name + ".lock")):
+    with node_lock(lock):
         text, manifest = _remote_manifest(uri)
         if _is_complete(copy, text):
             return CachedShards(str(copy), 0)
@@ -80,20 +79,6 @@ def fetch_shards(uri: str, cache_root: str | os.PathLike | None = None) -> Cache
 def local_shards(data_dir: str, cache_root: str | os.PathLike | None = None) -> str:
     """`data_dir` itself when it is a local path; for a URI, this node's verified copy (fetched if needed)."""
     return fetch_shards(data_dir, cache_root).dir if is_uri(data_dir) else data_dir
-
-
-@contextmanager
-def _node_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock, waited for: the kernel drops it when its holder exits, killed or not."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise write_error(path, e, "cannot create the lock file") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _remote_manifest(uri: str) -> tuple[str, Manifest]:

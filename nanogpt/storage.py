@@ -14,7 +14,10 @@ store that cannot be reached, or a missing object, raises StorageError naming th
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +120,19 @@ def remove(uri: str) -> None:
         return
     fs, key = _filesystem(uri)
     _call(uri, "cannot delete", fs.delete_file, key)
+
+
+@contextmanager
+def node_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive flock on the local file `path` (created), waited for: how the processes of one node agree on
+    who downloads a shared copy. The kernel drops it when its holder exits, killed or not. An OSError creating the
+    file propagates: the caller names what the lock guards."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _filesystem(uri: str):

@@ -6,7 +6,8 @@ end of pretrain):
 - a local path: itself;
 - an MLflow `models:/<name>/<version>` (or `@alias`, `/latest`) or `runs:/<run id>/checkpoints/best` URI: downloaded
   from the tracking store (`tracking_uri`, else MLFLOW_TRACKING_URI, else pretrain's default local store);
-- an object-store URI (s3://, gs://): downloaded through Ray Train's Checkpoint.
+- an object-store URI (s3://, gs://): the node's shared copy (nanogpt/checkpoint_copy.py: one download for the
+  ranks of a node that read it at once).
 Downloads live until the block ends.
 """
 
@@ -17,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 
 from nanogpt.checkpoint import CheckpointError
+from nanogpt.checkpoint_copy import node_copy
 from nanogpt.storage import is_uri
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
@@ -37,7 +39,5 @@ def local_checkpoint_dir(path: str, tracking_uri: str | None = None) -> Iterator
     if not is_uri(path):
         yield path
         return
-    import ray.train
-
-    with ray.train.Checkpoint(path).as_directory() as d:
+    with node_copy(path) as d:
         yield d

@@ -143,16 +143,28 @@ def _resume_dir(config: Config, resume_from: str | None, run_dir: str):
     short (not committed) gives way to the run's newest committed one."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and resume_from:
-        checkpoint = ray.train.Checkpoint(resume_from)
-    if checkpoint is None and config.model.init_from == "resume":
+    from pipelines.checkpoint_uris import local_checkpoint_dir
+
+    reported = ray.train.get_checkpoint()
+    source = _reported_path(reported, run_dir) if reported is not None else resume_from
+    if source is None and config.model.init_from == "resume":
         raise CheckpointError(f"model.init_from=resume but Ray has no checkpoint for run {config.run.name}")
-    if checkpoint is None:
+    if source is None:
         yield None
         return
-    with checkpoint.as_directory() as d:  # local: itself; remote: a download (the loop reads it whole at start)
+    # remote: one download per node, shared by its ranks (Ray's as_directory let a late rank rewrite the files
+    # another rank was reading); the loop reads the checkpoint whole at start
+    with local_checkpoint_dir(source) as d:
         yield committed_or_newest(d, run_dir)
+
+
+def _reported_path(checkpoint, run_dir: str) -> str:
+    """Where a checkpoint Ray reported lives: a local path, or its URI under the run's directory in storage."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return join(run_dir, os.path.basename(checkpoint.path.rstrip("/")))
 
 
 def committed_or_newest(checkpoint_dir: str, run_dir: str) -> str:
