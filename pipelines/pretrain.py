@@ -168,11 +168,13 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
     try:
         result = trainer.fit()  # raises TrainingFailedError when the workers fail beyond run.max_failures
     except ray.train.TrainingFailedError:
-        if config.run.tracker == "mlflow":
-            from pipelines.job_tracking import finish_job_run
-
-            finish_job_run(config, plan, run_id, None, None, status="FAILED")
+        _end_job_run(config, plan, run_id, "FAILED")
         raise
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Ray Train's SIGINT handler (or Ray's daemons, which the terminal's SIGINT stops too) ends fit()
+        # with SystemExit. The run is not left RUNNING in the UI: KILLED, as MLflow marks an interrupted run.
+        _end_job_run(config, plan, run_id, "KILLED")
+        raise KeyboardInterrupt(plan.name) from None
     outcome = _outcome(plan, result)
     if config.run.tracker == "mlflow":
         from pipelines.job_tracking import finish_job_run
@@ -180,6 +182,13 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
         best, latest = (outcome.best_checkpoint, outcome.latest_checkpoint) if log_checkpoints else (None, None)
         outcome.tracking = finish_job_run(config, plan, run_id, best, latest)
     return outcome
+
+
+def _end_job_run(config: Config, plan: RunPlan, run_id: str | None, status: str) -> None:
+    if config.run.tracker == "mlflow":
+        from pipelines.job_tracking import finish_job_run
+
+        finish_job_run(config, plan, run_id, None, None, status=status)
 
 
 def validate(config: Config) -> None:
@@ -300,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         log.error("training failed: %s", e)
         return 1
+    except KeyboardInterrupt as e:
+        name = e.args[0] if e.args else "<the run's name, logged above>"
+        log.error("interrupted: the run's checkpoints are kept; continue it with the same command and "
+                  "--model.init_from=resume --run.name=%s", name)
+        return 130
     _print_outcome(outcome)
     if outcome.best_checkpoint is not None and (args.sample or args.export_nanogpt or args.export_hf
                                                 or args.export_checkpoint):

@@ -200,3 +200,38 @@ def test_the_run_opens_in_a_fresh_process_while_ray_starts(shards, tmp_path):
         run_id = result.stdout.split("run ", 1)[1].strip()
         client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
         assert [i.dataset.name for i in client.get_run(run_id).inputs.dataset_inputs] == [shards.name]
+
+
+def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the command's whole process group, Ray's daemons with it): exit 130, the
+    MLflow run ends KILLED (not left RUNNING in the UI), the committed checkpoints stay resumable."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from nanogpt.checkpoint import load_checkpoint
+
+    out, repo = tmp_path / "runs", Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    job = subprocess.Popen([sys.executable, str(repo / "pipelines" / "pretrain.py"), "--config", "debug",
+                            f"--data.dir={shards}", f"--run.out_dir={out}", "--run.name=r1", "--run.num_workers=1",
+                            "--run.experiment=ctrl-c", "--train.max_iters=100000", "--train.eval_interval=10",
+                            "--num-cpus", "1"], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "r1" / "checkpoint_000010" / "state.json").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint_000010 was written"
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGINT)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 130, stderr[-4000:]
+    assert "interrupted: the run's checkpoints are kept; continue it with the same command and --model.init_from=resume --run.name=r1" in stderr
+    run = the_only_run(MlflowClient(env["MLFLOW_TRACKING_URI"]), "ctrl-c")
+    assert run.info.status == "KILLED"
+    assert load_checkpoint(out / "r1" / "checkpoint_000010").step == 10
