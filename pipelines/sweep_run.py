@@ -7,10 +7,13 @@ results (table, CSV, plot, MLflow, the best trial registered). Called by pipelin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # The trial itself only drives a TorchTrainer (its workers reserve their own CPUs/GPUs); Tune rejects {"cpu": 0}.
 DRIVER_RESOURCES = {"cpu": 0.01}
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 RESULTS_CSV, PLOT_PNG, COMMAND_TXT = "results.csv", "val_loss_vs_lr.png", "best_command.txt"
 
 
@@ -62,12 +66,48 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     setup = TrialSetup(sweep.spec, sweep.base, sweep.trials_dir, parent, tuple(on_step))
     tuner = _tuner(sweep, setup, resume)
     try:
-        results = tuner.fit()
-    except BaseException:
-        _finish_parent(sweep, parent, {}, {}, {}, "FAILED")
+        with ctrl_c_stops_tune() as interrupted:
+            results = tuner.fit()
+    except BaseException as e:  # a second Ctrl-C ends fit() at once: KeyboardInterrupt
+        _finish_parent(sweep, parent, {}, {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    if interrupted.is_set():
+        # Tune stopped the trials, saved its state and returned as if the sweep had ended. It has not: nothing is
+        # registered, and the parent is KILLED (as the interrupted trials' runs are), ready for --resume.
+        _kill_children(sweep, parent)
+        _finish_parent(sweep, parent, {}, {}, {}, "KILLED")
+        raise KeyboardInterrupt(sweep.sweep_dir)
     rows = [_row(sweep, result) for result in results]
     return _report(sweep, parent, sorted(rows, key=lambda r: r.trial_id))
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_tune() -> Iterator[threading.Event]:
+    """During the block, a first Ctrl-C is Tune's graceful stop (SIGUSR1: Tune saves its state and fit() returns)
+    and sets the event the block gets; a second one raises KeyboardInterrupt. Tune's own SIGINT handler is off
+    (TUNE_DISABLE_SIGINT_HANDLER): with it, fit() returns and nothing tells an interrupted sweep from a finished
+    one. Outside the main thread (no signals there), the event is never set."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous, env = signal.signal(signal.SIGINT, on_sigint), os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if env is None:
+            os.environ.pop(TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[TUNE_SIGINT_ENV] = env
 
 
 def _tuner(sweep: Sweep, setup: TrialSetup, resume: bool):
@@ -262,6 +302,17 @@ def _open_parent(sweep: Sweep) -> str | None:
     params.update({f"sweep.search.{d.key}": f"{d.kind}{list(d.args)}" for d in spec.search})
     return open_sweep_run(sweep.base, sweep.sweep_dir, sweep.name, yaml.safe_dump(sweep.data, sort_keys=False),
                           params)
+
+
+def _kill_children(sweep: Sweep, parent: str | None) -> None:
+    if sweep.base.run.tracker != "mlflow" or parent is None:
+        return
+    from pipelines.sweep_tracking import kill_running_children
+
+    try:
+        kill_running_children(sweep.base, parent)
+    except Exception as e:  # tracking never stops a sweep
+        log.warning("could not end the interrupted trials' MLflow runs: %s", e)
 
 
 def _finish_parent(sweep: Sweep, parent: str | None, files: dict[str, str], metrics: dict[str, float],

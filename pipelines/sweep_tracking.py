@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from nanogpt.config import Config
 from pipelines.checkpoint_uris import local_checkpoint_dir
-from pipelines.job_tracking import find_job_run
+from pipelines.job_tracking import PARENT_RUN_TAG, find_job_run
 from pipelines.mlflow_tracking import MlflowTracker, resolve_tracking_uri, sanitize_model_name
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,19 @@ def mark_trial_run(config: Config, run_dir: str, status: str, early_stopped: boo
     client.set_tag(run_id, EARLY_STOPPED_TAG, str(early_stopped).lower())
     if client.get_run(run_id).info.status != status:
         client.set_terminated(run_id, status)
+
+
+def kill_running_children(config: Config, parent_run_id: str) -> None:
+    """End the sweep's trial runs that are still RUNNING as KILLED: the sweep was interrupted, and processes stopped
+    mid-run end nothing themselves. Raises MlflowException when the store is unreachable: the caller decides."""
+    client = MlflowClient(resolve_tracking_uri(config))
+    experiment = client.get_experiment_by_name(config.run.experiment)
+    if experiment is None:
+        return
+    running = client.search_runs([experiment.experiment_id],
+                                 f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    for run in running:
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def register_best_trial(config: Config, run_dir: str, checkpoint: str, status: str) -> str | None:

@@ -82,6 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         log.error("%s", e)
         return 2
+    except KeyboardInterrupt as e:
+        where = e.args[0] if e.args else "<the sweep's directory>"
+        log.error("interrupted: finished trials and checkpoints are kept; continue the sweep with "
+                  "python pipelines/tune.py --resume %s", where)
+        return 130
     print_outcome(sweep, outcome)
     return 0 if any(r.status == FINISHED for r in outcome.rows) else 1
 

@@ -241,3 +241,36 @@ def _has_registered_checkpoint(run_dir: Path) -> bool:
         return '"checkpoint_dir_name"' in (run_dir / "checkpoint_manager_snapshot.json").read_text()
     except OSError:
         return False
+
+
+def test_ctrl_c_stops_the_sweep_for_resume_and_ends_its_mlflow_runs_killed(ray_local, shards, mlflow_server, tmp_path):
+    """Ctrl-C in the driver's terminal (SIGINT to its process group) once a trial has a checkpoint: Tune saves its
+    state, the command exits 130 saying how to resume, and no MLflow run of the sweep is left RUNNING (Tune's own
+    handler made fit() return as if the sweep had ended: parent FINISHED, the trial "stopped early", exit 1)."""
+    sweep = sweep_file(tmp_path, {"optim.learning_rate": {"values": [1e-3, 2e-3]}}, algorithm="grid",
+                       max_concurrent_trials=1, overrides={
+                           "train": {"max_iters": 2000, "eval_interval": 20, "eval_iters": 2, "log_interval": 5},
+                           "optim": {"lr_decay_iters": 2000}, "run": {"cpus_per_worker": 0.5}})
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "pipelines/tune.py", "--sweep", sweep, "--name", "ctrl-c",
+                               *common_args(shards, out, mlflow_server, "tune-ctrl-c")], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not glob.glob(str(out / "ctrl-c" / "trials" / "*" / "checkpoint_000020" / "state.json")):
+            assert driver.poll() is None and time.monotonic() < deadline, "no trial wrote a checkpoint"
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGINT)
+        _, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, stderr[-4000:]
+    assert f"continue the sweep with python pipelines/tune.py --resume {out / 'ctrl-c'}" in stderr
+    parent, children = runs_of(MlflowClient(mlflow_server.uri), "tune-ctrl-c")
+    assert parent.info.status == "KILLED" and children
+    assert all(r.info.status == "KILLED" for r in children), [r.info.status for r in children]
+    from ray import tune as ray_tune
+
+    assert ray_tune.Tuner.can_restore(str(out / "ctrl-c"))
