@@ -57,6 +57,9 @@ class NullTracker:
         pass
 
 
+PARAMS_FILE, TAGS_FILE = "params.json", "tags.json"
+
+
 class JsonlTracker:
     """Appends `{"step": step, **metrics}` to a JSON-lines file, one line per `log_metrics` call (flushed, so a
     crashed run keeps what it logged). Params and tags go to `params.json` / `tags.json`, texts and artifacts
@@ -69,10 +72,10 @@ class JsonlTracker:
         self._file = self.path.open("a")
 
     def log_params(self, params: dict) -> None:
-        self._merge_json(self.dir / "params.json", params)
+        self._merge_json(self.dir / PARAMS_FILE, params)
 
     def set_tags(self, tags: dict) -> None:
-        self._merge_json(self.dir / "tags.json", tags)
+        self._merge_json(self.dir / TAGS_FILE, tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._file.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")

@@ -19,10 +19,12 @@ from typing import Any
 from nanogpt.checkpoint import CheckpointError, check_committed, checkpoint_dirs
 from nanogpt.config import Config
 from nanogpt.shard_cache import local_shards
-from nanogpt.storage import is_uri, join
-from nanogpt.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+from nanogpt.storage import StorageError, download, exists, is_uri, join, upload
+from nanogpt.tracking import PARAMS_FILE, TAGS_FILE, JsonlTracker, MultiTracker, NullTracker, Tracker
 from nanogpt.train import OnStep, TrainContext
 from pipelines.runs import METRICS_FILE, RunPlan
+
+RECORD_FILES = (METRICS_FILE, PARAMS_FILE, TAGS_FILE)
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +185,45 @@ def committed_or_newest(checkpoint_dir: str, run_dir: str) -> str:
 
 
 def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | None) -> Tracker:
-    """Where a worker's metrics go. Rank 0: <run_dir>/metrics.jsonl (the worker's working directory when the run
-    lives at a URI) and, with run.tracker=mlflow, the job's MLflow run `run_id` (opened by the driver, which also
+    """Where a worker's metrics go. Rank 0: <run_dir>/metrics.jsonl (written in the worker's working directory and
+    copied to the run's directory when the run lives at a URI) and, with run.tracker=mlflow, the job's MLflow run `run_id` (opened by the driver, which also
     ends it). Other ranks: nothing."""
     if rank != 0:
         return NullTracker()
-    jsonl = JsonlTracker(os.path.join(os.getcwd() if is_uri(run_dir) else run_dir, METRICS_FILE))
+    local_dir = os.getcwd() if is_uri(run_dir) else run_dir
+    stored = [StoredRecords(local_dir, run_dir)] if is_uri(run_dir) else []  # fetched before the JSON tracker opens
+    jsonl = JsonlTracker(os.path.join(local_dir, METRICS_FILE))
     jsonl.log_params(config.to_flat())
     if config.run.tracker != "mlflow":
-        return jsonl
+        return MultiTracker(jsonl, *stored)
     from pipelines.job_tracking import job_tracker
 
     mlflow = job_tracker(config, run_dir, owns_run=False)
     mlflow.start(run_id, wait=False)  # MLflow's import and connection overlap building the model
-    return MultiTracker(jsonl, mlflow)
+    return MultiTracker(jsonl, mlflow, *stored)
+
+
+class StoredRecords(NullTracker):
+    """A run in object storage keeps its JSON records (metrics.jsonl, params.json, tags.json) there too: rank 0
+    writes them in its working directory, fetches the stored ones first (a continued run appends to its history)
+    and copies them back when it closes, after the JSON tracker (listed after it in the MultiTracker). Failures
+    are warnings: the checkpoints and MLflow hold what matters."""
+
+    def __init__(self, local_dir: str, run_dir: str) -> None:
+        self.local_dir, self.run_dir = local_dir, run_dir
+        for name in RECORD_FILES:
+            local, uri = os.path.join(self.local_dir, name), join(self.run_dir, name)
+            try:
+                if not os.path.exists(local) and exists(uri):
+                    download(uri, local)
+            except StorageError as e:
+                log.warning("could not fetch %s: %s", uri, e)
+
+    def close(self, status: str = "FINISHED") -> None:
+        for name in RECORD_FILES:
+            local, uri = os.path.join(self.local_dir, name), join(self.run_dir, name)
+            try:
+                if os.path.exists(local):
+                    upload(local, uri)
+            except StorageError as e:
+                log.warning("could not copy %s to %s: %s", local, uri, e)

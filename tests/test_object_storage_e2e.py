@@ -55,6 +55,9 @@ def test_prepare_pretrain_resume_sample_evaluate_in_s3(s3, shakespeare_path, tmp
     assert "fetched" not in logs  # the node's copy is reused
     assert re.search(r"iter 20\b", logs) and re.search(r"iter 29\b", logs) and not re.search(r"iter 19\b", logs)
     assert "checkpoint_000030" in _dirs(run_dir)
+    history = [json.loads(line) for line in storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).splitlines()]
+    assert sorted(r["step"] for r in history if "loss" in r) == list(range(30))  # the first run's, then the second's
+    assert json.loads(storage.read_bytes(storage.join(run_dir, "params.json")))["train.max_iters"] == 30
 
     checkpoint = storage.join(run_dir, "checkpoint_000030")
     sample = run("sample.py", "--checkpoint", checkpoint, "--max_new_tokens", "40", "--num_samples", "1", env=env)
