@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,3 +80,18 @@ class NodeAt:
         if step == self.step:
             rank = ray.train.get_context().get_world_rank()
             Path(self.out_dir, f"step{step}.rank{rank}").write_text(ray.get_runtime_context().get_node_id())
+
+
+def ctrl_c_when(command: subprocess.Popen, ready, timeout_s: float, what: str) -> str:
+    """Wait until `ready()` (the command started with start_new_session=True, stderr piped), then send SIGINT to its
+    process group as a terminal's Ctrl-C does; return its stderr once it exits. It is killed if anything fails."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert command.poll() is None and time.monotonic() < deadline, f"{what} did not happen"
+            time.sleep(0.2)
+        os.killpg(command.pid, signal.SIGINT)
+        return command.communicate(timeout=300)[1]
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)

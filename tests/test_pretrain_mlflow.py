@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import sample
 from pipelines.pretrain import pretrain
-from tests.faults import KillRankAt
+from tests.faults import KillRankAt, ctrl_c_when
 from tests.mlflow_server import MlflowServer
 from tests.pretrain_runs import char_shards, debug_config, records, shared_root
 
@@ -206,7 +206,6 @@ def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
     """Ctrl-C in a terminal (SIGINT to the command's whole process group, Ray's daemons with it): exit 130, the
     MLflow run ends KILLED (not left RUNNING in the UI), the committed checkpoints stay resumable."""
     import os
-    import signal
     import subprocess
     import sys
 
@@ -220,18 +219,10 @@ def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
                             "--run.experiment=ctrl-c", "--train.max_iters=100000", "--train.eval_interval=10",
                             "--num-cpus", "1"], env=env, start_new_session=True, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "r1" / "checkpoint_000010" / "state.json").exists():
-            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint_000010 was written"
-            time.sleep(0.2)
-        os.killpg(job.pid, signal.SIGINT)
-        _, stderr = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+    checkpoint = out / "r1" / "checkpoint_000010"
+    stderr = ctrl_c_when(job, (checkpoint / "state.json").exists, 300, "checkpoint_000010")
     assert job.returncode == 130, stderr[-4000:]
     assert "interrupted: the run's checkpoints are kept; continue it with the same command and --model.init_from=resume --run.name=r1" in stderr
     run = the_only_run(MlflowClient(env["MLFLOW_TRACKING_URI"]), "ctrl-c")
     assert run.info.status == "KILLED"
-    assert load_checkpoint(out / "r1" / "checkpoint_000010").step == 10
+    assert load_checkpoint(checkpoint).step == 10

@@ -20,6 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import tune
+from tests.faults import ctrl_c_when
 from tests.pretrain_runs import char_shards, records, shared_root
 
 pytest_plugins = ("tests.mlflow_server",)
@@ -256,16 +257,10 @@ def test_ctrl_c_stops_the_sweep_for_resume_and_ends_its_mlflow_runs_killed(ray_l
     driver = subprocess.Popen([sys.executable, "pipelines/tune.py", "--sweep", sweep, "--name", "ctrl-c",
                                *common_args(shards, out, mlflow_server, "tune-ctrl-c")], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not glob.glob(str(out / "ctrl-c" / "trials" / "*" / "checkpoint_000020" / "state.json")):
-            assert driver.poll() is None and time.monotonic() < deadline, "no trial wrote a checkpoint"
-            time.sleep(0.2)
-        os.killpg(driver.pid, signal.SIGINT)
-        _, stderr = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    def checkpointed() -> bool:
+        return bool(glob.glob(str(out / "ctrl-c" / "trials" / "*" / "checkpoint_000020" / "state.json")))
+
+    stderr = ctrl_c_when(driver, checkpointed, 600, "a trial's checkpoint_000020")
     assert driver.returncode == 130, stderr[-4000:]
     assert f"continue the sweep with python pipelines/tune.py --resume {out / 'ctrl-c'}" in stderr
     parent, children = runs_of(MlflowClient(mlflow_server.uri), "tune-ctrl-c")
