@@ -155,7 +155,8 @@ def _download_shard(uri: str, path: Path, info: ShardInfo) -> None:
         download(uri, tmp, sha)
         if sha.hexdigest() != info.sha256:
             raise ShardError(uri, f"damaged in the store: sha256 {sha.hexdigest()[:16]}... differs from the "
-                             f"manifest's {info.sha256[:16]}... (or a prepare is rewriting the prefix right now); prepare the data again")
+                             f"manifest's {info.sha256[:16]}... (or a prepare is rewriting the prefix right now); "
+                             "prepare the data again")
         os.replace(tmp, path)
     except StorageError as e:
         raise ShardError(uri, f"cannot be downloaded ({e})") from None

@@ -186,7 +186,8 @@ def committed_or_newest(checkpoint_dir: str, run_dir: str) -> str:
 
 def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | None) -> Tracker:
     """Where a worker's metrics go. Rank 0: <run_dir>/metrics.jsonl (written in the worker's working directory and
-    copied to the run's directory when the run lives at a URI) and, with run.tracker=mlflow, the job's MLflow run `run_id` (opened by the driver, which also
+    copied to the run's directory when the run lives at a URI) and, with run.tracker=mlflow, the job's MLflow run
+    `run_id` (opened by the driver, which also
     ends it). Other ranks: nothing."""
     if rank != 0:
         return NullTracker()
@@ -211,8 +212,7 @@ class StoredRecords(NullTracker):
 
     def __init__(self, local_dir: str, run_dir: str) -> None:
         self.local_dir, self.run_dir = local_dir, run_dir
-        for name in RECORD_FILES:
-            local, uri = os.path.join(self.local_dir, name), join(self.run_dir, name)
+        for local, uri in self._files():
             try:
                 if not os.path.exists(local) and exists(uri):
                     download(uri, local)
@@ -220,10 +220,13 @@ class StoredRecords(NullTracker):
                 log.warning("could not fetch %s: %s", uri, e)
 
     def close(self, status: str = "FINISHED") -> None:
-        for name in RECORD_FILES:
-            local, uri = os.path.join(self.local_dir, name), join(self.run_dir, name)
+        for local, uri in self._files():
             try:
                 if os.path.exists(local):
                     upload(local, uri)
             except StorageError as e:
                 log.warning("could not copy %s to %s: %s", local, uri, e)
+
+    def _files(self) -> list[tuple[str, str]]:
+        """(local path, URI) of each record file."""
+        return [(os.path.join(self.local_dir, name), join(self.run_dir, name)) for name in RECORD_FILES]
