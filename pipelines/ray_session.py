@@ -8,8 +8,13 @@ bench/bench_main_job.py): its workers run at nice 0, and it starts no processes 
 preemption watcher, idle prestarted workers). A cluster we connect to keeps the settings of whoever started it.
 It is private to this machine: every port on 127.0.0.1 (GCS, raylet, workers, agents, metrics, dashboard), the
 token file readable by its owner only, and a watchdog (pipelines/ray_watchdog.py) that stops its processes if the
-driver dies without shutting Ray down (`kill -9`). The dashboard stays: Ray Train V2's placement-group cleaner asks the dashboard's state API every second whether the
-controller is alive; with include_dashboard=False that call fails (ServerUnavailable) and the cleaner warns.
+driver dies without shutting Ray down (`kill -9`).
+
+The dashboard (Ray's State API) runs in a local instance only when asked (`state_api=True`, the sweep driver): Ray
+Train's placement-group cleaner asks it every second whether a controller is alive, to free the workers of a trial
+Tune stopped while the instance lives on. A training job's own instance dies with its driver, so it needs neither;
+they cost its worker about 4% of a core while it trains, and 4 CPU-s while it starts (the dashboard's dozen
+processes). Its trainer leaves the cleaner out (pipelines/private_trainer.py, chosen by `serves_state_api`).
 """
 
 from __future__ import annotations
@@ -57,13 +62,19 @@ class _DropMessage(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Initialise Ray once per process; a no-op when it already is (inside a job, a test, a Tune trial)."""
+_without_state_api = False  # set once this process has started a local instance with no dashboard
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, state_api: bool = False) -> None:
+    """Initialise Ray once per process; a no-op when it already is (inside a job, a test, a Tune trial).
+    `state_api`: a local instance started here runs the dashboard (see the module docstring)."""
+    global _without_state_api
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local = starts_local_instance(address)
-    dashboard = _prepare_local_instance() if local else {}
+    dashboard = _prepare_local_instance(state_api) if local else {}
+    _without_state_api = local and not state_api
     # WARNING, not INFO, for the driver's `ray` loggers: no "Started a local Ray instance" and Ray Train driver
     # chatter on a nanoGPT user's console; the workers' own output (log_to_driver) is unaffected.
     ray.init(address=address, num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING, **dashboard)
@@ -74,7 +85,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("Ray ready: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
 
 
-def _prepare_local_instance() -> dict:
+def serves_state_api() -> bool:
+    """False when the Ray this process uses is a local instance it started without the dashboard."""
+    return not _without_state_api
+
+
+def _prepare_local_instance(state_api: bool) -> dict:
     """Set the local instance's environment; return ray.init's dashboard arguments."""
     for key, value in LOCAL_INSTANCE_ENV.items():
         os.environ.setdefault(key, value)
@@ -85,7 +101,7 @@ def _prepare_local_instance() -> dict:
     # (Setting RAY_AUTH_MODE=token instead does not work once ray is imported: the driver keeps "disabled".)
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         _DropMessage("Token authentication is enabled for this Ray cluster"))
-    return _dashboard_on_free_port()
+    return _dashboard_on_free_port() if state_api else {"include_dashboard": False}
 
 
 def _dashboard_on_free_port() -> dict:

@@ -59,7 +59,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     from pipelines.pretrain import prepare_data
     from pipelines.ray_session import init_ray
 
-    init_ray(address=address, num_cpus=num_cpus)
+    init_ray(address=address, num_cpus=num_cpus, state_api=True)  # frees the workers of the trials Tune stops
     if sweep.needs_data:
         prepare_data(sweep.base)  # once, before any trial: trials never race to prepare
     parent = _open_parent(sweep)

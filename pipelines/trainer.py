@@ -35,7 +35,8 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     checkpoints kept by val_loss; one plain dict goes to the workers. `callbacks`: Ray Train callbacks, e.g. a
     sweep trial's TuneReportCallback."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_session import serves_state_api
 
     rc = config.run
     resources = {"CPU": rc.cpus_per_worker}
@@ -43,7 +44,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
         resources["GPU"] = rc.gpus_per_worker
     loop_config = {"config": config.to_dict(), "resume_from": plan.resume_from, "run_dir": plan.run_dir,
                    "tracking_run_id": tracking_run_id, "on_step": list(on_step)}
-    return TorchTrainer(
+    return _trainer_class(serves_state_api())(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
@@ -60,6 +61,18 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def _trainer_class(state_api: bool) -> type:
+    """Ray's TorchTrainer, or without the State API (a local instance the driver started for itself) the one
+    that leaves out Ray Train's placement-group cleaner, which needs that API."""
+    if state_api:
+        from ray.train.torch import TorchTrainer
+
+        return TorchTrainer
+    from pipelines.private_trainer import PrivateInstanceTorchTrainer
+
+    return PrivateInstanceTorchTrainer
 
 
 class RayReporter:

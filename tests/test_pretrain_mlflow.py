@@ -204,10 +204,13 @@ def test_the_run_opens_in_a_fresh_process_while_ray_starts(shards, tmp_path):
 
 def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
     """Ctrl-C in a terminal (SIGINT to the command's whole process group, Ray's daemons with it): exit 130, the
-    MLflow run ends KILLED (not left RUNNING in the UI), the committed checkpoints stay resumable."""
+    MLflow run ends KILLED (not left RUNNING in the UI), the committed checkpoints stay resumable. While it trained,
+    the job's own Ray instance ran neither the dashboard's modules nor Ray Train's placement-group cleaner."""
     import os
     import subprocess
     import sys
+
+    import psutil
 
     from nanogpt.checkpoint import load_checkpoint
 
@@ -220,7 +223,17 @@ def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
                             "--num-cpus", "1"], env=env, start_new_session=True, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     checkpoint = out / "r1" / "checkpoint_000010"
-    stderr = ctrl_c_when(job, (checkpoint / "state.json").exists, 300, "checkpoint_000010")
+    processes: list[str] = []
+
+    def trained_10_steps() -> bool:
+        if (checkpoint / "state.json").exists():
+            processes.extend(" ".join(p.cmdline()) for p in psutil.Process(job.pid).children(recursive=True))
+            return True
+        return False
+
+    stderr = ctrl_c_when(job, trained_10_steps, 300, "checkpoint_000010")
+    assert any("ray::RayTrainWorker" in p for p in processes), processes
+    assert [p for p in processes if "PlacementGroupCleaner" in p or "ray-dashboard-" in p] == []
     assert job.returncode == 130, stderr[-4000:]
     assert "interrupted: the run's checkpoints are kept; continue it with the same command and --model.init_from=resume --run.name=r1" in stderr
     run = the_only_run(MlflowClient(env["MLFLOW_TRACKING_URI"]), "ctrl-c")

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = f"""
 import json, os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from pipelines.ray_session import init_ray
+from pipelines.ray_session import init_ray, serves_state_api
 init_ray(address="local", num_cpus=1)
 import ray
 
@@ -30,7 +30,8 @@ import ray
 def worker_pid():
     return os.getpid()
 
-print(json.dumps({{"driver": os.getpid(), "worker": ray.get(worker_pid.remote())}}), flush=True)
+print(json.dumps({{"driver": os.getpid(), "worker": ray.get(worker_pid.remote()), "state_api": serves_state_api()}}),
+      flush=True)
 time.sleep(600)
 """
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
@@ -53,6 +54,9 @@ def test_local_ray_is_private_and_dies_with_its_driver(tmp_path):
         sockets = listening(family)
         assert started["worker"] in family and len(sockets) >= 4, sockets  # GCS, raylet, workers, agents
         assert [s for s in sockets if s[1] not in LOOPBACK] == []
+        # a training job's instance runs no dashboard modules (its driver did not ask for the State API)
+        assert started["state_api"] is False
+        assert [p for p in family if "ray-dashboard-" in " ".join(psutil.Process(p).cmdline())] == []
         token = Path.home() / ".ray" / "auth_token"
         if token.exists():
             assert token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)
