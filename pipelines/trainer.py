@@ -36,6 +36,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     sweep trial's TuneReportCallback."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
+    from pipelines.lean_trainer import trainer_class
     from pipelines.ray_session import serves_state_api
 
     rc = config.run
@@ -44,7 +45,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
         resources["GPU"] = rc.gpus_per_worker
     loop_config = {"config": config.to_dict(), "resume_from": plan.resume_from, "run_dir": plan.run_dir,
                    "tracking_run_id": tracking_run_id, "on_step": list(on_step)}
-    return _trainer_class(serves_state_api())(
+    return trainer_class(serves_state_api())(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
@@ -61,18 +62,6 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-
-
-def _trainer_class(state_api: bool) -> type:
-    """Ray's TorchTrainer, or without the State API (a local instance the driver started for itself) the one
-    that leaves out Ray Train's placement-group cleaner, which needs that API."""
-    if state_api:
-        from ray.train.torch import TorchTrainer
-
-        return TorchTrainer
-    from pipelines.private_trainer import PrivateInstanceTorchTrainer
-
-    return PrivateInstanceTorchTrainer
 
 
 class RayReporter:

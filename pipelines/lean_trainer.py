@@ -1,0 +1,43 @@
+"""Ray's TorchTrainer less the default callbacks a nanoGPT job has no use for: each of them starts an actor process,
+which on a small machine takes CPU from the worker while it starts (about 2 CPU-s each on 2 cores) and while it
+trains (a wake-up every 10 ms).
+
+- Ray Train's datasets callback, always: its DatasetManager actor hands out Ray Data shards of the trainer's
+  `datasets`. The workers here read their token shards themselves (nanogpt/batches.py) and no job passes datasets.
+- Ray Train's placement-group cleaner, where the driver started its own local Ray instance without the dashboard
+  (pipelines/ray_session.py, `serves_state_api()` False). Every second it asks the dashboard's State API whether
+  the controller is still alive, so that it can free the worker placement group of a controller that died while the
+  cluster lives on (Tune stopping a trial). Such an instance dies with its driver (the watchdog stops it after a
+  `kill -9`), and with no dashboard to ask, the cleaner would warn every second.
+"""
+
+from __future__ import annotations
+
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback  # Ray 2.60; private, Ray is pinned
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+
+class ShardsTorchTrainer(TorchTrainer):
+    """TorchTrainer without Ray Data's DatasetManager (a trainer given no `datasets`)."""
+
+    LEFT_OUT: tuple[type, ...] = (DatasetsCallback,)
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("datasets"):
+            raise ValueError("ShardsTorchTrainer leaves out Ray Train's datasets callback: it takes no datasets")
+        super().__init__(*args, **kwargs)
+
+    def _create_default_callbacks(self) -> list:
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, self.LEFT_OUT)]
+
+
+class PrivateInstanceTorchTrainer(ShardsTorchTrainer):
+    """ShardsTorchTrainer also without the placement-group cleaner, for a local instance with no State API."""
+
+    LEFT_OUT = (DatasetsCallback, PlacementGroupCleanerCallback)
+
+
+def trainer_class(state_api: bool) -> type[ShardsTorchTrainer]:
+    """The trainer for a Ray that serves the State API (a cluster, a sweep's instance) or not (a job's own)."""
+    return ShardsTorchTrainer if state_api else PrivateInstanceTorchTrainer

@@ -1,0 +1,40 @@
+"""The trainers of pipelines/lean_trainer.py are Ray's TorchTrainer less exactly the default callbacks they name:
+Ray Data's datasets callback always, and the placement-group cleaner where the Ray has no State API (a job's own
+local instance); a cluster's or a sweep's trainer keeps the cleaner."""
+
+from __future__ import annotations
+
+import pytest
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+from pipelines.lean_trainer import PrivateInstanceTorchTrainer, ShardsTorchTrainer, trainer_class
+
+
+def _callback_types(cls: type) -> list[type]:
+    return [type(cb) for cb in cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))._create_default_callbacks()]
+
+
+@pytest.mark.parametrize("state_api, left_out", [
+    (True, {DatasetsCallback}),
+    (False, {DatasetsCallback, PlacementGroupCleanerCallback}),
+])
+def test_the_trainer_leaves_out_only_the_callbacks_it_names(state_api, left_out):
+    ray_default = _callback_types(TorchTrainer)
+    assert left_out <= set(ray_default)  # Ray still adds them: leaving them out still means something
+    assert _callback_types(trainer_class(state_api)) == [t for t in ray_default if t not in left_out]
+
+
+def test_the_cleaner_stays_where_the_state_api_is_served():
+    assert trainer_class(state_api=True) is ShardsTorchTrainer
+    assert trainer_class(state_api=False) is PrivateInstanceTorchTrainer
+
+
+def test_a_trainer_without_the_datasets_callback_refuses_datasets():
+    import ray.data
+
+    with pytest.raises(ValueError, match="takes no datasets"):
+        ShardsTorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                           datasets={"train": ray.data.range(3)})
