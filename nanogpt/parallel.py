@@ -25,7 +25,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt.checkpoint import Checkpoint, CheckpointRecord, full_optimizer_state, save_checkpoint
-from nanogpt.fsdp import FullySharded
 from nanogpt.model import GPT, clean_state_dict
 
 
@@ -128,6 +127,8 @@ def strategy_for(rank: int, world_size: int, device: str, parallel: str = "ddp",
     """`parallel` is train.parallel: fsdp shards the model (also on one rank); ddp replicates it (no wrapper at all
     on one process). `dtype`: the compute dtype, FSDP's mixed-precision policy."""
     if parallel == "fsdp":
+        from nanogpt.fsdp import FullySharded  # here: torch.distributed.fsdp takes about 1 s to import
+
         return FullySharded(rank, world_size, device, dtype)
     return SingleProcess() if world_size == 1 else DataParallel(rank, world_size, device)
 

@@ -26,16 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+# torch.distributed.checkpoint is imported in the functions that use it: its import takes about 1 s of CPU, which
+# every process that imports nanogpt.checkpoint would pay (the driver before Ray starts, each worker before step 0),
+# and only FSDP runs and their checkpoints need it.
 
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
@@ -45,6 +39,9 @@ DCP_METADATA = ".metadata"
 def write_shards(dir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Collective (every rank, the same call): this rank's shards of the weights and of the AdamW state into
     dir/model and dir/optimizer. Returns {path relative to dir: size in bytes} of the files this rank wrote."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     root = Path(dir)
     model_state = get_model_state_dict(model)
     for alias in tied_aliases(model):
@@ -79,6 +76,10 @@ def has_optimizer_shards(files: list[str]) -> bool:
 def read_full(folder: str | os.PathLike) -> dict[str, Any]:
     """Everything saved in one DCP folder, as whole tensors on the CPU, read by this process alone: no process
     group and no collective, whatever the number of ranks that wrote it (and whether or not one is initialized)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
     state: dict[str, Any] = {}
     # exactly what DCP's public format_utils.dcp_to_torch_save does, without writing the result to a file
     _load_state_dict(state, storage_reader=FileSystemReader(Path(folder)), planner=_EmptyStateDictLoadPlanner(),
@@ -89,6 +90,9 @@ def read_full(folder: str | os.PathLike) -> dict[str, Any]:
 def load_optimizer_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dir: str | os.PathLike) -> None:
     """Collective: the AdamW state saved under dir/optimizer into `optimizer` (built over the FSDP-sharded `model`),
     each rank reading the chunks its shards need: resharded to the current world size by DCP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
     state = get_optimizer_state_dict(model, optimizer)  # the layout to fill: this rank's shards
     dcp.load(state, checkpoint_id=Path(dir) / OPTIMIZER_DIR)
     set_optimizer_state_dict(model, optimizer, state)
@@ -98,6 +102,8 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
                               state: dict[str, Any]) -> None:
     """A whole AdamW state in torch's numbered layout (optimizer.pt) into `optimizer` over the FSDP-sharded `model`:
     every rank passes it whole and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     named = by_name(state, parameter_names(model, optimizer))
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 

@@ -4,11 +4,15 @@ trains (a wake-up every 10 ms).
 
 - Ray Train's datasets callback, always: its DatasetManager actor hands out Ray Data shards of the trainer's
   `datasets`. The workers here read their token shards themselves (nanogpt/batches.py) and no job passes datasets.
-- Ray Train's placement-group cleaner, where the driver started its own local Ray instance without the dashboard
-  (pipelines/ray_session.py, `serves_state_api()` False). Every second it asks the dashboard's State API whether
-  the controller is still alive, so that it can free the worker placement group of a controller that died while the
-  cluster lives on (Tune stopping a trial). Such an instance dies with its driver (the watchdog stops it after a
-  `kill -9`), and with no dashboard to ask, the cleaner would warn every second.
+- Where the driver started its own local Ray instance without the dashboard (pipelines/ray_session.py,
+  `serves_state_api()` False), two more:
+  - Ray Train's placement-group cleaner. Every second it asks the dashboard's State API whether the controller is
+    still alive, so that it can free the worker placement group of a controller that died while the cluster lives
+    on (Tune stopping a trial). Such an instance dies with its driver (the watchdog stops it after a `kill -9`),
+    and with no dashboard to ask, the cleaner would warn every second.
+  - The autoscaling coordinator, to which a fixed-size worker group sends its resource request so that an
+    autoscaler can add nodes for it. A local instance cannot grow; and the controller waits for that actor to start
+    (about 2 s here) before it starts the workers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback  # Ray 2.60; private, Ray is pinned
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
 
 class ShardsTorchTrainer(TorchTrainer):
@@ -33,9 +38,25 @@ class ShardsTorchTrainer(TorchTrainer):
 
 
 class PrivateInstanceTorchTrainer(ShardsTorchTrainer):
-    """ShardsTorchTrainer also without the placement-group cleaner, for a local instance with no State API."""
+    """ShardsTorchTrainer also without the placement-group cleaner and the autoscaling coordinator, for a local
+    instance with no State API."""
 
     LEFT_OUT = (DatasetsCallback, PlacementGroupCleanerCallback)
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        if type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
+            controller_init_kwargs["scaling_policy"] = FixedScalingOnFixedCluster(self.scaling_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
+class FixedScalingOnFixedCluster(FixedScalingPolicy):
+    """Ray Train's fixed-size scaling policy without its resource requests to the autoscaling coordinator."""
+
+    def after_controller_start(self, train_run_context) -> None:
+        pass  # where Ray's policy creates the coordinator's client and sends the first request
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
 
 
 def trainer_class(state_api: bool) -> type[ShardsTorchTrainer]:

@@ -1,6 +1,7 @@
 """The trainers of pipelines/lean_trainer.py are Ray's TorchTrainer less exactly the default callbacks they name:
 Ray Data's datasets callback always, and the placement-group cleaner where the Ray has no State API (a job's own
-local instance); a cluster's or a sweep's trainer keeps the cleaner."""
+local instance), where a fixed-size worker group also sends no resource requests to an autoscaler; a cluster's or a
+sweep's trainer keeps both."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from pipelines.lean_trainer import PrivateInstanceTorchTrainer, ShardsTorchTrainer, trainer_class
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+from pipelines.lean_trainer import (
+    FixedScalingOnFixedCluster,
+    PrivateInstanceTorchTrainer,
+    ShardsTorchTrainer,
+    trainer_class,
+)
 
 
 def _callback_types(cls: type) -> list[type]:
@@ -38,3 +47,17 @@ def test_a_trainer_without_the_datasets_callback_refuses_datasets():
     with pytest.raises(ValueError, match="takes no datasets"):
         ShardsTorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
                            datasets={"train": ray.data.range(3)})
+
+
+def test_a_fixed_worker_group_on_a_local_instance_asks_no_autoscaler(monkeypatch):
+    config = ScalingConfig(num_workers=2)
+    policy = FixedScalingOnFixedCluster(config)
+    policy.after_controller_start(train_run_context=None)  # Ray's policy starts the coordinator's client here
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 2
+    assert policy._coordinator_client is None
+    # the private instance's trainer hands the controller that policy in place of Ray's
+    monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller", lambda self, **kwargs: kwargs)
+    trainer = PrivateInstanceTorchTrainer(lambda: None, scaling_config=config)
+    passed = trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(config))
+    assert type(passed["scaling_policy"]) is FixedScalingOnFixedCluster
+    assert passed["scaling_policy"].scaling_config is config
