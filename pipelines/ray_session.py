@@ -14,7 +14,8 @@ The dashboard (Ray's State API) runs in a local instance only when asked (`state
 Train's placement-group cleaner asks it every second whether a controller is alive, to free the workers of a trial
 Tune stopped while the instance lives on. A training job's own instance dies with its driver, so it needs neither;
 they cost its worker about 4% of a core while it trains, and 4 CPU-s while it starts (the dashboard's dozen
-processes). Its trainer leaves the cleaner out (pipelines/lean_trainer.py, chosen by `serves_state_api`).
+processes). Its trainer also leaves out the cleaner and the autoscaling coordinator, which serve a cluster that
+outlives a run or grows (pipelines/lean_trainer.py, chosen by `serves_state_api`).
 """
 
 from __future__ import annotations
