@@ -41,7 +41,7 @@ class PrivateInstanceTorchTrainer(ShardsTorchTrainer):
     """ShardsTorchTrainer also without the placement-group cleaner and the autoscaling coordinator, for a local
     instance with no State API."""
 
-    LEFT_OUT = (DatasetsCallback, PlacementGroupCleanerCallback)
+    LEFT_OUT = (*ShardsTorchTrainer.LEFT_OUT, PlacementGroupCleanerCallback)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         if type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:

@@ -189,8 +189,7 @@ def committed_or_newest(checkpoint_dir: str, run_dir: str) -> str:
 def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | None) -> Tracker:
     """Where a worker's metrics go. Rank 0: <run_dir>/metrics.jsonl (written in the worker's working directory and
     copied to the run's directory when the run lives at a URI) and, with run.tracker=mlflow, the job's MLflow run
-    `run_id` (opened by the driver, which also
-    ends it). Other ranks: nothing."""
+    `run_id` (opened by the driver, which also ends it). Other ranks: nothing."""
     if rank != 0:
         return NullTracker()
     local_dir = os.getcwd() if is_uri(run_dir) else run_dir
