@@ -40,8 +40,8 @@ def test_the_cleaner_stays_where_the_state_api_is_served():
     assert trainer_class(state_api=False) is PrivateInstanceTorchTrainer
 
 
-def test_a_trainer_without_the_datasets_callback_refuses_datasets():
-    import ray.data
+def test_a_trainer_without_the_datasets_callback_refuses_datasets(ray_local):
+    import ray.data  # a Dataset needs Ray up: the session's cluster, not one started here by ray.data itself
 
     with pytest.raises(ValueError, match="takes no datasets"):
         ShardsTorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
