@@ -25,7 +25,9 @@ Start-up of (c): seconds from starting the command to the arrival of milestone l
 fit starts (the driver's "run ... ->" line), the first worker line, MLflow run ready (the worker's "MLflow: run"
 line), model built ("tokens per iteration"), step-0 eval done, the first update done ("iter 0", the figure called
 "to first step"), the last update's line, the command's exit. Log lines reach the driver through Ray's log monitor:
-allow about 0.1 s of delay on each.
+allow about 0.1 s of delay on each. Beside each milestone: how many cores the whole machine kept busy since the one
+before (/proc/stat). A stretch near 1.0 on a 2-core machine is one process working while the rest wait for it
+(imports, mostly): only doing less there shortens it; a stretch near 2.0 is work running side by side.
 """
 
 from __future__ import annotations
@@ -66,6 +68,45 @@ MILESTONES = [
 ]
 
 
+class BusyCores:
+    """Samples how many cores the whole machine keeps busy (/proc/stat, Linux), every `interval` seconds, on a
+    thread: `between(t0, t1)` is the mean over that span of the run (seconds from `start`). It shows which stretches
+    of the start-up run on one core (one process working while the others wait for it) and which fill them all."""
+
+    def __init__(self, start: float, interval: float = 0.25) -> None:
+        self.start, self.interval, self.samples = start, interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> BusyCores:
+        if os.path.exists("/proc/stat"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _sample(self) -> None:
+        before = _cpu_times()
+        while not self._stop.wait(self.interval):
+            after = _cpu_times()
+            total, idle = after[0] - before[0], after[1] - before[1]
+            cores = (os.cpu_count() or 1) * (1 - idle / total) if total else 0.0
+            self.samples.append((time.perf_counter() - self.start, cores))
+            before = after
+
+    def between(self, t0: float, t1: float) -> float | None:
+        inside = [cores for t, cores in self.samples if t0 < t <= t1 + self.interval / 2]
+        return statistics.fmean(inside) if inside else None
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle + iowait) jiffies of the machine since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
 def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config: Config, extra: list[str],
                  echo: bool = False) -> dict:
     """Run the main job as a subprocess; time its steps and milestones from its output (see the module docstring)."""
@@ -85,7 +126,8 @@ def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    code = proc.wait()
+    with BusyCores(start) as busy:
+        code = proc.wait()
     total = time.perf_counter() - start
     reader.join(timeout=10)
     if code != 0:
@@ -102,6 +144,9 @@ def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config:
         raise RuntimeError(f"no `iter N:` lines in the output of {' '.join(cmd)}")
     milestones["last update done"] = iter_lines[-1][0]
     milestones["command exits"] = total
+    # busy cores from the previous milestone (the command's start for the first) to each one
+    times = [0.0, *milestones.values()]
+    cores = {name: busy.between(t0, t1) for name, t0, t1 in zip(milestones, times, times[1:])}
 
     tc = config.train
     evals = set(range(0, iters + 1, tc.eval_interval)) | {iters}
@@ -117,7 +162,7 @@ def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config:
     if not steps:
         raise RuntimeError("no timed interval: raise --iters or lower --warmup")
     return {"mean_ms_per_iter": span / steps * 1000, "loop_ms_per_iter": statistics.fmean(loop_ms),
-            "iters_timed": int(steps), "milestones": milestones, "total_s": total}
+            "iters_timed": int(steps), "milestones": milestones, "busy_cores": cores, "total_s": total}
 
 
 def main() -> None:
@@ -169,16 +214,22 @@ def main() -> None:
     log.info("main / plain: %.3fx   main / nanoGPT: %.3fx   plain / nanoGPT: %.3fx", main_ms / med(
         "(b) plain nanogpt.train", "mean_ms_per_iter"), main_ms / med("(a) nanoGPT's loop", "mean_ms_per_iter"),
         med("(b) plain nanogpt.train", "mean_ms_per_iter") / med("(a) nanoGPT's loop", "mean_ms_per_iter"))
-    log.info("main job start-up, seconds from the command's start (median; each run):")
+    log.info("main job start-up, seconds from the command's start (median; each run), and the cores busy since the "
+             "milestone before (median; %d on this machine):", os.cpu_count())
     names = [name for name, _ in MILESTONES] + ["last update done", "command exits"]
     for name in names:
         values = [r["milestones"].get(name) for r in runs["(c) main job"]]
-        known = [v for v in values if v is not None]
-        log.info("  %-20s %6s   %s", name, f"{statistics.median(known):.1f}" if known else "-",
-                 " ".join("-" if v is None else f"{v:.1f}" for v in values))
+        cores = [c for r in runs["(c) main job"] if (c := r["busy_cores"].get(name)) is not None]
+        log.info("  %-20s %6s   %-26s %s", name, _median_text(values), " ".join(
+            "-" if v is None else f"{v:.1f}" for v in values), f"{statistics.median(cores):.2f} cores" if cores else "")
     log.info("to first step: %.1f s (median), command total: %.1f s (median)",
              statistics.median(r["milestones"]["first update done"] for r in runs["(c) main job"]),
              med("(c) main job", "total_s"))
+
+
+def _median_text(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{statistics.median(known):.1f}" if known else "-"
 
 
 if __name__ == "__main__":
