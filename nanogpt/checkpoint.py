@@ -446,7 +446,8 @@ class LocalReporter:
 
     Several processes on one machine (torch.distributed initialized: mp.spawn, torchrun) each report, at the same
     steps: the ranks' parts of a checkpoint (every rank's shards under FSDP, rank 0's whole checkpoint under DDP)
-    are moved into one directory, and rank 0 puts it in place once every rank is done (a collective)."""
+    are moved into one directory, and rank 0 puts it in place once every rank is done (a collective); no rank returns
+    before it is in place."""
 
     def __init__(self, out_dir: str | os.PathLike, num_to_keep: int | None = None) -> None:
         if num_to_keep is not None and num_to_keep < 1:
@@ -458,8 +459,16 @@ class LocalReporter:
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         self.history.append(dict(metrics))
         step = int(metrics["step"])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            checkpoint_dir = self._merge_parts(step, checkpoint_dir)
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            self._put_in_place(step, metrics, checkpoint_dir)
+            return
+        merged = self._merge_parts(step, checkpoint_dir)  # rank 0's; None on the others
+        try:
+            self._put_in_place(step, metrics, merged)
+        finally:
+            dist.barrier()  # no rank goes on (to resume from it, to read the latest) before it is in place
+
+    def _put_in_place(self, step: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         if checkpoint_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors import safe_open
 
 from nanogpt.checkpoint import (
@@ -218,6 +221,36 @@ def test_local_reporter_keeps_best_and_latest(tmp_path):
     assert len(reporter.history) == 6 and len(checkpoint_dirs(tmp_path / "out")) == 3
     assert latest_checkpoint(tmp_path / "nowhere") is None
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+class _SlowToPlaceReporter(LocalReporter):
+    """Rank 0 takes a second to put the merged checkpoint in place (a slow disk, a big checkpoint)."""
+
+    def _put_in_place(self, step, metrics, checkpoint_dir):
+        if dist.get_rank() == 0:
+            time.sleep(1.0)
+        super()._put_in_place(step, metrics, checkpoint_dir)
+
+
+def _report_one_part(rank: int, world_size: int, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    part = Path(root) / f"part{rank}"
+    part.mkdir()
+    (part / f"shard_{rank}.bin").write_bytes(bytes([rank]))
+    _SlowToPlaceReporter(Path(root) / "out").report({"step": 3, "val_loss": 1.0}, str(part))
+    # what a rank does next (resume from it, look for the latest) must find it in place
+    placed = Path(root) / "out" / "checkpoint_000003"
+    (Path(root) / f"seen{rank}").write_text(",".join(sorted(p.name for p in placed.iterdir())) if placed.is_dir() else "")
+    dist.destroy_process_group()
+
+
+def test_local_reporter_on_two_ranks_returns_once_the_checkpoint_is_in_place(tmp_path):
+    """Every rank's part ends up in one checkpoint, and no rank returns from report() before rank 0 has put it in
+    place: rank 1 used to, and a resume right after it found no checkpoint (tests/test_fsdp.py, now and then)."""
+    mp.spawn(_report_one_part, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"seen{rank}").read_text() == "metrics.json,shard_0.bin,shard_1.bin", f"rank {rank}"
 
 
 def test_files_are_plain_and_loadable_without_pickle(tmp_path):
