@@ -214,14 +214,14 @@ def main() -> None:
     log.info("main / plain: %.3fx   main / nanoGPT: %.3fx   plain / nanoGPT: %.3fx", main_ms / med(
         "(b) plain nanogpt.train", "mean_ms_per_iter"), main_ms / med("(a) nanoGPT's loop", "mean_ms_per_iter"),
         med("(b) plain nanogpt.train", "mean_ms_per_iter") / med("(a) nanoGPT's loop", "mean_ms_per_iter"))
-    log.info("main job start-up, seconds from the command's start (median; each run), and the cores busy since the "
-             "milestone before (median; %d on this machine):", os.cpu_count())
+    log.info("main job start-up: seconds from the command's start (median), the cores busy since the milestone before "
+             "(median; %d on this machine), and the seconds of each run:", os.cpu_count())
     names = [name for name, _ in MILESTONES] + ["last update done", "command exits"]
     for name in names:
         values = [r["milestones"].get(name) for r in runs["(c) main job"]]
         cores = [c for r in runs["(c) main job"] if (c := r["busy_cores"].get(name)) is not None]
-        log.info("  %-20s %6s   %-26s %s", name, _median_text(values), " ".join(
-            "-" if v is None else f"{v:.1f}" for v in values), f"{statistics.median(cores):.2f} cores" if cores else "")
+        log.info("  %-20s %6s %12s   %s", name, _median_text(values), f"{statistics.median(cores):.2f} cores"
+                 if cores else "-", " ".join("-" if v is None else f"{v:.1f}" for v in values))
     log.info("to first step: %.1f s (median), command total: %.1f s (median)",
              statistics.median(r["milestones"]["first update done"] for r in runs["(c) main job"]),
              med("(c) main job", "total_s"))
