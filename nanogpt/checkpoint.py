@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -53,28 +52,30 @@ import torch.distributed as dist
 import yaml
 
 from nanogpt import sharded_checkpoint as sharded
-from nanogpt.config import Config, ConfigError
+from nanogpt.checkpoint_files import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    OPTIMIZER_DIR,
+    OPTIMIZER_FILE,
+    SCALER_FILE,
+    STATE_FILE,
+    TOKENIZER_FILE,
+    CheckpointError,
+    check_committed,
+    checkpoint_dirs,
+    has_optimizer_shards,
+    is_sharded,
+    read_file,
+)
+from nanogpt.config import Config
 from nanogpt.model import GPT, MODEL_ARGS, GPTConfig, clean_state_dict
 from nanogpt.shards import fsync_dir  # files and directories alike
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCALER_FILE = "scaler.pt"
-CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.json"
-MANIFEST_FILE = "manifest.json"
-METRICS_FILE = "metrics.json"  # LocalReporter's record of what was reported with the checkpoint
-CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, incomplete or unreadable; the message names the file."""
-
-
 @dataclass
 class Checkpoint:
     path: Path
@@ -205,48 +206,6 @@ def write_record(dir: str | os.PathLike, sizes: dict[str, int], record: Checkpoi
     fsync_dir(root / STATE_FILE)
 
 
-def read_state(dir: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's state.json (step, best_val_loss, model_args, extra, ...); CheckpointError when it is
-    missing or unreadable. The one reader of that file."""
-    return _read(Path(dir) / STATE_FILE, json.loads)
-
-
-def is_checkpoint(dir: str | os.PathLike) -> bool:
-    """True for a committed checkpoint: its state.json (written last) reads, and every file it lists has the size
-    it records. A copy cut short (a full disk during an upload) is not one, whatever files it holds."""
-    try:
-        check_committed(dir)
-    except CheckpointError:
-        return False
-    return True
-
-
-def check_committed(dir: str | os.PathLike, optional: tuple[str, ...] = ()) -> dict[str, Any]:
-    """state.json of a committed checkpoint; CheckpointError naming the first file that is missing or has the
-    wrong size. Files in `optional` (names, or folders of a sharded checkpoint) may be missing (a weights-only copy
-    leaves the optimizer out)."""
-    path = Path(dir)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    state_path = path / STATE_FILE
-    if not state_path.is_file():
-        raise CheckpointError(f"{state_path}: missing, so {path} is not a complete checkpoint (an interrupted save or copy?)")
-    state = read_state(path)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{state_path}: malformed (not a JSON object)")
-    sizes = state.get("sizes") or {name: None for name in state.get("files", [])}
-    for name, size in sizes.items():
-        file = path / name
-        if not file.is_file():
-            if name in optional or name.split("/")[0] in optional:
-                continue
-            raise CheckpointError(f"{file}: missing from the checkpoint (state.json lists it)")
-        if size is not None and file.stat().st_size != size:
-            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, but state.json records {size}: the checkpoint "
-                                  "was cut short (a full disk or an interrupted copy?)")
-    return state
-
-
 def load_checkpoint(
     dir: str | os.PathLike, map_location: str | torch.device = "cpu", *, with_optimizer: bool = True
 ) -> Checkpoint:
@@ -256,19 +215,19 @@ def load_checkpoint(
     state_path = path / STATE_FILE
     # Training state (optimizer, scaler) is only needed to resume: a weights-only copy (the MLflow registered model
     # leaves it out) loads for sampling and evaluation.
-    optional = () if with_optimizer else (OPTIMIZER_FILE, SCALER_FILE, sharded.OPTIMIZER_DIR)
+    optional = () if with_optimizer else (OPTIMIZER_FILE, SCALER_FILE, OPTIMIZER_DIR)
     state = check_committed(path, optional=optional)
-    is_sharded = sharded.is_sharded(list(state.get("files") or []))
+    sharded_weights = is_sharded(list(state.get("files") or []))
 
-    model_state = _read_weights(path, state, is_sharded, map_location)
+    model_state = _read_weights(path, state, sharded_weights, map_location)
 
     optimizer_state = scaler_state = None
     if with_optimizer and (path / OPTIMIZER_FILE).is_file():
-        optimizer_state = _read(path / OPTIMIZER_FILE, lambda p: torch.load(p, map_location=map_location, weights_only=True), binary=True)
+        optimizer_state = read_file(path / OPTIMIZER_FILE, lambda p: torch.load(p, map_location=map_location, weights_only=True), binary=True)
     if with_optimizer and (path / SCALER_FILE).is_file():
-        scaler_state = _read(path / SCALER_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True), binary=True)
-    config = _read(path / CONFIG_FILE, lambda text: Config.from_dict(yaml.safe_load(text) or {}, source=str(path / CONFIG_FILE)))
-    tokenizer = _read(path / TOKENIZER_FILE, json.loads) if (path / TOKENIZER_FILE).is_file() else None
+        scaler_state = read_file(path / SCALER_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True), binary=True)
+    config = read_file(path / CONFIG_FILE, lambda text: Config.from_dict(yaml.safe_load(text) or {}, source=str(path / CONFIG_FILE)))
+    tokenizer = read_file(path / TOKENIZER_FILE, json.loads) if (path / TOKENIZER_FILE).is_file() else None
     manifest_json = (path / MANIFEST_FILE).read_text() if (path / MANIFEST_FILE).is_file() else None
     try:
         step = int(state["step"])
@@ -289,7 +248,7 @@ def load_checkpoint(
         manifest_json=manifest_json,
         extra=dict(state.get("extra") or {}),
         state=state,
-        sharded=is_sharded,
+        sharded=sharded_weights,
     )
 
 
@@ -320,9 +279,9 @@ def full_optimizer_state(ckpt: Checkpoint) -> dict[str, Any] | None:
     as read, or from a sharded checkpoint's optimizer/ shards; None when it has none (a weights-only copy)."""
     if not ckpt.sharded:
         return ckpt.optimizer_state
-    if not sharded.has_optimizer_shards(list(ckpt.state.get("files") or [])):
+    if not has_optimizer_shards(list(ckpt.state.get("files") or [])):
         return None
-    folder = ckpt.path / sharded.OPTIMIZER_DIR
+    folder = ckpt.path / OPTIMIZER_DIR
     try:
         return sharded.by_index(sharded.read_full(folder))
     except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -349,12 +308,6 @@ def load_model(dir: str | os.PathLike, device: str | torch.device = "cpu") -> tu
     model = build_model(ckpt).to(device)
     model.eval()
     return model, ckpt.config
-
-
-def is_sharded_checkpoint(dir: str | os.PathLike) -> bool:
-    """True for a committed sharded (FSDP) checkpoint, False for an unsharded one; CheckpointError if neither."""
-    return sharded.is_sharded(list(check_committed(dir, optional=(OPTIMIZER_FILE, SCALER_FILE,
-                                                                   sharded.OPTIMIZER_DIR)).get("files") or []))
 
 
 def consolidate_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -417,25 +370,6 @@ def export_hf_dir(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, vocab
 
 
 # ------------------------------------------------------------------------------------------ plain-process reporter
-
-
-def checkpoint_dirs(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every complete `checkpoint_<step>` directory under out_dir, by step."""
-    root = Path(out_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = CHECKPOINT_NAME.match(p.name)
-        if m and is_checkpoint(p):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
-    """The complete checkpoint of out_dir with the highest step, or None."""
-    found = checkpoint_dirs(out_dir)
-    return str(found[-1][1]) if found else None
 
 
 class LocalReporter:
@@ -546,17 +480,6 @@ def _move_files(src: Path, dest: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(file), str(target))  # a rename on one filesystem, a copy across
     shutil.rmtree(src, ignore_errors=True)
-
-
-def _read(path: Path, parse, binary: bool = False):
-    try:
-        return parse(path) if binary else parse(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except Exception as e:  # json/yaml/pickle errors come in many types; all mean the file is damaged
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def _read_metrics(path: Path) -> dict[str, Any] | None:

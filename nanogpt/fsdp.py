@@ -31,6 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from nanogpt import sharded_checkpoint as sharded
 from nanogpt.checkpoint import Checkpoint, CheckpointRecord, full_optimizer_state, write_record
+from nanogpt.checkpoint_files import has_optimizer_shards
 from nanogpt.config import ConfigError
 from nanogpt.model import GPT
 
@@ -84,7 +85,7 @@ class FullySharded:
         """Collective: the checkpoint's AdamW state into this rank's shards: from a sharded checkpoint's shards
         (resharded when it was written by another number of ranks), or from a whole optimizer.pt."""
         files = list(checkpoint.state.get("files") or [])
-        if checkpoint.sharded and sharded.has_optimizer_shards(files):
+        if checkpoint.sharded and has_optimizer_shards(files):
             sharded.load_optimizer_shards(model, optimizer, checkpoint.path)
             return True
         state = full_optimizer_state(checkpoint)

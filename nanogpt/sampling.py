@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.checkpoint import Checkpoint, CheckpointError, build_model, load_checkpoint
+from nanogpt.checkpoint import Checkpoint, build_model, load_checkpoint
+from nanogpt.checkpoint_files import CheckpointError
 from nanogpt.config import ConfigError
 from nanogpt.model import GPT, sample_next_token
 from nanogpt.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_dict

@@ -27,13 +27,12 @@ from typing import Any
 
 import torch
 
+from nanogpt.checkpoint_files import MODEL_DIR, OPTIMIZER_DIR
+
 # torch.distributed.checkpoint is imported in the functions that use it: its import takes about 1 s of CPU, which
 # every process that imports nanogpt.checkpoint would pay (the driver before Ray starts, each worker before step 0),
 # and only FSDP runs and their checkpoints need it.
 
-MODEL_DIR = "model"
-OPTIMIZER_DIR = "optimizer"
-DCP_METADATA = ".metadata"
 
 
 def write_shards(dir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -62,15 +61,6 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
         else:
             first[id(param)] = name
     return aliases
-
-
-def is_sharded(files: list[str]) -> bool:
-    """True for the file list of a sharded checkpoint (state.json "files")."""
-    return f"{MODEL_DIR}/{DCP_METADATA}" in files
-
-
-def has_optimizer_shards(files: list[str]) -> bool:
-    return f"{OPTIMIZER_DIR}/{DCP_METADATA}" in files
 
 
 def read_full(folder: str | os.PathLike) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 
-from nanogpt.checkpoint import CheckpointError
 from nanogpt.checkpoint_copy import node_copy
+from nanogpt.checkpoint_files import CheckpointError
 from nanogpt.storage import is_uri
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")

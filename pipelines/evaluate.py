@@ -30,7 +30,8 @@ from dataclasses import asdict
 
 from nanogpt import shards
 from nanogpt.batches import BatchError
-from nanogpt.checkpoint import CheckpointError, load_checkpoint
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.checkpoint_files import CheckpointError
 from nanogpt.config import ConfigError, load_config
 from nanogpt.devices import Precision
 from nanogpt.evaluation import evaluate_split

@@ -31,6 +31,14 @@ def job_tracker(config: Config, run_dir: str, **kwargs) -> MlflowTracker:
     return MlflowTracker.from_config(config, run_tags={RUN_DIR_TAG: run_dir}, **kwargs)
 
 
+def start_worker_tracker(config: Config, run_dir: str, run_id: str | None) -> MlflowTracker:
+    """Rank 0's tracker: the job's run `run_id`, opened by the driver, which also ends it (None: the store was down
+    when the job began; the tracker creates the run, tagged with `run_dir`, when the store answers)."""
+    tracker = job_tracker(config, run_dir, owns_run=False)
+    tracker.start(run_id, wait=False)
+    return tracker
+
+
 def open_job_run(config: Config, plan: RunPlan, parent_run_id: str | None = None) -> str | None:
     """Create the job's run, or continue the run of plan.run_dir when the job continues it, with the config as
     params, the standard tags, the config and the dataset manifest. Returns its id (None: store unreachable).

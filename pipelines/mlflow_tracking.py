@@ -62,12 +62,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nanogpt.checkpoint import (
+from nanogpt.checkpoint_files import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     SCALER_FILE,
     CheckpointError,
-    consolidate_checkpoint,
     is_sharded_checkpoint,
     read_state,
 )
@@ -583,6 +582,10 @@ class MlflowTracker:
             with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-") as tmp:
                 staged = Path(tmp) / kind
                 if shards:
+                    from nanogpt.checkpoint import (
+                        consolidate_checkpoint,  # torch: only a sharded checkpoint needs it
+                    )
+
                     consolidate_checkpoint(src, staged, with_optimizer=keep_optimizer)
                 else:
                     _link_tree(src, staged, skip=() if keep_optimizer else FILES_NOT_REGISTERED)

@@ -54,7 +54,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanogpt.batches import micro_steps_per_rank
-from nanogpt.checkpoint import CheckpointError, consolidate_checkpoint, export_hf_dir, export_nanogpt_ckpt
+from nanogpt.checkpoint import consolidate_checkpoint, export_hf_dir, export_nanogpt_ckpt
+from nanogpt.checkpoint_files import CheckpointError
 from nanogpt.config import Config, ConfigError, load_config
 from nanogpt.corpus import CorpusError
 from nanogpt.sampling import generate_from_checkpoint

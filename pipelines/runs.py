@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from nanogpt.checkpoint import CheckpointError, is_checkpoint, latest_checkpoint
+from nanogpt.checkpoint_files import CheckpointError, is_checkpoint, latest_checkpoint
 from nanogpt.config import Config, ConfigError
 from nanogpt.storage import exists, is_uri, join, resolve_local
 

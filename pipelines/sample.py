@@ -27,7 +27,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from nanogpt.checkpoint import CheckpointError
+from nanogpt.checkpoint_files import CheckpointError
 from nanogpt.config import ConfigError
 from nanogpt.devices import resolve_device, resolve_dtype
 from nanogpt.sampling import load_checkpoint_model, load_pretrained_model, read_prompt, sample_text

@@ -11,12 +11,13 @@ update: a place for a benchmark's timer or a test's fault, outside production co
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from nanogpt.checkpoint import CheckpointError, check_committed, checkpoint_dirs
+from nanogpt.checkpoint_files import CheckpointError, check_committed, checkpoint_dirs
 from nanogpt.config import Config
 from nanogpt.shard_cache import local_shards
 from nanogpt.storage import StorageError, download, exists, is_uri, join, upload
@@ -94,13 +95,28 @@ def quiet_ray_train_logs() -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """What every Ray Train worker runs; rank 0 returns a summary of the run."""
     import ray.train
+
+    quiet_ray_train_logs()
+    config = Config.from_dict(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    # first thing: rank 0's MLflow helper process then imports and connects while this process sets up
+    tracker = make_worker_tracker(config, rank, loop_config["run_dir"], loop_config.get("tracking_run_id"))
+    try:
+        result = _train(config, loop_config, tracker)
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
+    tracker.close()
+    return result
+
+
+def _train(config: Config, loop_config: dict[str, Any], tracker: Tracker) -> dict[str, Any] | None:
+    import ray.train
     import ray.train.torch
     import torch
 
     from nanogpt.train import train
 
-    quiet_ray_train_logs()
-    config = Config.from_dict(loop_config["config"])
     context = ray.train.get_context()
     ray_device = ray.train.torch.get_device()  # cuda:<local gpu> with use_gpu, else cpu
     ctx = TrainContext(
@@ -113,14 +129,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if ctx.rank != 0:  # as nanoGPT's master_process: one rank describes the model and the run (warnings stay)
         logging.getLogger("nanogpt").setLevel(logging.WARNING)
     with _resume_dir(config, loop_config.get("resume_from"), run_dir) as resume_dir:
-        tracker = make_worker_tracker(config, ctx.rank, run_dir, loop_config.get("tracking_run_id"))
-        try:
-            result = train(config, data_dir, ctx, RayReporter(run_dir), tracker=tracker, resume_from=resume_dir,
-                           on_step=_all_of(hooks))
-        except BaseException:
-            tracker.close(status="FAILED")
-            raise
-        tracker.close()
+        result = train(config, data_dir, ctx, RayReporter(run_dir), tracker=tracker, resume_from=resume_dir,
+                       on_step=_all_of(hooks))
     if ctx.rank != 0:
         return None
     return {"start_step": result.start_step, "step": result.step, "best_val_loss": result.best_val_loss,
@@ -198,10 +208,11 @@ def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | N
     jsonl.log_params(config.to_flat())
     if config.run.tracker != "mlflow":
         return MultiTracker(jsonl, *stored)
-    from pipelines.job_tracking import job_tracker
+    from pipelines.job_tracking import start_worker_tracker
+    from pipelines.tracker_process import ProcessTracker
 
-    mlflow = job_tracker(config, run_dir, owns_run=False)
-    mlflow.start(run_id, wait=False)  # MLflow's import and connection overlap building the model
+    # in a helper process: MLflow's import and store run on another core while this one builds the model
+    mlflow = ProcessTracker(functools.partial(start_worker_tracker, config, run_dir, run_id))
     return MultiTracker(jsonl, mlflow, *stored)
 
 

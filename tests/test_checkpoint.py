@@ -17,17 +17,14 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 
 from nanogpt.checkpoint import (
-    CheckpointError,
     LocalReporter,
-    checkpoint_dirs,
     export_hf_dir,
     export_nanogpt_ckpt,
-    is_checkpoint,
-    latest_checkpoint,
     load_checkpoint,
     load_model,
     save_checkpoint,
 )
+from nanogpt.checkpoint_files import CheckpointError, checkpoint_dirs, is_checkpoint, latest_checkpoint
 from nanogpt.config import Config
 from nanogpt.model import GPT, GPTConfig, load_nanogpt_ckpt
 from nanogpt.parallel import SingleProcess, unwrap_model

@@ -26,16 +26,14 @@ from nanogpt import shards
 from nanogpt.batches import TokenWindows
 from nanogpt.checkpoint import (
     LocalReporter,
-    checkpoint_dirs,
     consolidate_checkpoint,
     export_hf_dir,
     export_nanogpt_ckpt,
     full_optimizer_state,
-    is_checkpoint,
-    is_sharded_checkpoint,
     load_checkpoint,
     load_model,
 )
+from nanogpt.checkpoint_files import checkpoint_dirs, is_checkpoint, is_sharded_checkpoint
 from nanogpt.config import ConfigError
 from nanogpt.devices import Precision
 from nanogpt.evaluation import evaluate_windows

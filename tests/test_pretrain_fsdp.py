@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt.checkpoint import is_checkpoint, load_checkpoint
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.checkpoint_files import is_checkpoint
 from pipelines.pretrain import main, pretrain
 from tests.faults import KillRankAt
 from tests.pretrain_runs import (

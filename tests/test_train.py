@@ -12,7 +12,8 @@ import torch
 
 from nanogpt import shards
 from nanogpt.batches import micro_steps_per_rank
-from nanogpt.checkpoint import LocalReporter, checkpoint_dirs, load_checkpoint
+from nanogpt.checkpoint import LocalReporter, load_checkpoint
+from nanogpt.checkpoint_files import checkpoint_dirs
 from nanogpt.config import Config, ConfigError
 from nanogpt.devices import resolve_dtype
 from nanogpt.init_from import default_vocab_size
