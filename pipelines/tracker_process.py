@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -107,6 +108,9 @@ def serve(conn: Connection) -> None:
 
 
 def main() -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the training process decides what it means, and the
+    # helper ends with it (the end of its socket), having sent what it holds
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conn = Connection(int(sys.argv[1]))
     try:
