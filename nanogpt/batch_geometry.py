@@ -1,5 +1,8 @@
-"""Batch arithmetic for sweeps over the batch size: the micro-batch and accumulation that keep tokens per optimizer
-step constant, and schedule lengths kept constant in tokens when tokens per step change.
+"""Batch arithmetic: how a step's micro-batches split over the workers, and, for sweeps over the batch size, the
+micro-batch and accumulation that keep tokens per optimizer step constant, and schedule lengths kept constant in
+tokens when tokens per step change.
+
+    micro_steps_per_rank(gradient_accumulation_steps=8, world_size=2)                           # -> 4
 
     accumulation_for_tokens(tokens_per_step=6144, batch_size=24, block_size=64, num_workers=2)   # -> 4
     steps_for_tokens(num_tokens=614_400, tokens_per_step=12288)                                    # -> 50
@@ -13,6 +16,20 @@ Tokens per step = batch_size * block_size * gradient_accumulation_steps, whateve
 from __future__ import annotations
 
 from nanogpt.config import ConfigError
+
+
+def micro_steps_per_rank(gradient_accumulation_steps: int, world_size: int) -> int:
+    """Micro-batches each rank runs per optimizer step, so that the step's total stays the same on any world size."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if gradient_accumulation_steps % world_size:
+        valid = [n for n in range(1, gradient_accumulation_steps + 1) if gradient_accumulation_steps % n == 0]
+        raise ConfigError(
+            f"train.gradient_accumulation_steps={gradient_accumulation_steps} (micro-batches per optimizer step, "
+            f"summed over workers) is not divisible by the {world_size} workers; use a worker count that divides it "
+            f"({', '.join(map(str, valid))}) or a multiple of {world_size} as gradient_accumulation_steps"
+        )
+    return gradient_accumulation_steps // world_size
 
 
 def tokens_per_step(batch_size: int, block_size: int, gradient_accumulation_steps: int) -> int:

@@ -25,8 +25,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from nanogpt.config import ConfigError
-
 
 class BatchError(ValueError):
     """The token shards cannot provide the windows asked for (e.g. every shard shorter than a window)."""
@@ -102,20 +100,6 @@ def rank_share(positions: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 def global_micro_batch(rank: int, micro_step: int, micro_steps_per_rank: int) -> int:
     """The global index g of a rank's micro-step: ranks own consecutive blocks of the step's micro-batches."""
     return rank * micro_steps_per_rank + micro_step
-
-
-def micro_steps_per_rank(gradient_accumulation_steps: int, world_size: int) -> int:
-    """Micro-batches each rank runs per optimizer step, so that the step's total stays the same on any world size."""
-    if world_size < 1:
-        raise ConfigError(f"world size must be >= 1, got {world_size}")
-    if gradient_accumulation_steps % world_size:
-        valid = [n for n in range(1, gradient_accumulation_steps + 1) if gradient_accumulation_steps % n == 0]
-        raise ConfigError(
-            f"train.gradient_accumulation_steps={gradient_accumulation_steps} (micro-batches per optimizer step, "
-            f"summed over workers) is not divisible by the {world_size} workers; use a worker count that divides it "
-            f"({', '.join(map(str, valid))}) or a multiple of {world_size} as gradient_accumulation_steps"
-        )
-    return gradient_accumulation_steps // world_size
 
 
 def to_device(x: np.ndarray, y: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 from nanogpt import shards
-from nanogpt.batches import TokenWindows, micro_steps_per_rank
+from nanogpt.batch_geometry import micro_steps_per_rank
+from nanogpt.batches import TokenWindows
 from nanogpt.checkpoint import Checkpoint, CheckpointRecord, load_checkpoint
 from nanogpt.config import Config
 from nanogpt.devices import Precision

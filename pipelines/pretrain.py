@@ -51,20 +51,20 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nanogpt.batches import micro_steps_per_rank
-from nanogpt.checkpoint import consolidate_checkpoint, export_hf_dir, export_nanogpt_ckpt
+from nanogpt.batch_geometry import micro_steps_per_rank
 from nanogpt.checkpoint_files import CheckpointError
 from nanogpt.config import Config, ConfigError, load_config
 from nanogpt.corpus import CorpusError
-from nanogpt.sampling import generate_from_checkpoint
 from nanogpt.shards import MANIFEST_NAME, Manifest, ShardError, load_manifest, store_error, verify
 from nanogpt.storage import StorageError, exists, is_uri, join, list_names, resolve_local
 from nanogpt.tokenizers import TokenizerError
-from nanogpt.train import OnStep
 from pipelines.checkpoint_uris import local_checkpoint_dir
 from pipelines.runs import RunPlan, plan_run
+
+if TYPE_CHECKING:
+    from nanogpt.train import OnStep
 
 log = logging.getLogger("nanogpt.pretrain")
 
@@ -318,16 +318,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_outcome(outcome)
     if outcome.best_checkpoint is not None and (args.sample or args.export_nanogpt or args.export_hf
                                                 or args.export_checkpoint):
-        with local_checkpoint_dir(outcome.best_checkpoint) as ckpt_dir:
-            if args.export_checkpoint:
-                print(f"unsharded checkpoint: {consolidate_checkpoint(ckpt_dir, args.export_checkpoint)}")
-            if args.export_nanogpt:
-                print(f"nanoGPT ckpt.pt: {export_nanogpt_ckpt(ckpt_dir, args.export_nanogpt)}")
-            if args.export_hf:
-                print(f"Hugging Face directory: {export_hf_dir(ckpt_dir, args.export_hf)}")
-            if args.sample:
-                print(generate_from_checkpoint(ckpt_dir, args.sample_start, max_new_tokens=args.sample)[0])
+        _export_and_sample(outcome.best_checkpoint, args)
     return 0
+
+
+def _export_and_sample(checkpoint: str, args: argparse.Namespace) -> None:
+    """What --export-checkpoint, --export-nanogpt, --export-hf and --sample ask of the best checkpoint."""
+    from nanogpt.checkpoint import consolidate_checkpoint, export_hf_dir, export_nanogpt_ckpt
+    from nanogpt.sampling import generate_from_checkpoint
+
+    with local_checkpoint_dir(checkpoint) as ckpt_dir:
+        if args.export_checkpoint:
+            print(f"unsharded checkpoint: {consolidate_checkpoint(ckpt_dir, args.export_checkpoint)}")
+        if args.export_nanogpt:
+            print(f"nanoGPT ckpt.pt: {export_nanogpt_ckpt(ckpt_dir, args.export_nanogpt)}")
+        if args.export_hf:
+            print(f"Hugging Face directory: {export_hf_dir(ckpt_dir, args.export_hf)}")
+        if args.sample:
+            print(generate_from_checkpoint(ckpt_dir, args.sample_start, max_new_tokens=args.sample)[0])
 
 
 def _print_outcome(outcome: PretrainOutcome) -> None:

@@ -36,8 +36,13 @@ from typing import Any
 
 import yaml
 
-from nanogpt.batch_geometry import accumulation_for_tokens, rescale_steps, steps_for_tokens, tokens_per_step
-from nanogpt.batches import micro_steps_per_rank
+from nanogpt.batch_geometry import (
+    accumulation_for_tokens,
+    micro_steps_per_rank,
+    rescale_steps,
+    steps_for_tokens,
+    tokens_per_step,
+)
 from nanogpt.config import Config, ConfigError, apply_overrides, find_preset, load_config, resolve_key
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanogpt import shards
-from nanogpt.batches import micro_steps_per_rank
+from nanogpt.batch_geometry import micro_steps_per_rank
 from nanogpt.checkpoint import LocalReporter, load_checkpoint
 from nanogpt.checkpoint_files import checkpoint_dirs
 from nanogpt.config import Config, ConfigError
