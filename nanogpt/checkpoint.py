@@ -13,13 +13,14 @@
 An FSDP run writes a sharded checkpoint instead (nanogpt/sharded_checkpoint.py): `model/` and `optimizer/`
 folders of torch.distributed.checkpoint shards in place of model.safetensors and optimizer.pt, one file per rank in
 each, the rest as above. `is_checkpoint`, `load_checkpoint` (the weights read whole), `load_model` and the exports
-take either kind.
+take either kind. The file names and the completeness checks (`is_checkpoint`, `check_committed`,
+`latest_checkpoint`) live in nanogpt/checkpoint_files.py, which needs no torch.
 
 The directory is built under a temporary sibling name and renamed into place once state.json is in it. A copy of
 it (Ray's upload to run storage, an MLflow download) counts as a checkpoint only when state.json reads and every
 file it lists has the recorded size (`is_checkpoint`): a copy cut short by a full disk is refused with a
-`CheckpointError` naming the file, and `latest_checkpoint` passes over it. `step` is the number of optimizer updates the weights have had: training resumed
-from it makes update `step` next, exactly as the uninterrupted run did.
+`CheckpointError` naming the file, and `latest_checkpoint` passes over it. `step` is the number of optimizer updates
+the weights have had: training resumed from it makes update `step` next, exactly as the uninterrupted run did.
 
     save_checkpoint("out/checkpoint_000250", model_state=model.state_dict(), model_args=model.config, step=250,
                     best_val_loss=1.9, config=cfg)
@@ -56,6 +57,7 @@ from nanogpt.checkpoint_files import (
     CONFIG_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
+    MODEL_DIR,
     MODEL_FILE,
     OPTIMIZER_DIR,
     OPTIMIZER_FILE,
@@ -252,15 +254,15 @@ def load_checkpoint(
     )
 
 
-def _read_weights(path: Path, state: dict[str, Any], is_sharded: bool,
+def _read_weights(path: Path, state: dict[str, Any], sharded_weights: bool,
                   map_location: str | torch.device) -> dict[str, torch.Tensor]:
     """The weights with nanoGPT's keys, both names of a tied tensor present (one tensor)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    model_path = path / (sharded.MODEL_DIR if is_sharded else MODEL_FILE)
+    model_path = path / (MODEL_DIR if sharded_weights else MODEL_FILE)
     try:
-        if is_sharded:  # whole tensors from every rank's shards, in this process alone
+        if sharded_weights:  # whole tensors from every rank's shards, in this process alone
             model_state = {k: v.to(map_location) for k, v in sharded.read_full(model_path).items()}
             tied = dict(state.get("tied") or {})
         else:

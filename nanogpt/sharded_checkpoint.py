@@ -34,7 +34,6 @@ from nanogpt.checkpoint_files import MODEL_DIR, OPTIMIZER_DIR
 # and only FSDP runs and their checkpoints need it.
 
 
-
 def write_shards(dir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Collective (every rank, the same call): this rank's shards of the weights and of the AdamW state into
     dir/model and dir/optimizer. Returns {path relative to dir: size in bytes} of the files this rank wrote."""

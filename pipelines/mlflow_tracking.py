@@ -582,9 +582,8 @@ class MlflowTracker:
             with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-") as tmp:
                 staged = Path(tmp) / kind
                 if shards:
-                    from nanogpt.checkpoint import (
-                        consolidate_checkpoint,  # torch: only a sharded checkpoint needs it
-                    )
+                    # imports torch, which only a sharded checkpoint needs here
+                    from nanogpt.checkpoint import consolidate_checkpoint
 
                     consolidate_checkpoint(src, staged, with_optimizer=keep_optimizer)
                 else:

@@ -1,6 +1,6 @@
 """A tracker that runs in a helper process: the training process only sends it its calls.
 
-    tracker = ProcessTracker(functools.partial(start_worker_mlflow, config, run_dir, run_id))
+    tracker = ProcessTracker(functools.partial(start_worker_tracker, config, run_dir, run_id))
     tracker.log_metrics({"loss": 1.2}, step)   # one write to a socket; MLflow's work happens in the helper
     tracker.close()                             # waits until the helper has sent everything
 

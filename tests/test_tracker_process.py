@@ -72,12 +72,12 @@ def test_a_helper_that_cannot_start_costs_a_warning_not_the_run(caplog):
 
 
 TRAINING_PROCESS = textwrap.dedent("""
-    import functools, sys, time
+    import functools, json, sys, time
     from nanogpt.config import Config
     from pipelines.job_tracking import start_worker_tracker
     from pipelines.tracker_process import ProcessTracker
 
-    config = Config.from_dict(__import__("json").loads(sys.argv[1]))
+    config = Config.from_dict(json.loads(sys.argv[1]))
     tracker = ProcessTracker(functools.partial(start_worker_tracker, config, sys.argv[2], sys.argv[3]))
     for step in range(20):
         tracker.log_metrics({"train/loss": 5.0 - step / 10}, step)
