@@ -21,6 +21,11 @@ them, summed over the intervals that hold no evaluation. That covers everything 
 tracking calls included. "main (loop timer)" is the mean of the same lines' own `time X ms` (the loop's
 perf_counter mean over the interval, which leaves out the logging and tracking done at the interval's end).
 
+Where (c)'s CPU goes while it trains: the cores its training worker kept busy from the first timed `iter` line to
+the last one, and the cores the rest of the job took meanwhile (Ray's daemons and actors, the MLflow helper, the
+driver; the processes under the command, by kind, from /proc). On a 2-core machine the worker's two threads need both
+cores, so whatever the rest takes comes out of its steps; nanoGPT's loop and (b) run alone.
+
 Start-up of (c): seconds from starting the command to the arrival of milestone lines: Ray ready (ray.init done),
 fit starts (the driver's "run ... ->" line), the first worker line, MLflow run ready (the worker's "MLflow: run"
 line), model built ("tokens per iteration"), step-0 eval done, the first update done ("iter 0", the figure called
@@ -107,6 +112,55 @@ def _cpu_times() -> tuple[int, int]:
     return sum(values), values[3] + values[4]
 
 
+def _tree_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of process `root` and of every process under it (Linux /proc): {pid: (label, seconds)}.
+    Ray's processes descend from the driver (gcs_server, raylet, log monitor) or from the raylet (workers, actors)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:  # exited meanwhile
+            continue
+        parent[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (_label(argv), (int(fields[11]) + int(fields[12])) / hz)
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, ppid in parent.items() if ppid in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    return {pid: cpu[pid] for pid in tree if pid in cpu}
+
+
+def _label(argv: list[str]) -> str:
+    """`ray::TrainController`, `raylet`, `log_monitor.py`, `-m pipelines.tracker_process`: what a process is."""
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0].split(".")[0]
+    if "-m" in argv[:3]:
+        return "-m " + argv[argv.index("-m") + 1]
+    scripts = [a for a in argv[1:4] if a.endswith(".py")]
+    return os.path.basename(scripts[0] if scripts else argv[0]) or "?"
+
+
+def _cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float) -> dict:
+    """Cores each kind of process of the job kept busy between two _tree_cpu snapshots `seconds` apart: the
+    training worker(s), and the rest (Ray's processes, the MLflow helper, the driver) by label."""
+    rest: dict[str, float] = {}
+    worker = 0.0
+    for pid, (label, cpu) in after.items():
+        used = (cpu - before.get(pid, (label, 0.0))[1]) / seconds
+        if label == "ray::RayTrainWorker":
+            worker += used
+        else:
+            rest[label] = rest.get(label, 0.0) + used
+    return {"worker": worker, "rest": sum(rest.values()), "rest_by_kind": rest}
+
+
 def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config: Config, extra: list[str],
                  echo: bool = False) -> dict:
     """Run the main job as a subprocess; time its steps and milestones from its output (see the module docstring)."""
@@ -114,6 +168,10 @@ def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config:
            f"--data.dir={data_dir}", f"--run.out_dir={out_dir}", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # line by line through the pipe, or the arrival times mean nothing
     lines: list[tuple[float, str]] = []
+    # CPU of the job's processes over its timed updates: from the first timed `iter` line to the last one
+    first_timed = -(-warmup // config.train.log_interval) * config.train.log_interval
+    last_logged = (iters - 1) // config.train.log_interval * config.train.log_interval
+    snapshots: dict[int, tuple[float, dict]] = {}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
@@ -121,6 +179,8 @@ def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config:
     def read() -> None:
         for line in proc.stdout:
             lines.append((time.perf_counter() - start, line.rstrip("\n")))
+            if (m := ITER_LINE.search(line)) and int(m.group(1)) in (first_timed, last_logged):
+                snapshots.setdefault(int(m.group(1)), (time.perf_counter(), _tree_cpu(proc.pid)))
             if echo:
                 print(f"{lines[-1][0]:7.2f} | {lines[-1][1]}", flush=True)
 
@@ -161,7 +221,11 @@ def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config:
         loop_ms.append(ms)
     if not steps:
         raise RuntimeError("no timed interval: raise --iters or lower --warmup")
-    return {"mean_ms_per_iter": span / steps * 1000, "loop_ms_per_iter": statistics.fmean(loop_ms),
+    cpu = None
+    if first_timed in snapshots and last_logged in snapshots and last_logged > first_timed:
+        (t0, before), (t1, after) = snapshots[first_timed], snapshots[last_logged]
+        cpu = _cpu_split(before, after, t1 - t0)
+    return {"mean_ms_per_iter": span / steps * 1000, "cpu": cpu, "loop_ms_per_iter": statistics.fmean(loop_ms),
             "iters_timed": int(steps), "milestones": milestones, "busy_cores": cores, "total_s": total}
 
 
@@ -214,6 +278,7 @@ def main() -> None:
     log.info("main / plain: %.3fx   main / nanoGPT: %.3fx   plain / nanoGPT: %.3fx", main_ms / med(
         "(b) plain nanogpt.train", "mean_ms_per_iter"), main_ms / med("(a) nanoGPT's loop", "mean_ms_per_iter"),
         med("(b) plain nanogpt.train", "mean_ms_per_iter") / med("(a) nanoGPT's loop", "mean_ms_per_iter"))
+    _log_cpu_split([r["cpu"] for r in runs["(c) main job"] if r["cpu"]])
     log.info("main job start-up: seconds from the command's start (median), the cores busy since the milestone before "
              "(median; %d on this machine), and the seconds of each run:", os.cpu_count())
     names = [name for name, _ in MILESTONES] + ["last update done", "command exits"]
@@ -225,6 +290,18 @@ def main() -> None:
     log.info("to first step: %.1f s (median), command total: %.1f s (median)",
              statistics.median(r["milestones"]["first update done"] for r in runs["(c) main job"]),
              med("(c) main job", "total_s"))
+
+
+def _log_cpu_split(splits: list[dict]) -> None:
+    """How many cores the training worker had during the timed updates, and what the rest of the job took."""
+    if not splits:
+        return
+    kinds = {kind for split in splits for kind in split["rest_by_kind"]}
+    by_kind = {kind: statistics.median(s["rest_by_kind"].get(kind, 0.0) for s in splits) for kind in kinds}
+    top = sorted(by_kind.items(), key=lambda item: -item[1])[:8]
+    log.info("main job's processes during its timed updates (cores, median): training worker %.3f, the rest %.3f "
+             "(%s)", statistics.median(s["worker"] for s in splits), statistics.median(s["rest"] for s in splits),
+             ", ".join(f"{kind} {cores:.3f}" for kind, cores in top))
 
 
 def _median_text(values: list[float | None]) -> str:
