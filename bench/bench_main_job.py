@@ -172,6 +172,7 @@ def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config:
     first_timed = -(-warmup // config.train.log_interval) * config.train.log_interval
     last_logged = (iters - 1) // config.train.log_interval * config.train.log_interval
     snapshots: dict[int, tuple[float, dict]] = {}
+    proc_fs = os.path.isdir("/proc")  # Linux
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
@@ -179,7 +180,7 @@ def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config:
     def read() -> None:
         for line in proc.stdout:
             lines.append((time.perf_counter() - start, line.rstrip("\n")))
-            if (m := ITER_LINE.search(line)) and int(m.group(1)) in (first_timed, last_logged):
+            if proc_fs and (m := ITER_LINE.search(line)) and int(m.group(1)) in (first_timed, last_logged):
                 snapshots.setdefault(int(m.group(1)), (time.perf_counter(), _tree_cpu(proc.pid)))
             if echo:
                 print(f"{lines[-1][0]:7.2f} | {lines[-1][1]}", flush=True)
