@@ -158,7 +158,7 @@ def _cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
             worker += used
         else:
             rest[label] = rest.get(label, 0.0) + used
-    return {"worker": worker, "rest": sum(rest.values()), "rest_by_kind": rest}
+    return {"worker": worker, "rest_by_kind": rest}
 
 
 def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config: Config, extra: list[str],
@@ -301,7 +301,7 @@ def _log_cpu_split(splits: list[dict]) -> None:
     by_kind = {kind: statistics.median(s["rest_by_kind"].get(kind, 0.0) for s in splits) for kind in kinds}
     top = sorted(by_kind.items(), key=lambda item: -item[1])[:8]
     log.info("main job's processes during its timed updates (cores, median): training worker %.3f, the rest %.3f "
-             "(%s)", statistics.median(s["worker"] for s in splits), statistics.median(s["rest"] for s in splits),
+             "(%s)", statistics.median(s["worker"] for s in splits), statistics.median(sum(s["rest_by_kind"].values()) for s in splits),
              ", ".join(f"{kind} {cores:.3f}" for kind, cores in top))
 
 

@@ -29,7 +29,6 @@ def test_cpu_split_separates_the_worker_from_the_rest_by_kind():
     split = _cpu_split(before, after, seconds=20.0)
     assert split["worker"] == pytest.approx(1.9)
     assert split["rest_by_kind"] == pytest.approx({"pretrain.py": 0.01, "raylet": 0.03})  # a new pid counts from 0
-    assert split["rest"] == pytest.approx(0.04)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
@@ -37,7 +36,6 @@ def test_tree_cpu_follows_children_and_grandchildren():
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
     parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
                                f"subprocess.Popen([sys.executable, '-c', {burn!r}])\ntime.sleep(30)"])
-    tree: dict = {}
     try:
         deadline = time.time() + 20
         while time.time() < deadline:
