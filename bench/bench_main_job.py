@@ -61,6 +61,7 @@ log = logging.getLogger("bench_main_job")
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "shakespeare_char_cpu"
 ITER_LINE = re.compile(r"iter (\d+): loss \S+, time ([\d.]+)ms")
+HELPER = "-m pipelines.tracker_process"  # _label of an MLflow helper process
 # (name, pattern of the first line that marks it), in the order they happen
 MILESTONES = [
     ("Ray ready", re.compile(r"Ray ready:")),
@@ -114,9 +115,10 @@ def _cpu_times() -> tuple[int, int]:
 
 def _tree_cpu(root: int) -> dict[int, tuple[str, float]]:
     """CPU seconds so far of process `root` and of every process under it (Linux /proc): {pid: (label, seconds)}.
-    Ray's processes descend from the driver (gcs_server, raylet, log monitor) or from the raylet (workers, actors)."""
+    Ray's processes descend from the driver (gcs_server, raylet, log monitor) or from the raylet (workers, actors).
+    The MLflow helpers started since `root` count too: they are detached from the tree (pipelines/tracker_process.py)."""
     hz = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
+    parent, cpu, started = {}, {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -129,11 +131,13 @@ def _tree_cpu(root: int) -> dict[int, tuple[str, float]]:
             continue
         parent[int(entry)] = int(fields[1])
         cpu[int(entry)] = (_label(argv), (int(fields[11]) + int(fields[12])) / hz)
+        started[int(entry)] = int(fields[19])
     tree, frontier = {root}, [root]
     while frontier:
         children = [pid for pid, ppid in parent.items() if ppid in frontier and pid not in tree]
         tree.update(children)
         frontier = children
+    tree |= {pid for pid, (label, _) in cpu.items() if label == HELPER and started[pid] >= started.get(root, 0)}
     return {pid: cpu[pid] for pid in tree if pid in cpu}
 
 

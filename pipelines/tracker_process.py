@@ -10,6 +10,10 @@ helper process that work runs on another core, beside the training. The helper b
 picklable `factory` it is sent, then replays each call in order. When the training process dies (a SIGKILL, a lost
 node), the helper reads the end of its socket, closes its tracker (sending what it has) and exits.
 
+The helper is not the training process's child: a launcher starts it in a session of its own and exits. Ray SIGKILLs
+the children of a worker it kills (a sweep trial the scheduler stopped; a job stopped), and a child helper would die
+with the metrics it had not sent yet (all of them, when it was still importing MLflow).
+
 Run as `python -m pipelines.tracker_process FD`, by ProcessTracker only.
 """
 
@@ -39,9 +43,7 @@ class ProcessTracker:
 
     def __init__(self, factory: Callable[[], Tracker]) -> None:
         ours, theirs = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self._process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
-                                         pass_fds=[theirs.fileno()], env=env)
+        self._pid = _start_detached(theirs.fileno())
         theirs.close()
         self._conn: Connection | None = Connection(ours.detach())
         self._send(factory)
@@ -62,17 +64,21 @@ class ProcessTracker:
         self._call("log_text", text, artifact_file)
 
     def close(self, status: str = "FINISHED") -> None:
-        """Send `close(status)`, then wait until the helper has closed its tracker and exited."""
+        """Send `close(status)`, then wait until the helper has closed its tracker and its end of the socket (it
+        exits then)."""
         self._call(_CLOSE, status)
-        if self._conn is not None:
-            try:
-                self._conn.recv()  # _CLOSED, or EOFError when the helper died on the way
-            except (EOFError, OSError):
-                log.warning("the tracking helper process (pid %d) ended before it confirmed the close",
-                            self._process.pid)
-            self._conn.close()
-            self._conn = None
-        self._process.wait()
+        if self._conn is None:
+            return
+        confirmed = False
+        try:
+            while True:  # _CLOSED, then the end of the socket
+                confirmed = self._conn.recv() == _CLOSED or confirmed
+        except (EOFError, OSError):
+            pass
+        if not confirmed:
+            log.warning("the tracking helper process (pid %d) ended before it confirmed the close", self._pid)
+        self._conn.close()
+        self._conn = None
 
     def _call(self, name: str, *args: Any) -> None:
         self._send((name, args))
@@ -83,10 +89,23 @@ class ProcessTracker:
         try:
             self._conn.send(message)
         except OSError as e:  # BrokenPipeError / ConnectionResetError: the helper is gone
-            log.warning("the tracking helper process (pid %d) is gone (%s, exit code %s): nothing more is tracked",
-                        self._process.pid, e, self._process.poll())
+            log.warning("the tracking helper process (pid %d) is gone (%s): nothing more is tracked", self._pid, e)
             self._conn.close()
             self._conn = None
+
+
+# the helper's stdout is the launcher's stderr: the launcher's stdout is a pipe that must close when it exits
+_LAUNCHER = ("import subprocess, sys; print(subprocess.Popen(sys.argv[1:], pass_fds=[int(sys.argv[-1])], "
+             "start_new_session=True, stdout=sys.stderr).pid)")
+
+
+def _start_detached(fd: int) -> int:
+    """Start `python -m pipelines.tracker_process FD` through a launcher that exits at once, so that the helper is
+    no one's child (init reaps it) and in a session of its own; returns the helper's pid."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    launched = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, "-m", __name__, str(fd)],
+                              pass_fds=[fd], env=env, stdout=subprocess.PIPE, text=True, check=True)
+    return int(launched.stdout)
 
 
 def serve(conn: Connection) -> None:
@@ -108,8 +127,8 @@ def serve(conn: Connection) -> None:
 
 
 def main() -> None:
-    # Ctrl-C in a terminal reaches the whole process group: the training process decides what it means, and the
-    # helper ends with it (the end of its socket), having sent what it holds
+    # an interrupt is for the training process to act on: the helper ends with it (the end of its socket), having
+    # sent what it holds
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conn = Connection(int(sys.argv[1]))

@@ -52,3 +52,21 @@ def test_tree_cpu_follows_children_and_grandchildren():
                 os.kill(pid, signal.SIGKILL)
         parent.kill()
         parent.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_tree_cpu_counts_the_detached_tracking_helper():
+    """pipelines/tracker_process.py starts its helper outside the tree; the job's CPU still includes it."""
+    script = ("import time\nfrom nanogpt.tracking import NullTracker\n"
+              "from pipelines.tracker_process import ProcessTracker\n"
+              "tracker = ProcessTracker(NullTracker)\nprint('started', flush=True)\ntime.sleep(30)")
+    repo = Path(__file__).resolve().parents[1]
+    job = subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        assert job.stdout.readline().strip() == "started"
+        tree = _tree_cpu(job.pid)
+        assert [label for label, _ in tree.values()].count("-m pipelines.tracker_process") == 1
+    finally:
+        job.kill()  # the helper reads the end of its socket and exits
+        job.wait()

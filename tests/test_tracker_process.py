@@ -35,6 +35,14 @@ class PidTracker(JsonlTracker):
         self.set_tags({"pid": os.getpid()})
 
 
+class SlowStartTracker(JsonlTracker):
+    """A JSON-lines tracker that takes `delay` seconds to build, as an MlflowTracker does while MLflow imports."""
+
+    def __init__(self, path: str, delay: float) -> None:
+        time.sleep(delay)
+        super().__init__(path)
+
+
 def failing_factory() -> JsonlTracker:
     raise RuntimeError("no tracker today")
 
@@ -55,7 +63,21 @@ def test_calls_replay_in_order_in_another_process(tmp_path):
     assert helper_pid != os.getpid()
     assert (tmp_path / "samples" / "step_000004.txt").read_text() == "To be, or not"
     assert (tmp_path / "code" / Path(__file__).name).exists()
-    assert not Path(f"/proc/{helper_pid}").exists(), "close() returns once the helper has exited"
+    assert ended(helper_pid, within=10), "close() returns as the helper exits"
+
+
+def ended(pid: int, within: float) -> bool:
+    """Whether process `pid` is gone, or a zombie waiting for init to reap it, within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_a_helper_that_cannot_start_costs_a_warning_not_the_run(caplog):
@@ -104,3 +126,28 @@ def test_metrics_reach_mlflow_when_the_training_process_is_killed(tmp_path):
         points = client.get_metric_history(run_id, "train/loss")
         time.sleep(0.5)
     assert sorted((p.step, p.value) for p in points) == [(s, 5.0 - s / 10) for s in range(20)]
+
+
+def test_metrics_outlive_a_ray_worker_that_ray_kills(ray_local, tmp_path):
+    """A sweep trial the scheduler stops: Ray SIGKILLs its worker, and the worker's children with it. The helper is
+    not the worker's child, so it still sends every point it was handed, though it was still starting then."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def log(self, path: str) -> None:
+            self.tracker = ProcessTracker(functools.partial(SlowStartTracker, path, 3.0))
+            for step in range(20):
+                self.tracker.log_metrics({"loss": 5.0 - step / 10}, step)
+
+    worker = Worker.remote()
+    ray.get(worker.log.remote(str(tmp_path / "metrics.jsonl")))
+    ray.kill(worker)
+
+    deadline = time.monotonic() + 60
+    lines: list[str] = []
+    while len(lines) < 20 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        path = tmp_path / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+    assert [json.loads(line)["step"] for line in lines] == list(range(20))
