@@ -101,7 +101,7 @@ _LAUNCHER = ("import subprocess, sys; print(subprocess.Popen(sys.argv[1:], pass_
 
 def _start_detached(fd: int) -> int:
     """Start `python -m pipelines.tracker_process FD` through a launcher that exits at once, so that the helper is
-    no one's child (init reaps it) and in a session of its own; returns the helper's pid."""
+    no one's child (PID 1 reaps it) and in a session of its own; returns the helper's pid."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     launched = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, "-m", __name__, str(fd)],
                               pass_fds=[fd], env=env, stdout=subprocess.PIPE, text=True, check=True)
