@@ -32,9 +32,10 @@ def job_tracker(config: Config, run_dir: str, **kwargs) -> MlflowTracker:
 
 
 def start_worker_tracker(config: Config, run_dir: str, run_id: str | None) -> MlflowTracker:
-    """Rank 0's tracker: the job's run `run_id`, opened by the driver, which also ends it (None: the store was down
-    when the job began; the tracker creates the run, tagged with `run_dir`, when the store answers)."""
-    tracker = job_tracker(config, run_dir, owns_run=False)
+    """Rank 0's tracker: the job's run `run_id`, opened by the driver, which also ends it and alone sets its status
+    (None: the store was down when the job began; the tracker creates the run, tagged with `run_dir`, when the store
+    answers)."""
+    tracker = job_tracker(config, run_dir, owns_run=False, revive_run=False)
     tracker.start(run_id, wait=False)
     return tracker
 

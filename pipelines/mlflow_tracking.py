@@ -183,6 +183,7 @@ class MlflowTracker:
         registered_model_name: str | None = None,
         run_tags: Mapping[str, str] | None = None,
         owns_run: bool = True,
+        revive_run: bool = True,
         system_metrics: bool = True,
         system_metrics_interval_s: float = 10.0,
         retry_interval_s: float = 30.0,
@@ -197,6 +198,9 @@ class MlflowTracker:
         self.registered_model_name = registered_model_name
         self.run_tags = dict(run_tags or {})
         self.owns_run = owns_run
+        # a continued run that has ended is set RUNNING again, except by a training worker's tracker: it writes into
+        # the run the driver opened, maybe after the driver has ended it (a helper outliving a killed worker)
+        self.revive_run = revive_run
         self.system_metrics = system_metrics
         self.system_metrics_interval_s = system_metrics_interval_s
         self.retry_interval_s = retry_interval_s
@@ -356,7 +360,7 @@ class MlflowTracker:
                 log.warning("MLflow run %s is not in %s (%s); starting a new run", self._resume_id,
                             self.tracking_uri, e.message)
         if run is not None:
-            if run.info.status != "RUNNING":
+            if run.info.status != "RUNNING" and self.revive_run:
                 self.client.update_run(run.info.run_id, status="RUNNING")
             self._run_id = run.info.run_id
             log.info("MLflow: continuing run %s (%s) at %s", run.info.run_id, run.info.run_name, self.tracking_uri)

@@ -113,6 +113,8 @@ def test_metrics_reach_mlflow_when_the_training_process_is_killed(tmp_path):
     uri = tracking_uri_for(None, config.run.out_dir)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("process-tracker")).info.run_id
+    # the driver has ended the run already (Ctrl-C), before the worker's helper got to it: it stays ended
+    client.set_terminated(run_id, "KILLED")
     proc = subprocess.Popen([sys.executable, "-c", TRAINING_PROCESS, json.dumps(config.to_dict()),
                              str(tmp_path / "run"), run_id], cwd=REPO, stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -126,6 +128,7 @@ def test_metrics_reach_mlflow_when_the_training_process_is_killed(tmp_path):
         points = client.get_metric_history(run_id, "train/loss")
         time.sleep(0.5)
     assert sorted((p.step, p.value) for p in points) == [(s, 5.0 - s / 10) for s in range(20)]
+    assert client.get_run(run_id).info.status == "KILLED"
 
 
 def test_metrics_outlive_a_ray_worker_that_ray_kills(ray_local, tmp_path):
