@@ -13,11 +13,18 @@ trains (a wake-up every 10 ms).
   - The autoscaling coordinator, to which a fixed-size worker group sends its resource request so that an
     autoscaler can add nodes for it. A local instance cannot grow; and the controller waits for that actor to start
     (about 2 s here) before it starts the workers.
+
+And one thing in the worker: a single worker that replicates the model (train.parallel=ddp) trains as one plain
+process (nanogpt/parallel.py's SingleProcess) and never uses torch.distributed, so it gets no process group
+(`torch_config`). Gloo's process group keeps a thread that wakes every 10 ms; on 2 cores each wake-up pre-empts
+one of the two compute threads, and the other waits for it: the plain loop took 2-8% longer per step with an idle
+one-rank gloo group than without.
 """
 
 from __future__ import annotations
 
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend  # Ray 2.60; private, Ray is pinned
 from ray.train.v2._internal.callbacks import DatasetsCallback  # Ray 2.60; private, Ray is pinned
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
@@ -62,3 +69,24 @@ class FixedScalingOnFixedCluster(FixedScalingPolicy):
 def trainer_class(state_api: bool) -> type[ShardsTorchTrainer]:
     """The trainer for a Ray that serves the State API (a cluster, a sweep's instance) or not (a job's own)."""
     return ShardsTorchTrainer if state_api else PrivateInstanceTorchTrainer
+
+
+def torch_config(num_workers: int, parallel: str) -> TorchConfig:
+    """Ray Train's torch set-up for a job of `num_workers` workers training with `parallel` (train.parallel): no
+    process group for one worker under ddp, which never uses it; Ray's usual one otherwise (FSDP needs one even
+    on one rank)."""
+    return SingleProcessTorchConfig() if num_workers == 1 and parallel == "ddp" else TorchConfig()
+
+
+class SingleProcessTorchConfig(TorchConfig):
+    """TorchConfig for a lone worker that needs no torch.distributed: its backend starts no process group."""
+
+    @property
+    def backend_cls(self):
+        return _NoProcessGroupBackend
+
+
+class _NoProcessGroupBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config) -> None:
+        if len(worker_group) != 1:
+            raise ValueError(f"SingleProcessTorchConfig is for one worker, not {len(worker_group)}")

@@ -37,7 +37,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     sweep trial's TuneReportCallback."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-    from pipelines.lean_trainer import trainer_class
+    from pipelines.lean_trainer import torch_config, trainer_class
     from pipelines.ray_session import serves_state_api
 
     rc = config.run
@@ -49,6 +49,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     return trainer_class(serves_state_api())(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=torch_config(rc.num_workers, config.train.parallel),
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=plan.name,

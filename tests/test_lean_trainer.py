@@ -1,13 +1,15 @@
 """The trainers of pipelines/lean_trainer.py are Ray's TorchTrainer less exactly the default callbacks they name:
 Ray Data's datasets callback always, and the placement-group cleaner where the Ray has no State API (a job's own
 local instance), where a fixed-size worker group also sends no resource requests to an autoscaler; a cluster's or a
-sweep's trainer keeps both."""
+sweep's trainer keeps both. A lone worker that replicates the model gets no torch process group."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from ray.train import ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
@@ -17,6 +19,8 @@ from pipelines.lean_trainer import (
     FixedScalingOnFixedCluster,
     PrivateInstanceTorchTrainer,
     ShardsTorchTrainer,
+    SingleProcessTorchConfig,
+    torch_config,
     trainer_class,
 )
 
@@ -60,3 +64,35 @@ def test_a_fixed_worker_group_on_a_local_instance_asks_no_autoscaler(monkeypatch
     passed = trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(config))
     assert type(passed["scaling_policy"]) is FixedScalingOnFixedCluster
     assert passed["scaling_policy"].scaling_config is config
+
+
+@pytest.mark.parametrize("num_workers, parallel, expected", [
+    (1, "ddp", SingleProcessTorchConfig),
+    (2, "ddp", TorchConfig),
+    (1, "fsdp", TorchConfig),  # FSDP shards over a device mesh, even of one rank
+    (4, "fsdp", TorchConfig),
+])
+def test_only_a_lone_ddp_worker_goes_without_a_process_group(num_workers, parallel, expected):
+    assert type(torch_config(num_workers, parallel)) is expected
+
+
+def _write_process_group(out_dir: str) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    rank = ray.train.get_context().get_world_rank()
+    Path(out_dir, f"rank{rank}").write_text(str(dist.get_world_size()) if dist.is_initialized() else "none")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers, seen", [(1, {"none"}), (2, {"2"})])
+def test_the_workers_have_a_process_group_only_when_they_use_it(ray_local, tmp_path, num_workers, seen):
+    out = tmp_path / "seen"
+    out.mkdir()
+    ShardsTorchTrainer(
+        _write_process_group, train_loop_config=str(out), torch_config=torch_config(num_workers, "ddp"),
+        scaling_config=ScalingConfig(num_workers=num_workers),
+        run_config=RunConfig(name=f"pg{num_workers}", storage_path=str(tmp_path / "runs")),
+    ).fit()
+    assert {p.read_text() for p in out.iterdir()} == seen
+    assert len(list(out.iterdir())) == num_workers
