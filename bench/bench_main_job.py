@@ -24,7 +24,10 @@ perf_counter mean over the interval, which leaves out the logging and tracking d
 Where (c)'s CPU goes while it trains: the cores its training worker kept busy from the first timed `iter` line to
 the last one, and the cores the rest of the job took meanwhile (Ray's daemons and actors, the MLflow helper, the
 driver; the processes under the command, by kind, from /proc). On a 2-core machine the worker's two threads need both
-cores, so whatever the rest takes comes out of its steps; nanoGPT's loop and (b) run alone.
+cores, so whatever the rest takes comes out of its steps; nanoGPT's loop and (b) run alone. Beside the cores, how
+often a second the rest woke up (its threads' voluntary context switches) and how often the worker's threads were
+pre-empted (their involuntary ones): each wake-up on such a machine pre-empts a compute thread, and the other one
+waits for it at the next barrier, so a wake-up costs more than the CPU it uses.
 
 Start-up of (c): seconds from starting the command to the arrival of milestone lines: Ray ready (ray.init done),
 fit starts (the driver's "run ... ->" line), the first worker line, MLflow run ready (the worker's "MLflow: run"
@@ -48,6 +51,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -113,12 +117,22 @@ def _cpu_times() -> tuple[int, int]:
     return sum(values), values[3] + values[4]
 
 
-def _tree_cpu(root: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of process `root` and of every process under it (Linux /proc): {pid: (label, seconds)}.
+class ProcUse(NamedTuple):
+    """What one process has used so far: CPU seconds, and its threads' context switches. A voluntary one is a thread
+    going to sleep (each is followed by a wake-up); an involuntary one is a thread pre-empted by another."""
+
+    label: str
+    cpu_s: float
+    wakeups: int = 0
+    preempted: int = 0
+
+
+def _tree_cpu(root: int) -> dict[int, ProcUse]:
+    """What process `root` and every process under it have used so far (Linux /proc): {pid: ProcUse}.
     Ray's processes descend from the driver (gcs_server, raylet, log monitor) or from the raylet (workers, actors).
     The MLflow helpers started since `root` count too: they are detached from the tree (pipelines/tracker_process.py)."""
     hz = os.sysconf("SC_CLK_TCK")
-    parent, cpu, started = {}, {}, {}
+    parent, use, started = {}, {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -130,15 +144,29 @@ def _tree_cpu(root: int) -> dict[int, tuple[str, float]]:
         except OSError:  # exited meanwhile
             continue
         parent[int(entry)] = int(fields[1])
-        cpu[int(entry)] = (_label(argv), (int(fields[11]) + int(fields[12])) / hz)
+        use[int(entry)] = ProcUse(_label(argv), (int(fields[11]) + int(fields[12])) / hz)
         started[int(entry)] = int(fields[19])
     tree, frontier = {root}, [root]
     while frontier:
         children = [pid for pid, ppid in parent.items() if ppid in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    tree |= {pid for pid, (label, _) in cpu.items() if label == HELPER and started[pid] >= started.get(root, 0)}
-    return {pid: cpu[pid] for pid in tree if pid in cpu}
+    tree |= {pid for pid, u in use.items() if u.label == HELPER and started[pid] >= started.get(root, 0)}
+    return {pid: use[pid]._replace(**_switches(pid)) for pid in tree if pid in use}
+
+
+def _switches(pid: int) -> dict[str, int]:
+    """The context switches of all of a process's threads so far: {"wakeups": voluntary, "preempted": involuntary}."""
+    total = {"wakeups": 0, "preempted": 0}
+    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if "ctxt_switches" in line)
+        except OSError:  # the thread ended meanwhile
+            continue
+        total["wakeups"] += int(status.get("voluntary_ctxt_switches", 0))
+        total["preempted"] += int(status.get("nonvoluntary_ctxt_switches", 0))
+    return total
 
 
 def _label(argv: list[str]) -> str:
@@ -151,18 +179,23 @@ def _label(argv: list[str]) -> str:
     return os.path.basename(scripts[0] if scripts else argv[0]) or "?"
 
 
-def _cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float) -> dict:
-    """Cores each kind of process of the job kept busy between two _tree_cpu snapshots `seconds` apart: the
-    training worker(s), and the rest (Ray's processes, the MLflow helper, the driver) by label."""
+def _cpu_split(before: dict[int, ProcUse], after: dict[int, ProcUse], seconds: float) -> dict:
+    """What each kind of process of the job used between two _tree_cpu snapshots `seconds` apart: the training
+    worker(s) (cores, and how often a second their threads were pre-empted), and the rest (Ray's processes, the
+    MLflow helper, the driver) by label (cores, and wake-ups a second)."""
     rest: dict[str, float] = {}
-    worker = 0.0
-    for pid, (label, cpu) in after.items():
-        used = (cpu - before.get(pid, (label, 0.0))[1]) / seconds
-        if label == "ray::RayTrainWorker":
-            worker += used
+    rest_wakeups: dict[str, float] = {}
+    worker = worker_preempted = 0.0
+    for pid, now in after.items():
+        then = before.get(pid, ProcUse(now.label, 0.0))
+        if now.label == "ray::RayTrainWorker":
+            worker += (now.cpu_s - then.cpu_s) / seconds
+            worker_preempted += (now.preempted - then.preempted) / seconds
         else:
-            rest[label] = rest.get(label, 0.0) + used
-    return {"worker": worker, "rest_by_kind": rest}
+            rest[now.label] = rest.get(now.label, 0.0) + (now.cpu_s - then.cpu_s) / seconds
+            rest_wakeups[now.label] = rest_wakeups.get(now.label, 0.0) + (now.wakeups - then.wakeups) / seconds
+    return {"worker": worker, "worker_preempted": worker_preempted, "rest_by_kind": rest,
+            "rest_wakeups_by_kind": rest_wakeups}
 
 
 def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config: Config, extra: list[str],
@@ -298,15 +331,24 @@ def main() -> None:
 
 
 def _log_cpu_split(splits: list[dict]) -> None:
-    """How many cores the training worker had during the timed updates, and what the rest of the job took."""
+    """How many cores the training worker had during the timed updates, and what the rest of the job took: cores,
+    and wake-ups (each of which, on a machine the worker's threads fill, pre-empts one of them)."""
     if not splits:
         return
-    kinds = {kind for split in splits for kind in split["rest_by_kind"]}
-    by_kind = {kind: statistics.median(s["rest_by_kind"].get(kind, 0.0) for s in splits) for kind in kinds}
-    top = sorted(by_kind.items(), key=lambda item: -item[1])[:8]
-    log.info("main job's processes during its timed updates (cores, median): training worker %.3f, the rest %.3f "
-             "(%s)", statistics.median(s["worker"] for s in splits), statistics.median(sum(s["rest_by_kind"].values()) for s in splits),
-             ", ".join(f"{kind} {cores:.3f}" for kind, cores in top))
+    total, top = _median_by_kind(splits, "rest_by_kind")
+    log.info("main job's processes during its timed updates (cores, median): training worker %.3f, the rest %.3f (%s)",
+             statistics.median(s["worker"] for s in splits), total, ", ".join(f"{k} {v:.3f}" for k, v in top))
+    total, top = _median_by_kind(splits, "rest_wakeups_by_kind")
+    log.info("  and a second: the training worker's threads pre-empted %.0f times, the rest woke %.0f times (%s)",
+             statistics.median(s["worker_preempted"] for s in splits), total, ", ".join(f"{k} {v:.0f}" for k, v in top))
+
+
+def _median_by_kind(splits: list[dict], key: str, most: int = 8) -> tuple[float, list[tuple[str, float]]]:
+    """The median over the runs of split[key]'s total, and of each kind's value: the `most` largest kinds."""
+    kinds = {kind for split in splits for kind in split[key]}
+    by_kind = {kind: statistics.median(s[key].get(kind, 0.0) for s in splits) for kind in kinds}
+    total = statistics.median(sum(s[key].values()) for s in splits)
+    return total, sorted(by_kind.items(), key=lambda item: -item[1])[:most]
 
 
 def _median_text(values: list[float | None]) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_main_job import _cpu_split, _label, _tree_cpu
+from bench.bench_main_job import ProcUse, _cpu_split, _label, _tree_cpu
 
 
 @pytest.mark.parametrize("argv, label", [
@@ -24,11 +24,15 @@ def test_label_names_what_a_process_is(argv, label):
 
 
 def test_cpu_split_separates_the_worker_from_the_rest_by_kind():
-    before = {1: ("pretrain.py", 1.0), 2: ("ray::RayTrainWorker", 10.0), 3: ("raylet", 0.5)}
-    after = {1: ("pretrain.py", 1.2), 2: ("ray::RayTrainWorker", 48.0), 3: ("raylet", 0.9), 4: ("raylet", 0.2)}
+    before = {1: ProcUse("pretrain.py", 1.0, 100, 5), 2: ProcUse("ray::RayTrainWorker", 10.0, 50, 1000),
+              3: ProcUse("raylet", 0.5, 300, 2)}
+    after = {1: ProcUse("pretrain.py", 1.2, 300, 6), 2: ProcUse("ray::RayTrainWorker", 48.0, 90, 13000),
+             3: ProcUse("raylet", 0.9, 1300, 4), 4: ProcUse("raylet", 0.2, 200, 1)}
     split = _cpu_split(before, after, seconds=20.0)
     assert split["worker"] == pytest.approx(1.9)
+    assert split["worker_preempted"] == pytest.approx(600.0)
     assert split["rest_by_kind"] == pytest.approx({"pretrain.py": 0.01, "raylet": 0.03})  # a new pid counts from 0
+    assert split["rest_wakeups_by_kind"] == pytest.approx({"pretrain.py": 10.0, "raylet": 60.0})
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
@@ -40,7 +44,7 @@ def test_tree_cpu_follows_children_and_grandchildren():
         deadline = time.time() + 20
         while time.time() < deadline:
             tree = _tree_cpu(parent.pid)
-            grandchildren = [cpu for pid, (_, cpu) in tree.items() if pid != parent.pid]
+            grandchildren = [use.cpu_s for pid, use in tree.items() if pid != parent.pid]
             if grandchildren and grandchildren[0] >= 0.25:
                 break
             time.sleep(0.1)
@@ -66,7 +70,24 @@ def test_tree_cpu_counts_the_detached_tracking_helper():
     try:
         assert job.stdout.readline().strip() == "started"
         tree = _tree_cpu(job.pid)
-        assert [label for label, _ in tree.values()].count("-m pipelines.tracker_process") == 1
+        assert [use.label for use in tree.values()].count("-m pipelines.tracker_process") == 1
     finally:
         job.kill()  # the helper reads the end of its socket and exits
         job.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_tree_cpu_counts_the_wakeups_of_every_thread():
+    """A process whose second thread sleeps 10 ms at a time wakes up to 100 times a second: all its threads count."""
+    naps = "import threading, time\nt = threading.Thread(target=lambda: [time.sleep(0.01) for _ in range(3000)])\n" \
+           "t.start()\nprint('started', flush=True)\nt.join()"
+    proc = subprocess.Popen([sys.executable, "-c", naps], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        before = _tree_cpu(proc.pid)[proc.pid].wakeups
+        time.sleep(1.0)
+        woke = _tree_cpu(proc.pid)[proc.pid].wakeups - before
+        assert 20 <= woke <= 150  # the main thread, waiting in join(), wakes none of these
+    finally:
+        proc.kill()
+        proc.wait()
