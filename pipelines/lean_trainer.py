@@ -18,16 +18,19 @@ And one thing in the worker: a single worker that replicates the model (train.pa
 process (nanogpt/parallel.py's SingleProcess) and never uses torch.distributed, so it gets no process group
 (`torch_config`). Gloo's process group keeps a thread that wakes every 10 ms; on 2 cores each wake-up pre-empts
 one of the two compute threads, and the other waits for it: the plain loop took 2-8% longer per step with an idle
-one-rank gloo group than without.
+one-rank gloo group than without. What Ray Train's controller process unpickles from here lives in
+pipelines/lean_controller.py, which imports no torch.
 """
 
 from __future__ import annotations
 
+from ray.train.backend import BackendConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch.config import _TorchBackend  # Ray 2.60; private, Ray is pinned
 from ray.train.v2._internal.callbacks import DatasetsCallback  # Ray 2.60; private, Ray is pinned
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+from pipelines.lean_controller import FixedScalingOnFixedCluster, SingleProcessConfig
 
 
 class ShardsTorchTrainer(TorchTrainer):
@@ -56,37 +59,13 @@ class PrivateInstanceTorchTrainer(ShardsTorchTrainer):
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
-class FixedScalingOnFixedCluster(FixedScalingPolicy):
-    """Ray Train's fixed-size scaling policy without its resource requests to the autoscaling coordinator."""
-
-    def after_controller_start(self, train_run_context) -> None:
-        pass  # where Ray's policy creates the coordinator's client and sends the first request
-
-    def _maybe_send_resource_request(self) -> None:
-        pass
-
-
 def trainer_class(state_api: bool) -> type[ShardsTorchTrainer]:
     """The trainer for a Ray that serves the State API (a cluster, a sweep's instance) or not (a job's own)."""
     return ShardsTorchTrainer if state_api else PrivateInstanceTorchTrainer
 
 
-def torch_config(num_workers: int, parallel: str) -> TorchConfig:
+def torch_config(num_workers: int, parallel: str) -> BackendConfig:
     """Ray Train's torch set-up for a job of `num_workers` workers training with `parallel` (train.parallel): no
-    process group for one worker under ddp, which never uses it; Ray's usual one otherwise (FSDP needs one even
-    on one rank)."""
-    return SingleProcessTorchConfig() if num_workers == 1 and parallel == "ddp" else TorchConfig()
-
-
-class SingleProcessTorchConfig(TorchConfig):
-    """TorchConfig for a lone worker that needs no torch.distributed: its backend starts no process group."""
-
-    @property
-    def backend_cls(self):
-        return _NoProcessGroupBackend
-
-
-class _NoProcessGroupBackend(_TorchBackend):
-    def on_start(self, worker_group, backend_config) -> None:
-        if len(worker_group) != 1:
-            raise ValueError(f"SingleProcessTorchConfig is for one worker, not {len(worker_group)}")
+    process group for one worker under ddp, which never uses it (pipelines/lean_controller.py); Ray's TorchConfig
+    otherwise (FSDP needs a group even on one rank)."""
+    return SingleProcessConfig() if num_workers == 1 and parallel == "ddp" else TorchConfig()
