@@ -13,10 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.execution.scaling_policy import (
-    FixedScalingPolicy,  # Ray 2.60; private, Ray is pinned
-)
-from ray.train.v2._internal.util import TrainingFramework
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy  # Ray 2.60; private, pinned
+from ray.train.v2._internal.util import TrainingFramework  # Ray 2.60; private, pinned
 
 
 class FixedScalingOnFixedCluster(FixedScalingPolicy):
