@@ -1,8 +1,10 @@
-"""The parts of a job's trainer that Ray Train's controller process unpickles, kept free of torch, so that the
-controller starts without importing it: `import ray.train.torch.config`, where Ray's TorchConfig lives, imports
-torch, about 3 s of one core here, on the way from `fit()` to the workers' start. The main job's first update came
-1.5 s sooner (30.6 against 32.1 s, medians of 5 alternating runs on a slow day). Under a TorchConfig (a job of
-several workers, or FSDP) the controller still imports torch.
+"""The parts of a job's trainer that the driver builds and Ray Train's controller process unpickles, kept free of
+torch: `import ray.train.torch`, where Ray's TorchTrainer and TorchConfig live, imports torch, about 3 s of one core
+here, twice on the way from `fit()` to the workers' start (in the driver, then in the controller). For a lone worker
+that replicates the model (the main job, a one-worker sweep trial) only the worker imports it. The main job's
+first update, medians of 5 alternating runs on slow days: 26.0 against 31.0 s with the driver's import gone, 30.6
+against 32.1 s earlier with the controller's. Under Ray's TorchConfig (a job of several workers, or FSDP) driver
+and controller still import torch.
 
     FixedScalingOnFixedCluster(scaling_config)   # Ray's fixed-size scaling policy, no autoscaler requests
     SingleProcessConfig()                         # a lone worker's backend: no torch process group
@@ -30,10 +32,7 @@ class FixedScalingOnFixedCluster(FixedScalingPolicy):
 @dataclass
 class SingleProcessConfig(BackendConfig):
     """Ray Train's torch set-up for a lone worker that never uses torch.distributed: TorchConfig's worker context
-    (the worker's CUDA device) without its process group. `backend` is TorchConfig's field, which TorchTrainer
-    fills in (gloo or nccl); nothing starts it."""
-
-    backend: str | None = None
+    (the worker's CUDA device) without its process group."""
 
     @property
     def backend_cls(self):
@@ -41,16 +40,28 @@ class SingleProcessConfig(BackendConfig):
 
     @property
     def train_func_context(self):
-        from ray.train.torch.config import TorchConfigContextManager  # read by the driver, used by the worker
-
-        return TorchConfigContextManager
+        return WorkerDeviceContext
 
     @property
     def framework(self):
         return TrainingFramework.TORCH
 
     def to_dict(self) -> dict:
-        return {"backend": self.backend, "process_group": False}
+        return {"process_group": False}
+
+
+class WorkerDeviceContext:
+    """Ray's TorchConfig context around the worker function (it sets the worker's CUDA device), imported as the
+    worker enters it: the driver, which only passes it along, never imports torch."""
+
+    def __enter__(self) -> None:
+        from ray.train.torch.config import TorchConfigContextManager
+
+        self._inner = TorchConfigContextManager()
+        self._inner.__enter__()
+
+    def __exit__(self, *exc_info) -> bool:
+        return self._inner.__exit__(*exc_info)
 
 
 class NoProcessGroupBackend(Backend):

@@ -1,6 +1,8 @@
-"""Ray's TorchTrainer less the default callbacks a nanoGPT job has no use for: each of them starts an actor process,
-which on a small machine takes CPU from the worker while it starts (about 2 CPU-s each on 2 cores) and while it
-trains (a wake-up every 10 ms).
+"""Ray's TorchTrainer less what a nanoGPT job has no use for. The trainers here are Ray's DataParallelTrainer given
+the torch set-up by `backend_config`, which is all that TorchTrainer adds, less its import of torch in the driver
+(pipelines/lean_controller.py). And they leave out default callbacks: each of them starts an actor process, which on
+a small machine takes CPU from the worker while it starts (about 2 CPU-s each on 2 cores) and while it trains (a
+wake-up every 10 ms).
 
 - Ray Train's datasets callback, always: its DatasetManager actor hands out Ray Data shards of the trainer's
   `datasets`. The workers here read their token shards themselves (nanogpt/batches.py) and no job passes datasets.
@@ -16,25 +18,25 @@ trains (a wake-up every 10 ms).
 
 And one thing in the worker: a single worker that replicates the model (train.parallel=ddp) trains as one plain
 process (nanogpt/parallel.py's SingleProcess) and never uses torch.distributed, so it gets no process group
-(`torch_config`). Gloo's process group keeps a thread that wakes every 10 ms; on 2 cores each wake-up pre-empts
+(`backend_config`). Gloo's process group keeps a thread that wakes every 10 ms; on 2 cores each wake-up pre-empts
 one of the two compute threads, and the other waits for it: the plain loop took 2-8% longer per step with an idle
-one-rank gloo group than without. What Ray Train's controller process unpickles from here lives in
-pipelines/lean_controller.py, which imports no torch.
+one-rank gloo group than without. That job's driver and Ray Train's controller then import no torch either.
 """
 
 from __future__ import annotations
 
 from ray.train.backend import BackendConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback  # Ray 2.60; private, Ray is pinned
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from pipelines.lean_controller import FixedScalingOnFixedCluster, SingleProcessConfig
 
 
-class ShardsTorchTrainer(TorchTrainer):
-    """TorchTrainer without Ray Data's DatasetManager (a trainer given no `datasets`)."""
+class ShardsTorchTrainer(DataParallelTrainer):
+    """A TorchTrainer (with `backend_config(...)`) without Ray Data's DatasetManager (a trainer given no
+    `datasets`)."""
 
     LEFT_OUT: tuple[type, ...] = (DatasetsCallback,)
 
@@ -64,8 +66,12 @@ def trainer_class(state_api: bool) -> type[ShardsTorchTrainer]:
     return ShardsTorchTrainer if state_api else PrivateInstanceTorchTrainer
 
 
-def torch_config(num_workers: int, parallel: str) -> BackendConfig:
+def backend_config(num_workers: int, parallel: str, use_gpu: bool) -> BackendConfig:
     """Ray Train's torch set-up for a job of `num_workers` workers training with `parallel` (train.parallel): no
-    process group for one worker under ddp, which never uses it (pipelines/lean_controller.py); Ray's TorchConfig
-    otherwise (FSDP needs a group even on one rank)."""
-    return SingleProcessConfig() if num_workers == 1 and parallel == "ddp" else TorchConfig()
+    process group for one worker under ddp, which never uses it (pipelines/lean_controller.py); otherwise Ray's
+    TorchConfig with TorchTrainer's default backend (FSDP needs a group even on one rank)."""
+    if num_workers == 1 and parallel == "ddp":
+        return SingleProcessConfig()
+    from ray.train.torch import TorchConfig  # imports torch
+
+    return TorchConfig(backend="nccl" if use_gpu else "gloo")

@@ -15,15 +15,17 @@ import functools
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanogpt.checkpoint_files import CheckpointError, check_committed, checkpoint_dirs
 from nanogpt.config import Config
 from nanogpt.shard_cache import local_shards
 from nanogpt.storage import StorageError, download, exists, is_uri, join, upload
 from nanogpt.tracking import PARAMS_FILE, TAGS_FILE, JsonlTracker, MultiTracker, NullTracker, Tracker
-from nanogpt.train import OnStep, TrainContext
 from pipelines.runs import METRICS_FILE, RunPlan
+
+if TYPE_CHECKING:
+    from nanogpt.train import OnStep
 
 RECORD_FILES = (METRICS_FILE, PARAMS_FILE, TAGS_FILE)
 
@@ -37,7 +39,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     sweep trial's TuneReportCallback."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-    from pipelines.lean_trainer import torch_config, trainer_class
+    from pipelines.lean_trainer import backend_config, trainer_class
     from pipelines.ray_session import serves_state_api
 
     rc = config.run
@@ -49,7 +51,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     return trainer_class(serves_state_api())(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=torch_config(rc.num_workers, config.train.parallel),
+        backend_config=backend_config(rc.num_workers, config.train.parallel, rc.use_gpu),
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=plan.name,
@@ -116,7 +118,7 @@ def _train(config: Config, loop_config: dict[str, Any], tracker: Tracker) -> dic
     import ray.train.torch
     import torch
 
-    from nanogpt.train import train
+    from nanogpt.train import TrainContext, train
 
     context = ray.train.get_context()
     ray_device = ray.train.torch.get_device()  # cuda:<local gpu> with use_gpu, else cpu

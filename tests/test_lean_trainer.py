@@ -1,8 +1,8 @@
 """The trainers of pipelines/lean_trainer.py are Ray's TorchTrainer less exactly the default callbacks they name:
 Ray Data's datasets callback always, and the placement-group cleaner where the Ray has no State API (a job's own
 local instance), where a fixed-size worker group also sends no resource requests to an autoscaler; a cluster's or a
-sweep's trainer keeps both. A lone worker that replicates the model gets no torch process group, and the
-controller unpickles nothing that imports torch."""
+sweep's trainer keeps both. A lone worker that replicates the model gets no torch process group, and neither the
+driver that builds its trainer nor the controller that unpickles it imports torch."""
 
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ from pipelines.lean_controller import FixedScalingOnFixedCluster, SingleProcessC
 from pipelines.lean_trainer import (
     PrivateInstanceTorchTrainer,
     ShardsTorchTrainer,
-    torch_config,
+    backend_config,
     trainer_class,
 )
+from tests.pretrain_runs import DEBUG_ARGS, PRESET_DIR
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _callback_types(cls: type) -> list[type]:
@@ -69,14 +72,16 @@ def test_a_fixed_worker_group_on_a_local_instance_asks_no_autoscaler(monkeypatch
     assert passed["scaling_policy"].scaling_config is config
 
 
-@pytest.mark.parametrize("num_workers, parallel, expected", [
-    (1, "ddp", SingleProcessConfig),
-    (2, "ddp", TorchConfig),
-    (1, "fsdp", TorchConfig),  # FSDP shards over a device mesh, even of one rank
-    (4, "fsdp", TorchConfig),
+@pytest.mark.parametrize("num_workers, parallel, use_gpu, expected", [
+    (1, "ddp", False, SingleProcessConfig()),
+    (1, "ddp", True, SingleProcessConfig()),
+    (2, "ddp", False, TorchConfig(backend="gloo")),
+    (2, "ddp", True, TorchConfig(backend="nccl")),
+    (1, "fsdp", True, TorchConfig(backend="nccl")),  # FSDP shards over a device mesh, even of one rank
+    (4, "fsdp", False, TorchConfig(backend="gloo")),
 ])
-def test_only_a_lone_ddp_worker_goes_without_a_process_group(num_workers, parallel, expected):
-    assert type(torch_config(num_workers, parallel)) is expected
+def test_only_a_lone_ddp_worker_goes_without_a_process_group(num_workers, parallel, use_gpu, expected):
+    assert backend_config(num_workers, parallel, use_gpu) == expected
 
 
 def _write_process_group(out_dir: str) -> None:
@@ -93,7 +98,7 @@ def test_the_workers_have_a_process_group_only_when_they_use_it(ray_local, tmp_p
     out = tmp_path / "seen"
     out.mkdir()
     ShardsTorchTrainer(
-        _write_process_group, train_loop_config=str(out), torch_config=torch_config(num_workers, "ddp"),
+        _write_process_group, train_loop_config=str(out), backend_config=backend_config(num_workers, "ddp", False),
         scaling_config=ScalingConfig(num_workers=num_workers),
         run_config=RunConfig(name=f"pg{num_workers}", storage_path=str(tmp_path / "runs")),
     ).fit()
@@ -105,12 +110,35 @@ def test_what_the_controller_unpickles_imports_no_torch():
     """Ray Train's controller starts about 3 s sooner here without torch: the scaling policy and a lone worker's
     backend config come from a module that does not import it (Ray's TorchConfig does)."""
     script = "import pickle, sys\npickle.loads(sys.stdin.buffer.read())\nprint('torch' in sys.modules)"
-    repo = Path(__file__).resolve().parents[1]
 
     def imports_torch(*objects) -> str:
         done = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(objects), capture_output=True,
-                              cwd=repo, check=True)
+                              cwd=REPO, check=True)
         return done.stdout.decode().strip()
 
-    assert imports_torch(FixedScalingOnFixedCluster(ScalingConfig(num_workers=1)), torch_config(1, "ddp")) == "False"
+    config = backend_config(1, "ddp", False)
+    assert imports_torch(FixedScalingOnFixedCluster(ScalingConfig(num_workers=1)), config, config.train_func_context) \
+        == "False"
     assert imports_torch(TorchConfig()) == "True"  # Ray's own config would: the check above can fail
+
+
+_BUILD_IN_A_FRESH_DRIVER = """
+import sys
+from nanogpt.config import load_config
+from pipelines.runs import plan_run
+from pipelines.trainer import build_trainer
+
+config = load_config("debug", sys.argv[2:], search_dirs=[sys.argv[1]])
+build_trainer(config, plan_run(config))
+print("torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("num_workers, imports_torch", [("1", "False"), ("2", "True")])
+def test_the_driver_of_a_lone_worker_imports_no_torch(tmp_path, num_workers, imports_torch):
+    """The main job's driver leaves torch to its worker: about 3 s of one core sooner to the workers' start.
+    Two workers need Ray's TorchConfig, which imports it: the check can fail."""
+    args = [*DEBUG_ARGS, f"--run.out_dir={tmp_path}", f"--run.num_workers={num_workers}"]
+    done = subprocess.run([sys.executable, "-c", _BUILD_IN_A_FRESH_DRIVER, str(PRESET_DIR), *args],
+                          capture_output=True, cwd=REPO, check=True)
+    assert done.stdout.decode().strip() == imports_torch
