@@ -1,13 +1,15 @@
 """Which local Ray instances run the dashboard (Ray's State API): a sweep driver's, which Ray Train's placement-group
-cleaner asks about the trials Tune stops; a training job's own instance does without it."""
+cleaner asks about the trials Tune stops; a training job's own instance does without it, and without the API server
+and the autoscaler's monitor (tests/test_ray_exposure.py looks at its processes)."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 import ray
 
-from pipelines.ray_session import LOCAL_INSTANCE_ENV, _prepare_local_instance
+from pipelines.ray_session import LOCAL_INSTANCE_ENV, _head_without_extras, _prepare_local_instance
 
 
 def test_only_a_sweep_asks_its_local_instance_for_the_dashboard(monkeypatch):
@@ -22,3 +24,12 @@ def test_only_a_sweep_asks_its_local_instance_for_the_dashboard(monkeypatch):
     sweep = _prepare_local_instance(state_api=True)
     assert sweep["include_dashboard"] is True and sweep["dashboard_host"] == "127.0.0.1"
     assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{sweep['dashboard_port']}"
+
+
+def test_leaving_out_the_head_extras_lasts_only_while_the_instance_starts():
+    node = ray._private.node.Node
+    ray_own = node.start_api_server, node.start_monitor
+    with pytest.raises(RuntimeError), _head_without_extras():
+        assert (node.start_api_server, node.start_monitor) != ray_own
+        raise RuntimeError("ray.init failed")
+    assert (node.start_api_server, node.start_monitor) == ray_own
