@@ -73,6 +73,7 @@ from nanogpt.checkpoint_files import (
 from nanogpt.config import Config, RunConfig
 from nanogpt.shards import MANIFEST_NAME, ShardError, manifest_text
 from nanogpt.storage import is_uri
+from pipelines.mlflow_store import seed_sqlite_store, sqlite_path
 
 # mlflow is imported where it is used, not here: `import mlflow` costs 1.4-2.3 s on 2 cores, and the driver imports
 # this module before training only for resolve_tracking_uri (pure string work); a worker's tracker imports it on its
@@ -139,13 +140,6 @@ def resolve_tracking_uri(config: Config) -> str:
     """The training job's store (tracking_uri_for its run section). Resolve this on the driver and pass it to
     workers in the config: workers have another cwd, and maybe another environment."""
     return tracking_uri_for(config.run.tracking_uri, config.run.out_dir)
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a `sqlite:///` store (sqlite:////abs or sqlite:///rel), None for other stores."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri.removeprefix("sqlite:///")).resolve()
 
 
 def sanitize_model_name(name: str) -> str:
@@ -248,6 +242,7 @@ class MlflowTracker:
             from mlflow.tracking import MlflowClient
 
             _quiet_mlflow_info_logs()
+            seed_sqlite_store(self.tracking_uri)
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         return self._client
 

@@ -1,0 +1,78 @@
+"""A new local MLflow store starts as a copy of a migrated empty one (pipelines/mlflow_store.py): real MLflow, real
+sqlite files. The copy is the store MLflow would have made (same tables, same schema revision, MLflow adds its
+default experiment the same way), it never replaces a store that exists, and where the copy cannot be made MLflow
+makes the store itself."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.mlflow_store import CACHE_DIR_NAME, seed_sqlite_store
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / CACHE_DIR_NAME
+
+
+def _schema(db: Path) -> tuple[list, list]:
+    """Every table and index with its definition, and the schema revision. A definition's lines are compared as a
+    set: MLflow's migrations write a table's CHECK constraints in no fixed order."""
+    with sqlite3.connect(db) as conn:
+        objects = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY type, name").fetchall()
+        revision = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    lines = [(kind, name, sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+             for kind, name, sql in objects]
+    return lines, revision
+
+
+def _uri(db: Path) -> str:
+    return f"sqlite:///{db}"
+
+
+def test_a_seeded_store_is_the_store_mlflow_makes(tmp_path, cache):
+    made, seeded = tmp_path / "made" / "mlflow.db", tmp_path / "seeded" / "mlflow.db"
+    made.parent.mkdir()
+    seeded.parent.mkdir()
+    MlflowClient(_uri(made)).search_experiments()  # MLflow creates and migrates it
+    seed_sqlite_store(_uri(seeded))
+    assert seeded.is_file() and [p.name for p in seeded.parent.iterdir()] == ["mlflow.db"]  # nothing partial left
+    assert _schema(seeded) == _schema(made)
+    client = MlflowClient(_uri(seeded))
+    assert [e.name for e in client.search_experiments()] == ["Default"]  # added by MLflow on first use
+    run = client.create_run(client.create_experiment("x", artifact_location=str(tmp_path / "art")))
+    client.log_metric(run.info.run_id, "loss", 1.5, step=3)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.5]
+    assert len(list(cache.iterdir())) == 1  # the cached empty store, built once
+
+
+def test_an_existing_store_is_never_replaced(tmp_path, cache):
+    db = tmp_path / "mlflow.db"
+    client = MlflowClient(_uri(db))
+    experiment = client.create_experiment("kept")
+    before = db.read_bytes()
+    seed_sqlite_store(_uri(db))
+    assert db.read_bytes() == before
+    assert MlflowClient(_uri(db)).get_experiment(experiment).name == "kept"
+
+
+def test_without_a_usable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    db = tmp_path / "run" / "mlflow.db"
+    db.parent.mkdir()
+    seed_sqlite_store(_uri(db))
+    assert list(db.parent.iterdir()) == []
+    assert [e.name for e in MlflowClient(_uri(db)).search_experiments()] == ["Default"]
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "file:///tmp/mlruns", "databricks"])
+def test_only_sqlite_stores_are_seeded(uri, cache):
+    seed_sqlite_store(uri)
+    assert not cache.exists()
