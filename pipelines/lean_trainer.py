@@ -15,6 +15,7 @@ wake-up every 10 ms).
   - The autoscaling coordinator, to which a fixed-size worker group sends its resource request so that an
     autoscaler can add nodes for it. A local instance cannot grow; and the controller waits for that actor to start
     (about 2 s here) before it starts the workers.
+  - And the controller's own actor: the controller runs in the driver (pipelines/driver_controller.py).
 
 And one thing in the worker: a single worker that replicates the model (train.parallel=ddp) trains as one plain
 process (nanogpt/parallel.py's SingleProcess) and never uses torch.distributed, so it gets no process group
@@ -31,6 +32,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from pipelines.driver_controller import run_in_driver
 from pipelines.lean_controller import FixedScalingOnFixedCluster, SingleProcessConfig
 
 
@@ -51,14 +53,14 @@ class ShardsTorchTrainer(DataParallelTrainer):
 
 class PrivateInstanceTorchTrainer(ShardsTorchTrainer):
     """ShardsTorchTrainer also without the placement-group cleaner and the autoscaling coordinator, for a local
-    instance with no State API."""
+    instance with no State API; its controller runs in the driver (pipelines/driver_controller.py)."""
 
     LEFT_OUT = (*ShardsTorchTrainer.LEFT_OUT, PlacementGroupCleanerCallback)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         if type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
             controller_init_kwargs["scaling_policy"] = FixedScalingOnFixedCluster(self.scaling_config)
-        return super()._initialize_and_run_controller(**controller_init_kwargs)
+        return run_in_driver(**controller_init_kwargs)
 
 
 def trainer_class(state_api: bool) -> type[ShardsTorchTrainer]:

@@ -17,8 +17,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
-from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from pipelines import lean_trainer
 from pipelines.lean_controller import FixedScalingOnFixedCluster, SingleProcessConfig
 from pipelines.lean_trainer import (
     PrivateInstanceTorchTrainer,
@@ -65,7 +65,7 @@ def test_a_fixed_worker_group_on_a_local_instance_asks_no_autoscaler(monkeypatch
     assert policy.make_decision_for_non_running_worker_group().num_workers == 2
     assert policy._coordinator_client is None
     # the private instance's trainer hands the controller that policy in place of Ray's
-    monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller", lambda self, **kwargs: kwargs)
+    monkeypatch.setattr(lean_trainer, "run_in_driver", lambda **kwargs: kwargs)
     trainer = PrivateInstanceTorchTrainer(lambda: None, scaling_config=config)
     passed = trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(config))
     assert type(passed["scaling_policy"]) is FixedScalingOnFixedCluster

@@ -206,7 +206,7 @@ def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
     """Ctrl-C in a terminal (SIGINT to the command's whole process group, Ray's daemons with it): exit 130, the
     MLflow run ends KILLED (not left RUNNING in the UI), the committed checkpoints stay resumable. While it trained,
     the job's own Ray instance ran none of the dashboard's modules, Ray Train's placement-group cleaner, its
-    DatasetManager or the autoscaling coordinator."""
+    DatasetManager, the autoscaling coordinator or a controller actor (the controller runs in the driver)."""
     import os
     import subprocess
     import sys
@@ -234,7 +234,7 @@ def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
 
     stderr = ctrl_c_when(job, trained_10_steps, 300, "checkpoint_000010")
     assert any("ray::RayTrainWorker" in p for p in processes), processes
-    left_out = ("ray-dashboard-", "PlacementGroupCleaner", "DatasetManager", "AutoscalingCoordinator")
+    left_out = ("ray-dashboard-", "PlacementGroupCleaner", "DatasetManager", "AutoscalingCoordinator", "TrainController")
     assert [p for p in processes if any(name in p for name in left_out)] == []
     assert job.returncode == 130, stderr[-4000:]
     assert "interrupted: the run's checkpoints are kept; continue it with the same command and --model.init_from=resume --run.name=r1" in stderr
