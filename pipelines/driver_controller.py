@@ -18,6 +18,7 @@ What the workers lose: a handle to the controller, which Ray Train uses only for
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray.train import Result
@@ -26,9 +27,16 @@ from ray.train.v2._internal.execution.worker_group import WorkerGroup  # Ray 2.6
 
 
 def run_in_driver(**controller_init_kwargs) -> Result:
-    """Run Ray Train's control loop for one training run in this process, to its end; its Result."""
+    """Run Ray Train's control loop for one training run in this process, to its end; its Result. Where this thread
+    already runs an event loop (a notebook's), the control loop gets a thread and a loop of its own."""
     controller = DriverController(**controller_init_kwargs)
-    asyncio.run(controller.run())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # a script: no loop here
+        asyncio.run(controller.run())
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-train-controller") as pool:
+            pool.submit(asyncio.run, controller.run()).result()
     return controller.get_result()
 
 

@@ -1,9 +1,11 @@
 """The trainer of a job's own Ray instance runs Ray Train's controller in the driver (pipelines/driver_controller.py):
 on a real Ray local cluster, with a real worker killed by SIGKILL, it restarts the worker group under FailureConfig,
-hands the restarted worker the last checkpoint, and returns the run's Result, with no controller actor started."""
+hands the restarted worker the last checkpoint, and returns the run's Result, with no controller actor started; and
+it runs where the driver's thread already runs an event loop (a notebook)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -59,3 +61,23 @@ def test_the_controller_in_the_driver_restarts_a_killed_worker_from_its_checkpoi
     assert result.metrics == {"step": 2, "restored_from": 1}
     assert json.loads(Path(result.checkpoint.path, "state.json").read_text()) == {"step": 2}
     assert json.loads(seen.read_text()) == []  # no controller actor was started for this run
+
+
+def _report_once(config: dict) -> None:
+    _report_step(1, restored_from=0)
+
+
+@pytest.mark.slow
+def test_the_controller_runs_beside_an_event_loop_the_driver_already_runs(ray_local, tmp_path):
+    """fit() from a notebook, whose event loop runs in the calling thread: asyncio.run would refuse to start there."""
+    trainer = PrivateInstanceTorchTrainer(
+        _report_once, train_loop_config={}, backend_config=backend_config(1, "ddp", False),
+        scaling_config=ScalingConfig(num_workers=1),
+        run_config=RunConfig(name="in-a-loop", storage_path=str(tmp_path / "runs")),
+    )
+
+    async def notebook_cell():
+        return trainer.fit()
+
+    result = asyncio.run(notebook_cell())
+    assert result.metrics == {"step": 1, "restored_from": 0}
