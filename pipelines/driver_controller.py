@@ -1,7 +1,7 @@
 """Ray Train's controller run in the driver process, for a job on its own local Ray instance.
 
 Ray's DataParallelTrainer starts its TrainController as an actor: one more Ray process, which on a 2-core machine
-took about 2.5 s on the way from `fit()` to the worker's start (a Python process, Ray's and Ray Train's imports) and
+took about 4 s on the way from `fit()` to the worker's start (a Python process, Ray's and Ray Train's imports) and
 then woke about 160 times a second while the job trained, each wake-up taking a core from the worker's two compute
 threads. On a job's own instance the actor buys nothing: it is pinned to the driver's node anyway, and it dies with
 the driver. Here the same controller runs its control loop in the driver instead (`asyncio.run`, as the actor runs
