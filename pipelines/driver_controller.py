@@ -9,7 +9,8 @@ it on its event loop): it starts the worker group, polls it every 2 s, keeps the
 workers under FailureConfig, and returns the same Result. Ctrl-C then reaches the loop as KeyboardInterrupt, and
 the workers end with the instance.
 
-    result = run_in_driver(**controller_init_kwargs)   # what DataParallelTrainer passes to its controller actor
+    if can_run_in_driver():                              # not inside a running event loop (a notebook)
+        result = run_in_driver(**controller_init_kwargs)   # what DataParallelTrainer passes to its controller actor
 
 What the workers lose: a handle to the controller, which Ray Train uses only for
 `ray.train.get_all_reported_checkpoints()` inside the training function; nanoGPT's loop never calls it.
@@ -18,7 +19,6 @@ What the workers lose: a handle to the controller, which Ray Train uses only for
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray.train import Result
@@ -26,17 +26,20 @@ from ray.train.v2._internal.execution.controller import TrainController  # Ray 2
 from ray.train.v2._internal.execution.worker_group import WorkerGroup  # Ray 2.60; private, Ray is pinned
 
 
-def run_in_driver(**controller_init_kwargs) -> Result:
-    """Run Ray Train's control loop for one training run in this process, to its end; its Result. Where this thread
-    already runs an event loop (a notebook's), the control loop gets a thread and a loop of its own."""
-    controller = DriverController(**controller_init_kwargs)
+def can_run_in_driver() -> bool:
+    """False where this thread already runs an event loop (a notebook's), in which asyncio.run cannot start: there
+    Ray's controller actor runs the loop (and handles Ctrl-C as Ray does)."""
     try:
         asyncio.get_running_loop()
-    except RuntimeError:  # a script: no loop here
-        asyncio.run(controller.run())
-    else:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-train-controller") as pool:
-            pool.submit(asyncio.run, controller.run()).result()
+    except RuntimeError:
+        return True
+    return False
+
+
+def run_in_driver(**controller_init_kwargs) -> Result:
+    """Run Ray Train's control loop for one training run in this process, to its end; its Result."""
+    controller = DriverController(**controller_init_kwargs)
+    asyncio.run(controller.run())
     return controller.get_result()
 
 

@@ -32,7 +32,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from pipelines.driver_controller import run_in_driver
+from pipelines.driver_controller import can_run_in_driver, run_in_driver
 from pipelines.lean_controller import FixedScalingOnFixedCluster, SingleProcessConfig
 
 
@@ -53,14 +53,17 @@ class ShardsTorchTrainer(DataParallelTrainer):
 
 class PrivateInstanceTorchTrainer(ShardsTorchTrainer):
     """ShardsTorchTrainer also without the placement-group cleaner and the autoscaling coordinator, for a local
-    instance with no State API; its controller runs in the driver (pipelines/driver_controller.py)."""
+    instance with no State API; its controller runs in the driver (pipelines/driver_controller.py), unless the driver's
+    thread runs an event loop already (a notebook)."""
 
     LEFT_OUT = (*ShardsTorchTrainer.LEFT_OUT, PlacementGroupCleanerCallback)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         if type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
             controller_init_kwargs["scaling_policy"] = FixedScalingOnFixedCluster(self.scaling_config)
-        return run_in_driver(**controller_init_kwargs)
+        if can_run_in_driver():
+            return run_in_driver(**controller_init_kwargs)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
 def trainer_class(state_api: bool) -> type[ShardsTorchTrainer]:

@@ -1,7 +1,8 @@
 """The trainer of a job's own Ray instance runs Ray Train's controller in the driver (pipelines/driver_controller.py):
 on a real Ray local cluster, with a real worker killed by SIGKILL, it restarts the worker group under FailureConfig,
 hands the restarted worker the last checkpoint, and returns the run's Result, with no controller actor started; and
-it runs where the driver's thread already runs an event loop (a notebook)."""
+where the driver's thread already runs an event loop (a notebook), the trainer still runs, on Ray's controller
+actor."""
 
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ def _report_once(config: dict) -> None:
 
 
 @pytest.mark.slow
-def test_the_controller_runs_beside_an_event_loop_the_driver_already_runs(ray_local, tmp_path):
-    """fit() from a notebook, whose event loop runs in the calling thread: asyncio.run would refuse to start there."""
+def test_a_driver_that_runs_an_event_loop_gets_rays_controller_actor(ray_local, tmp_path):
+    """fit() from a notebook, whose event loop runs in the calling thread: asyncio.run would refuse to start there,
+    so Ray's controller actor runs the run."""
     trainer = PrivateInstanceTorchTrainer(
         _report_once, train_loop_config={}, backend_config=backend_config(1, "ddp", False),
         scaling_config=ScalingConfig(num_workers=1),
