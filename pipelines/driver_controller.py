@@ -19,11 +19,14 @@ What the workers lose: a handle to the controller, which Ray Train uses only for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import ray
 from ray.train import Result
 from ray.train.v2._internal.execution.controller import TrainController  # Ray 2.60; private, Ray is pinned
 from ray.train.v2._internal.execution.worker_group import WorkerGroup  # Ray 2.60; private, Ray is pinned
+
+from pipelines.lone_worker_sync import lone_worker_sync
 
 
 def can_run_in_driver() -> bool:
@@ -37,9 +40,12 @@ def can_run_in_driver() -> bool:
 
 
 def run_in_driver(**controller_init_kwargs) -> Result:
-    """Run Ray Train's control loop for one training run in this process, to its end; its Result."""
+    """Run Ray Train's control loop for one training run in this process, to its end; its Result. A group of one
+    worker gets no synchronization actor (pipelines/lone_worker_sync.py)."""
     controller = DriverController(**controller_init_kwargs)
-    asyncio.run(controller.run())
+    lone = controller_init_kwargs["train_run_context"].scaling_config.num_workers == 1
+    with lone_worker_sync() if lone else contextlib.nullcontext():
+        asyncio.run(controller.run())
     return controller.get_result()
 
 

@@ -1,8 +1,9 @@
 """The trainer of a job's own Ray instance runs Ray Train's controller in the driver (pipelines/driver_controller.py):
 on a real Ray local cluster, with a real worker killed by SIGKILL, it restarts the worker group under FailureConfig,
-hands the restarted worker the last checkpoint, and returns the run's Result, with no controller actor started; and
-where the driver's thread already runs an event loop (a notebook), the trainer still runs, on Ray's controller
-actor."""
+hands the restarted worker the last checkpoint, and returns the run's Result, with no controller actor and, for one
+worker, no synchronization actor started (pipelines/lone_worker_sync.py); two workers meet at Ray's synchronization
+actor; and where the driver's thread already runs an event loop (a notebook), the trainer still runs, on Ray's
+controller actor."""
 
 from __future__ import annotations
 
@@ -20,7 +21,23 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 
 from pipelines.lean_trainer import PrivateInstanceTorchTrainer, backend_config
 
-CONTROLLER = "ray::TrainController"
+CONTROLLER, SYNC = "ray::TrainController", "ray::SynchronizationActor"
+
+
+def _ray_actors() -> dict[str, set[int]]:
+    """The pids of the processes that run Ray Train's controller and synchronization actors now (an idle Ray
+    worker process takes an actor's name when it starts running it)."""
+    return {name: {p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())}
+            for name in (CONTROLLER, SYNC)}
+
+
+def _record_ray_actors(config: dict) -> None:
+    """Write to config["seen"] the pids of the actors (_ray_actors) that run now."""
+    Path(config["seen"]).write_text(json.dumps({name: sorted(pids) for name, pids in _ray_actors().items()}))
+
+
+def _started_during(seen: Path, before: dict[str, set[int]]) -> dict[str, set[int]]:
+    return {name: set(pids) - before[name] for name, pids in json.loads(seen.read_text()).items()}
 
 
 def _train_then_die_once(config: dict) -> None:
@@ -30,9 +47,7 @@ def _train_then_die_once(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         _report_step(1, restored_from=0)
-        controllers = [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
-                       if CONTROLLER in " ".join(p.info["cmdline"] or ()) and p.info["create_time"] >= config["since"]]
-        Path(config["seen"]).write_text(json.dumps(controllers))
+        _record_ray_actors(config)
         time.sleep(5)  # the controller takes a report in at its next poll of the workers (every 2 s)
         os.kill(os.getpid(), signal.SIGKILL)
     with checkpoint.as_directory() as path:
@@ -51,9 +66,9 @@ def _report_step(step: int, restored_from: int) -> None:
 
 @pytest.mark.slow
 def test_the_controller_in_the_driver_restarts_a_killed_worker_from_its_checkpoint(ray_local, tmp_path):
-    seen = tmp_path / "controllers.json"
+    seen, before = tmp_path / "actors.json", _ray_actors()
     result = PrivateInstanceTorchTrainer(
-        _train_then_die_once, train_loop_config={"seen": str(seen), "since": time.time() - 1},
+        _train_then_die_once, train_loop_config={"seen": str(seen)},
         backend_config=backend_config(1, "ddp", False), scaling_config=ScalingConfig(num_workers=1),
         run_config=RunConfig(name="in-driver", storage_path=str(tmp_path / "runs"),
                              failure_config=FailureConfig(max_failures=1)),
@@ -61,7 +76,34 @@ def test_the_controller_in_the_driver_restarts_a_killed_worker_from_its_checkpoi
     assert result.error is None
     assert result.metrics == {"step": 2, "restored_from": 1}
     assert json.loads(Path(result.checkpoint.path, "state.json").read_text()) == {"step": 2}
-    assert json.loads(seen.read_text()) == []  # no controller actor was started for this run
+    assert _started_during(seen, before) == {CONTROLLER: set(), SYNC: set()}  # neither actor ran for this run
+
+
+def _meet_then_report(config: dict) -> None:
+    """Both ranks wait for each other (at the synchronization actor), then report a checkpoint (meeting there
+    again, to agree on its directory)."""
+    import ray.train
+    import ray.train.collective
+
+    rank = ray.train.get_context().get_world_rank()
+    assert ray.train.collective.broadcast_from_rank_zero(f"from rank {rank}") == "from rank 0"
+    _report_step(1, restored_from=0)
+    if rank == 0:
+        _record_ray_actors(config)
+
+
+@pytest.mark.slow
+def test_two_workers_in_the_driver_meet_at_rays_synchronization_actor(ray_local, tmp_path):
+    seen, before = tmp_path / "actors.json", _ray_actors()
+    result = PrivateInstanceTorchTrainer(
+        _meet_then_report, train_loop_config={"seen": str(seen)},
+        backend_config=backend_config(2, "ddp", False), scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="two-in-driver", storage_path=str(tmp_path / "runs")),
+    ).fit()
+    assert result.error is None
+    assert result.metrics == {"step": 1, "restored_from": 0}
+    actors = _started_during(seen, before)
+    assert actors[CONTROLLER] == set() and len(actors[SYNC]) == 1
 
 
 def _report_once(config: dict) -> None:

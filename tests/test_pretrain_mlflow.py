@@ -234,7 +234,8 @@ def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
 
     stderr = ctrl_c_when(job, trained_10_steps, 300, "checkpoint_000010")
     assert any("ray::RayTrainWorker" in p for p in processes), processes
-    left_out = ("ray-dashboard-", "PlacementGroupCleaner", "DatasetManager", "AutoscalingCoordinator", "TrainController")
+    left_out = ("ray-dashboard-", "PlacementGroupCleaner", "DatasetManager", "AutoscalingCoordinator", "TrainController",
+                "SynchronizationActor")
     assert [p for p in processes if any(name in p for name in left_out)] == []
     assert job.returncode == 130, stderr[-4000:]
     assert "interrupted: the run's checkpoints are kept; continue it with the same command and --model.init_from=resume --run.name=r1" in stderr
