@@ -31,11 +31,16 @@ def job_tracker(config: Config, run_dir: str, **kwargs) -> MlflowTracker:
     return MlflowTracker.from_config(config, run_tags={RUN_DIR_TAG: run_dir}, **kwargs)
 
 
+# Rank 0 sends its metric points every 5 s, not at each log line (see MlflowTracker's metrics_interval_s)
+WORKER_METRICS_INTERVAL_S = 5.0
+
+
 def start_worker_tracker(config: Config, run_dir: str, run_id: str | None) -> MlflowTracker:
     """Rank 0's tracker: the job's run `run_id`, opened by the driver, which also ends it and alone sets its status
     (None: the store was down when the job began; the tracker creates the run, tagged with `run_dir`, when the store
     answers)."""
-    tracker = job_tracker(config, run_dir, owns_run=False, revive_run=False)
+    tracker = job_tracker(config, run_dir, owns_run=False, revive_run=False,
+                          metrics_interval_s=WORKER_METRICS_INTERVAL_S)
     tracker.start(run_id, wait=False)
     return tracker
 

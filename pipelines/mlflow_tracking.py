@@ -166,6 +166,11 @@ class MlflowTracker:
     made before it are done, so it sees what a synchronous tracker would. A process that exits without close()
     gets up to 30 s at exit to send what is still queued; a SIGKILL loses it. Call the tracker from one thread
     (rank 0's training loop). MLflow's own system-metrics thread logs beside it through its own client.
+
+    `metrics_interval_s`: metric points wait up to this long to go out together in one log_batch (any other call,
+    flush and close send them at once, in order). A training loop logs every few hundred milliseconds, and each
+    sqlite commit costs the training a share of the machine beyond its own CPU: the plain loop beside a process
+    committing 6 points every 0.65 s, as rank 0 did, took 72.0 against 67.2 ms per step (5 alternating runs).
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class MlflowTracker:
         failures_before_open: int = 1,
         max_buffered_points: int = 10_000,
         max_queued_calls: int = 1_000,
+        metrics_interval_s: float = 0.0,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -200,6 +206,7 @@ class MlflowTracker:
         self.retry_interval_s = retry_interval_s
         self.max_retry_interval_s = max_retry_interval_s
         self.failures_before_open = failures_before_open
+        self.metrics_interval_s = metrics_interval_s
         # no tqdm bar on the console for each checkpoint MLflow copies (a user's own setting wins)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if tracking_uri.startswith(("http://", "https://")):
@@ -220,6 +227,7 @@ class MlflowTracker:
         self._metrics: collections.deque[Metric] = collections.deque(maxlen=max_buffered_points)
         self._ops: collections.deque[_Op] = collections.deque(maxlen=max_queued_calls)
         self._dropped_points = 0
+        self._metrics_due: float | None = None  # when the oldest buffered point is to be sent
         self._best_dir: Path | None = None
         self._monitor: Any = None
         # circuit breaker
@@ -310,7 +318,12 @@ class MlflowTracker:
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=self._until_metrics_due())
+            except queue.Empty:  # buffered points are due and no call came to take them along
+                if not self._flush_now():  # the store is down: again when the breaker lets a call through
+                    self._metrics_due = max(self._retry_at, time.monotonic() + self.metrics_interval_s)
+                continue
             try:
                 if job is None:
                     return
@@ -506,7 +519,17 @@ class MlflowTracker:
             if len(self._metrics) == self._metrics.maxlen:
                 self._dropped_points += 1
             self._metrics.append(Metric(key, number, timestamp, step))
-        self._flush_now()
+        if self._metrics_due is None:
+            self._metrics_due = time.monotonic() + self.metrics_interval_s
+        if time.monotonic() >= self._metrics_due:
+            self._flush_now()
+
+    def _until_metrics_due(self) -> float | None:
+        """Seconds until the buffered points are due (0: now); None when none wait for a time (none are buffered,
+        or each log_metrics sends at once: metrics_interval_s=0)."""
+        if not self.metrics_interval_s or not self._metrics or self._metrics_due is None:
+            return None
+        return max(0.0, self._metrics_due - time.monotonic())
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file, or a directory's contents, under `artifact_path`. Queued while the store is down (a path
@@ -743,6 +766,7 @@ class MlflowTracker:
                 return False
             for _ in batch:
                 self._metrics.popleft()
+        self._metrics_due = None
         return True
 
     def _queue(self, what: str, fn: Callable[[], None]) -> None:

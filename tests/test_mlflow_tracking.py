@@ -220,6 +220,44 @@ def test_local_resume_keeps_one_run_and_tags_changed_params(tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def _wait_for(condition, timeout: float) -> float:
+    """Seconds until condition() held (polling); fails after `timeout`."""
+    t0 = time.monotonic()
+    while not condition():
+        assert time.monotonic() - t0 < timeout, f"not within {timeout} s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_metric_points_wait_for_the_interval_then_go_out_without_a_further_call(tmp_path):
+    config = make_config(tmp_path / "out", "batched", "batched-exp")
+    tracker = make_mlflow_tracker(config, system_metrics=False, metrics_interval_s=1.0)
+    client = MlflowClient(tracker.tracking_uri)
+    run_id = tracker.run_id  # waits for the run's start
+    started = time.monotonic()
+    for step in range(3):
+        tracker.log_metrics({"train/loss": 5.0 - step}, step=step)
+    assert tracker.num_buffered_points == 3 and history(client, run_id, "train/loss") == []
+    _wait_for(lambda: len(history(client, run_id, "train/loss")) == 3, timeout=10)
+    assert time.monotonic() - started >= 1.0 and tracker.num_buffered_points == 0
+
+    tracker.log_metrics({"train/loss": 1.5}, step=3)
+    tracker.log_text("a sample", "samples/step_000003.txt")  # any other call takes the waiting points along first
+    assert tracker.num_buffered_points == 0
+    assert history(client, run_id, "train/loss") == [(0, 5.0), (1, 4.0), (2, 3.0), (3, 1.5)]
+    tracker.log_metrics({"train/loss": 1.25}, step=4)
+    tracker.close()  # and close sends what waits
+    assert history(client, run_id, "train/loss")[-1] == (4, 1.25)
+
+
+def test_metric_points_go_out_at_once_by_default(tmp_path):
+    tracker = make_mlflow_tracker(make_config(tmp_path / "out", "at-once", "at-once-exp"), system_metrics=False)
+    tracker.log_metrics({"train/loss": 2.0}, step=0)
+    assert tracker.num_buffered_points == 0
+    assert history(MlflowClient(tracker.tracking_uri), tracker.run_id, "train/loss") == [(0, 2.0)]
+    tracker.close()
+
+
 def test_unknown_run_id_starts_a_new_run_and_bad_uris_name_themselves(tmp_path):
     config = make_config(tmp_path / "out", "fresh", "exp")
     tracker = make_mlflow_tracker(config, run_id="0123456789abcdef0123456789abcdef", system_metrics=False)
@@ -294,3 +332,21 @@ def test_server_dying_mid_run_never_stalls_training_and_buffered_metrics_arrive(
     assert steps == list(range(24))
     assert "samples/step_000010.txt" in artifact_paths(client, tracker.run_id, "samples")
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_points_that_wait_out_an_outage_go_out_when_the_store_is_back_without_a_further_call(mlflow_server,
+                                                                                              tmp_path):
+    config = make_config(tmp_path / "out", "waiting", "waiting-exp", tracking_uri=mlflow_server.uri)
+    tracker = make_mlflow_tracker(config, system_metrics=False, retry_interval_s=1.0, metrics_interval_s=0.5)
+    run_id = tracker.run_id
+    mlflow_server.kill()
+    for step in range(5):
+        tracker.log_metrics({"train/loss": 5.0 - step}, step=step)
+        time.sleep(0.2)
+    _wait_for(lambda: not tracker.reachable, timeout=10)  # the tracker's own retries found the store gone
+    mlflow_server.start()  # same port, same database
+    client = MlflowClient(mlflow_server.uri)
+    _wait_for(lambda: len(history(client, run_id, "train/loss")) == 5, timeout=30)
+    assert tracker.reachable and tracker.num_buffered_points == 0
+    tracker.close()
