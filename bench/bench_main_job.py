@@ -5,7 +5,8 @@ machine load: per-step time, and how long the command takes before its first tra
     NANOGPT_TINYSHAKESPEARE=../shared/data/tinyshakespeare/input.txt .venv/bin/python bench/bench_main_job.py
     .venv/bin/python bench/bench_main_job.py --data-dir data/shakespeare_char --repeat 3 -- --run.tracker=none
 
-Each round runs, one after the other (rounds alternate, so a change in machine load hits all three):
+Each round runs, one after the other, in this order and the next round in the reverse order (so a change in machine
+load hits all three):
   (a) nanoGPT's train.py inner loop (bench/bench_train.py's run_nanogpt_loop), in this process;
   (b) the plain nanogpt.train.train loop, one process, no Ray (bench/bench_train.py's run_plain), in this process;
   (c) `python pipelines/pretrain.py --config shakespeare_char_cpu --train.max_iters=N --data.dir=... --run.out_dir=
@@ -14,12 +15,14 @@ Each round runs, one after the other (rounds alternate, so a change in machine l
 All three train the shakespeare_char_cpu preset for --iters updates in total, the first --warmup of them untimed.
 
 ms/step is the MEAN time per update over the timed updates of a run (evaluations excluded), and the table shows
-the median of that over the --repeat runs. (a) and (b) time every update in the process that runs it. (c) times
-the job from outside, by the wall-clock arrival of its per-interval log lines (`iter N: loss ..., time X ms` is
-printed by rank 0 every train.log_interval updates): the time between two such lines over the updates between
-them, summed over the intervals that hold no evaluation. That covers everything the worker does per step,
-tracking calls included. "main (loop timer)" is the mean of the same lines' own `time X ms` (the loop's
-perf_counter mean over the interval, which leaves out the logging and tracking done at the interval's end).
+the median of that over the --repeat runs. The ratios come twice: of those medians, and the median of each round's
+own ratio (its runs are minutes apart at most, so the machine's drift over the bench weighs less). (a) and (b) time
+every update in the process that runs it. (c) times the job from outside, by the wall-clock arrival of its
+per-interval log lines (`iter N: loss ..., time X ms` is printed by rank 0 every train.log_interval updates): the
+time between two such lines over the updates between them, summed over the intervals that hold no evaluation.
+That covers everything the worker does per step, tracking calls included. "main (loop timer)" is the mean of the
+same lines' own `time X ms` (the loop's perf_counter mean over the interval, which leaves out the logging and
+tracking done at the interval's end).
 
 Where (c)'s CPU goes while it trains: the cores its training worker kept busy from the first timed `iter` line to
 the last one, and the cores the rest of the job took meanwhile (Ray's daemons and actors, the MLflow helper, the
@@ -292,11 +295,15 @@ def main() -> None:
             parser.error("pass --data-dir, --input or set NANOGPT_TINYSHAKESPEARE")
         runs: dict[str, list[dict]] = {"(a) nanoGPT's loop": [], "(b) plain nanogpt.train": [], "(c) main job": []}
         timed = args.iters - args.warmup
-        for i in range(args.repeat):  # alternate, so a change in machine load hits all three
-            runs["(a) nanoGPT's loop"].append(run_nanogpt_loop(config, data_dir, timed, warmup=args.warmup))
-            runs["(b) plain nanogpt.train"].append(run_plain(config, data_dir, timed, warmup=args.warmup))
-            runs["(c) main job"].append(run_main_job(data_dir, Path(tmp) / f"runs{i}", args.iters, args.warmup,
-                                                     config, args.extra, echo=args.echo))
+        bench = {
+            "(a) nanoGPT's loop": lambda i: run_nanogpt_loop(config, data_dir, timed, warmup=args.warmup),
+            "(b) plain nanogpt.train": lambda i: run_plain(config, data_dir, timed, warmup=args.warmup),
+            "(c) main job": lambda i: run_main_job(data_dir, Path(tmp) / f"runs{i}", args.iters, args.warmup,
+                                                   config, args.extra, echo=args.echo),
+        }
+        for i in range(args.repeat):  # alternate, so a change in machine load hits all three: a b c, then c b a
+            for name in list(bench) if i % 2 == 0 else reversed(bench):
+                runs[name].append(bench[name](i))
             log.info("round %d/%d: %s", i + 1, args.repeat, ", ".join(
                 f"{name.split()[0]} {r[-1]['mean_ms_per_iter']:.1f}" for name, r in runs.items()) + " ms/step")
 
@@ -312,10 +319,15 @@ def main() -> None:
                  " ".join(f"{r['mean_ms_per_iter']:.1f}" for r in results))
     log.info("%-28s %14.1f   %s", "(c) main job, loop timer", med("(c) main job", "loop_ms_per_iter"),
              " ".join(f"{r['loop_ms_per_iter']:.1f}" for r in runs["(c) main job"]))
-    main_ms = med("(c) main job", "mean_ms_per_iter")
-    log.info("main / plain: %.3fx   main / nanoGPT: %.3fx   plain / nanoGPT: %.3fx", main_ms / med(
-        "(b) plain nanogpt.train", "mean_ms_per_iter"), main_ms / med("(a) nanoGPT's loop", "mean_ms_per_iter"),
-        med("(b) plain nanogpt.train", "mean_ms_per_iter") / med("(a) nanoGPT's loop", "mean_ms_per_iter"))
+    pairs = (("main / plain", "(c) main job", "(b) plain nanogpt.train"),
+             ("main / nanoGPT", "(c) main job", "(a) nanoGPT's loop"),
+             ("plain / nanoGPT", "(b) plain nanogpt.train", "(a) nanoGPT's loop"))
+    log.info("   ".join(f"{label}: {med(top, 'mean_ms_per_iter') / med(bottom, 'mean_ms_per_iter'):.3f}x"
+                        for label, top, bottom in pairs))
+    # each round's own ratio, its runs minutes apart at most: less of the machine's drift between rounds
+    log.info("the same, median of each round's ratio: " + "   ".join(
+        f"{label}: {statistics.median(t['mean_ms_per_iter'] / b['mean_ms_per_iter'] for t, b in zip(runs[top], runs[bottom])):.3f}x"
+        for label, top, bottom in pairs))
     _log_cpu_split([r["cpu"] for r in runs["(c) main job"] if r["cpu"]])
     log.info("main job start-up: seconds from the command's start (median), the cores busy since the milestone before "
              "(median; %d on this machine), and the seconds of each run:", os.cpu_count())
