@@ -321,8 +321,7 @@ class MlflowTracker:
             try:
                 job = self._jobs.get(timeout=self._until_metrics_due())
             except queue.Empty:  # buffered points are due and no call came to take them along
-                if not self._flush_now():  # the store is down: again when the breaker lets a call through
-                    self._metrics_due = max(self._retry_at, time.monotonic() + self.metrics_interval_s)
+                self._send_due_metrics()
                 continue
             try:
                 if job is None:
@@ -332,6 +331,14 @@ class MlflowTracker:
                 log.exception("MLflow tracker: a call failed")
             finally:
                 self._jobs.task_done()
+
+    def _send_due_metrics(self) -> None:
+        try:
+            if not self._flush_now():  # the store is down: again when the breaker lets a call through
+                self._metrics_due = max(self._retry_at, time.monotonic() + self.metrics_interval_s)
+        except Exception:  # as in _work: a bug, and tracking must not stop
+            log.exception("MLflow tracker: sending buffered metrics failed")
+            self._metrics_due = time.monotonic() + self.metrics_interval_s
 
     def _stop_thread(self, timeout: float | None = None) -> None:
         """Let the thread finish the jobs queued so far, then stop it (later calls run on the caller's thread)."""

@@ -36,8 +36,17 @@ def _record_ray_actors(config: dict) -> None:
     Path(config["seen"]).write_text(json.dumps({name: sorted(pids) for name, pids in _ray_actors().items()}))
 
 
-def _started_during(seen: Path, before: dict[str, set[int]]) -> dict[str, set[int]]:
-    return {name: set(pids) - before[name] for name, pids in json.loads(seen.read_text()).items()}
+def _fit_in_driver(train_fn, num_workers: int, tmp_path: Path, max_failures: int = 0):
+    """fit() a job's own instance's trainer on `num_workers` workers running `train_fn`, which calls
+    _record_ray_actors: its Result, and the actors (_ray_actors) that started for it."""
+    seen, before = tmp_path / "actors.json", _ray_actors()
+    result = PrivateInstanceTorchTrainer(
+        train_fn, train_loop_config={"seen": str(seen)}, backend_config=backend_config(num_workers, "ddp", False),
+        scaling_config=ScalingConfig(num_workers=num_workers),
+        run_config=RunConfig(name=f"in-driver-{num_workers}", storage_path=str(tmp_path / "runs"),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    ).fit()
+    return result, {name: set(pids) - before[name] for name, pids in json.loads(seen.read_text()).items()}
 
 
 def _train_then_die_once(config: dict) -> None:
@@ -66,17 +75,11 @@ def _report_step(step: int, restored_from: int) -> None:
 
 @pytest.mark.slow
 def test_the_controller_in_the_driver_restarts_a_killed_worker_from_its_checkpoint(ray_local, tmp_path):
-    seen, before = tmp_path / "actors.json", _ray_actors()
-    result = PrivateInstanceTorchTrainer(
-        _train_then_die_once, train_loop_config={"seen": str(seen)},
-        backend_config=backend_config(1, "ddp", False), scaling_config=ScalingConfig(num_workers=1),
-        run_config=RunConfig(name="in-driver", storage_path=str(tmp_path / "runs"),
-                             failure_config=FailureConfig(max_failures=1)),
-    ).fit()
+    result, actors = _fit_in_driver(_train_then_die_once, 1, tmp_path, max_failures=1)
     assert result.error is None
     assert result.metrics == {"step": 2, "restored_from": 1}
     assert json.loads(Path(result.checkpoint.path, "state.json").read_text()) == {"step": 2}
-    assert _started_during(seen, before) == {CONTROLLER: set(), SYNC: set()}  # neither actor ran for this run
+    assert actors == {CONTROLLER: set(), SYNC: set()}  # neither actor ran for this run
 
 
 def _meet_then_report(config: dict) -> None:
@@ -94,15 +97,9 @@ def _meet_then_report(config: dict) -> None:
 
 @pytest.mark.slow
 def test_two_workers_in_the_driver_meet_at_rays_synchronization_actor(ray_local, tmp_path):
-    seen, before = tmp_path / "actors.json", _ray_actors()
-    result = PrivateInstanceTorchTrainer(
-        _meet_then_report, train_loop_config={"seen": str(seen)},
-        backend_config=backend_config(2, "ddp", False), scaling_config=ScalingConfig(num_workers=2),
-        run_config=RunConfig(name="two-in-driver", storage_path=str(tmp_path / "runs")),
-    ).fit()
+    result, actors = _fit_in_driver(_meet_then_report, 2, tmp_path)
     assert result.error is None
     assert result.metrics == {"step": 1, "restored_from": 0}
-    actors = _started_during(seen, before)
     assert actors[CONTROLLER] == set() and len(actors[SYNC]) == 1
 
 
