@@ -37,7 +37,7 @@ def test_the_block_swaps_rays_synchronization_actor_and_puts_it_back(ray_local):
 
 
 def test_the_block_puts_rays_classes_back_after_an_error(ray_local):
-    actor_class = worker_group.SynchronizationActor
+    actor_class, shutdown = worker_group.SynchronizationActor, state._shutdown_sync_actor
     with pytest.raises(KeyboardInterrupt), lone_worker_sync():
         raise KeyboardInterrupt
-    assert worker_group.SynchronizationActor is actor_class
+    assert (worker_group.SynchronizationActor, state._shutdown_sync_actor) == (actor_class, shutdown)
