@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -122,4 +123,21 @@ def read_file(path: Path, parse, binary: bool = False):
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # json/yaml/pickle errors come in many types; all mean the file is damaged
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: unreadable ({parse_error(e)})") from None
+
+
+def parse_error(e: BaseException) -> str:
+    """What went wrong parsing a file, in one line that quotes none of it: YAML's and JSON's messages show the
+    offending text; torch.load's run over many lines and suggest unpickling without its restrictions."""
+    mark = getattr(e, "problem_mark", None)  # yaml's MarkedYAMLError
+    if mark is not None:
+        return f"{type(e).__name__} at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(e, json.JSONDecodeError):
+        return f"{type(e).__name__} at line {e.lineno}, column {e.colno}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"{type(e).__name__}: not UTF-8 text"
+    if isinstance(e, pickle.UnpicklingError):
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        return f"UnpicklingError: it names {refused[1]}, which is not allowed" if refused else "UnpicklingError"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

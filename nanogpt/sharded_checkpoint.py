@@ -12,7 +12,8 @@ inside a checkpoint directory, and the readers that turn them back into whole te
 Every rank writes its own part (`write_shards`) into a directory of its own; the reporter merges the parts (Ray
 Train uploads every rank's directory into one checkpoint; checkpoint.LocalReporter moves them into one). DCP
 reshards on load: a checkpoint written by N ranks loads on M (`load_optimizer_shards`), and `read_full` reads it
-whole in a plain process with no process group (export, sampling, a DDP or 1-process resume).
+whole in a plain process with no process group (export, sampling, a DDP or 1-process resume). Both read through
+nanogpt/dcp_reader.py, which runs no pickle from the folder and allocates nothing its metadata merely declares.
 
 AdamW state comes in two layouts: torch's `optimizer.state_dict()` numbers the parameters (0, 1, ... in
 param_groups order: what optimizer.pt and nanoGPT's ckpt.pt hold); DCP's names them. `by_index` and `by_name`
@@ -64,15 +65,17 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
 
 def read_full(folder: str | os.PathLike) -> dict[str, Any]:
     """Everything saved in one DCP folder, as whole tensors on the CPU, read by this process alone: no process
-    group and no collective, whatever the number of ranks that wrote it (and whether or not one is initialized)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    group and no collective, whatever the number of ranks that wrote it (and whether or not one is initialized).
+    Read without trusting the folder (nanogpt/dcp_reader.py): a CheckpointError naming the file otherwise."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    from nanogpt.dcp_reader import SafeEmptyPlanner, checked_reader, dcp_errors
+
     state: dict[str, Any] = {}
-    # exactly what DCP's public format_utils.dcp_to_torch_save does, without writing the result to a file
-    _load_state_dict(state, storage_reader=FileSystemReader(Path(folder)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    # exactly what DCP's public format_utils.dcp_to_torch_save does, without writing the result to a file, with
+    # the safe reader and planner
+    with dcp_errors(folder):
+        _load_state_dict(state, storage_reader=checked_reader(folder), planner=SafeEmptyPlanner(), no_dist=True)
     return state
 
 
@@ -82,8 +85,12 @@ def load_optimizer_shards(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    from nanogpt.dcp_reader import SafeLoadPlanner, checked_reader, dcp_errors
+
+    folder = Path(dir) / OPTIMIZER_DIR
     state = get_optimizer_state_dict(model, optimizer)  # the layout to fill: this rank's shards
-    dcp.load(state, checkpoint_id=Path(dir) / OPTIMIZER_DIR)
+    with dcp_errors(folder):
+        dcp.load(state, storage_reader=checked_reader(folder), planner=SafeLoadPlanner())
     set_optimizer_state_dict(model, optimizer, state)
 
 

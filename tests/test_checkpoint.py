@@ -6,8 +6,10 @@ import datetime
 import json
 import math
 import os
+import pickle
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
+from nanogpt import sharded_checkpoint as sharded
 from nanogpt.checkpoint import (
+    CheckpointRecord,
     LocalReporter,
+    consolidate_checkpoint,
     export_hf_dir,
     export_nanogpt_ckpt,
+    full_optimizer_state,
     load_checkpoint,
     load_model,
     save_checkpoint,
+    write_record,
 )
 from nanogpt.checkpoint_files import CheckpointError, checkpoint_dirs, is_checkpoint, latest_checkpoint
 from nanogpt.config import Config
@@ -54,6 +61,39 @@ def save(path: Path, model, optimizer=None, step: int = 7, best: float = 1.25) -
                            optimizer_state=optimizer.state_dict() if optimizer else None, step=step,
                            best_val_loss=best, config=CONFIG, tokenizer=TOKENIZER,
                            manifest_json='{"vocab_size": 3}\n', extra={"run_id": "abc"})
+
+
+def save_sharded(path: Path, model, optimizer, step: int = 7) -> Path:
+    """A sharded checkpoint as FSDP writes it (nanogpt/sharded_checkpoint.py), written by this process alone: DCP
+    folders of one rank's shards plus the record, with no process group to start."""
+    path.mkdir(parents=True)
+    with warnings.catch_warnings():  # DCP: "torch.distributed is disabled ... assuming ... a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        sizes = sharded.write_shards(path, model, optimizer)
+    record = CheckpointRecord(model_args=model.config, config=CONFIG, step=step, best_val_loss=1.25,
+                              tokenizer=TOKENIZER, manifest_json='{"vocab_size": 3}\n')
+    write_record(path, sizes, record, tied=sharded.tied_aliases(model))
+    return path
+
+
+def restamp(path: Path, **state) -> Path:
+    """What whoever plants a file in a checkpoint does next: state.json records the sizes the files now have (and
+    `state`'s entries), so the checkpoint passes for complete."""
+    record = json.loads((path / "state.json").read_text())
+    record.update(state)
+    record["sizes"] = {name: (path / name).stat().st_size for name in record["sizes"]}
+    (path / "state.json").write_text(json.dumps(record))
+    return path
+
+
+class RunsCode:
+    """A pickle whose loading would create `marker` (as a hostile file would run anything)."""
+
+    def __init__(self, marker: str | Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def disk_keys(ckpt: Path) -> list[str]:
@@ -259,3 +299,32 @@ def test_files_are_plain_and_loadable_without_pickle(tmp_path):
     torch.load(path / "optimizer.pt", weights_only=True)
     state = json.loads((path / "state.json").read_text())
     assert state["files"] == ["model.safetensors", "optimizer.pt", "config.yaml", "tokenizer.json", "manifest.json"]
+
+
+READERS_OF = {  # every way the project reads each folder of a sharded checkpoint
+    "model": {
+        "load_checkpoint": lambda path, tmp: load_checkpoint(path, with_optimizer=False),
+        "load_model": lambda path, tmp: load_model(path),
+        "export_hf_dir": lambda path, tmp: export_hf_dir(path, tmp / "hf"),
+    },
+    "optimizer": {
+        "full_optimizer_state (a DDP or 1-process resume)": lambda path, tmp: full_optimizer_state(load_checkpoint(path)),
+        "load_optimizer_shards (an FSDP resume)": lambda path, tmp: sharded.load_optimizer_shards(*trained_model(0), path),
+        "consolidate_checkpoint": lambda path, tmp: consolidate_checkpoint(path, tmp / "whole"),
+        "export_nanogpt_ckpt": lambda path, tmp: export_nanogpt_ckpt(path, tmp / "ckpt.pt"),
+    },
+}
+
+
+@pytest.mark.parametrize("folder", sorted(READERS_OF))
+def test_every_reader_refuses_a_crafted_dcp_metadata_without_running_it(tmp_path, folder):
+    model, optimizer = trained_model(1)
+    path = save_sharded(tmp_path / "checkpoint_000007", model, optimizer)
+    marker = tmp_path / "pwned"
+    (path / folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    restamp(path)
+    for name, read in READERS_OF[folder].items():
+        with pytest.raises(CheckpointError, match=rf"{folder}/\.metadata: refused, not plain DCP metadata"):
+            read(path, tmp_path)
+        assert not marker.exists(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000007"]  # nothing half-written

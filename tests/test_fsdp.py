@@ -235,6 +235,22 @@ def test_consolidated_copy_is_an_unsharded_checkpoint(runs, tmp_path):
     assert not (weights_only / "optimizer.pt").exists()
 
 
+def test_genuine_sharded_checkpoints_read_through_the_safe_reader(runs):
+    """What FSDP wrote on 2 ranks passes the safe reader's checks as it is: the metadata plain pickle reads (the
+    files of this test's own run: trusted), and sample.py samples from it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from nanogpt.dcp_reader import SafeFileSystemReader
+    from pipelines import sample
+
+    ckpt = runs / "fsdp" / "checkpoint_000006"
+    for folder in (ckpt / "model", ckpt / "optimizer"):
+        safe, plain = SafeFileSystemReader(folder).read_metadata(), FileSystemReader(folder).read_metadata()
+        assert safe.state_dict_metadata == plain.state_dict_metadata and safe.storage_data == plain.storage_data
+        assert {info.relative_path for info in safe.storage_data.values()} == {"__0_0.distcp", "__1_0.distcp"}
+    assert sample.main(["--checkpoint", str(ckpt), "--max_new_tokens", "5", "--num_samples", "1"]) == 0
+
+
 def test_fsdp_without_a_process_group_is_a_config_error(data_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"train.parallel=fsdp needs torch.distributed initialized"):
         train(fsdp_config(), str(data_dir), TrainContext(), LocalReporter(tmp_path))
