@@ -74,6 +74,7 @@ from nanogpt.checkpoint_files import (
 from nanogpt.config import Config
 from nanogpt.model import GPT, MODEL_ARGS, GPTConfig, clean_state_dict
 from nanogpt.shards import fsync_dir  # files and directories alike
+from nanogpt.weight_shapes import first_mismatch, meta_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,13 @@ def load_checkpoint(
     sharded_weights = is_sharded(list(state.get("files") or []))
 
     model_state = _read_weights(path, state, sharded_weights, map_location)
+    try:
+        step = int(state["step"])
+        best = state["best_val_loss"]
+        model_args = dict(state["model_args"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{state_path}: malformed ({type(e).__name__}: {e})") from None
+    _check_weights_fit(path, model_args, model_state, MODEL_DIR if sharded_weights else MODEL_FILE)
 
     optimizer_state = scaler_state = None
     if with_optimizer and (path / OPTIMIZER_FILE).is_file():
@@ -231,12 +239,6 @@ def load_checkpoint(
     config = read_file(path / CONFIG_FILE, lambda text: Config.from_dict(yaml.safe_load(text) or {}, source=str(path / CONFIG_FILE)))
     tokenizer = read_file(path / TOKENIZER_FILE, json.loads) if (path / TOKENIZER_FILE).is_file() else None
     manifest_json = (path / MANIFEST_FILE).read_text() if (path / MANIFEST_FILE).is_file() else None
-    try:
-        step = int(state["step"])
-        best = state["best_val_loss"]
-        model_args = dict(state["model_args"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{state_path}: malformed ({type(e).__name__}: {e})") from None
     return Checkpoint(
         path=path,
         model_state=model_state,
@@ -274,6 +276,19 @@ def _read_weights(path: Path, state: dict[str, Any], sharded_weights: bool,
     for alias, kept in tied.items():
         model_state[alias] = model_state[kept]
     return model_state
+
+
+def _check_weights_fit(path: Path, model_args: dict[str, Any], model_state: dict[str, torch.Tensor],
+                       weights: str) -> None:
+    """The weights must be exactly GPT(model_args)'s, checked before anything builds that model: state.json may
+    declare any size, and building it would allocate that much before load_state_dict could refuse it."""
+    try:
+        config = GPTConfig(**{k: model_args[k] for k in MODEL_ARGS if k in model_args})
+        mismatch = first_mismatch(meta_state_dict(config, model_state), model_state)
+    except (TypeError, ValueError) as e:
+        mismatch = str(e)
+    if mismatch is not None:
+        raise CheckpointError(f"{path / STATE_FILE}: its model_args do not fit {weights} ({mismatch})")
 
 
 def full_optimizer_state(ckpt: Checkpoint) -> dict[str, Any] | None:

@@ -60,6 +60,7 @@ def check_committed(dir: str | os.PathLike, optional: tuple[str, ...] = ()) -> d
     path = Path(dir)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
+    check_no_links_out(path)
     state_path = path / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing, so {path} is not a complete checkpoint (an interrupted save or copy?)")
@@ -68,6 +69,8 @@ def check_committed(dir: str | os.PathLike, optional: tuple[str, ...] = ()) -> d
         raise CheckpointError(f"{state_path}: malformed (not a JSON object)")
     sizes = state.get("sizes") or {name: None for name in state.get("files", [])}
     for name, size in sizes.items():
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{state_path}: lists {name!r}, which is not a path inside the checkpoint")
         file = path / name
         if not file.is_file():
             if name in optional or name.split("/")[0] in optional:
@@ -77,6 +80,25 @@ def check_committed(dir: str | os.PathLike, optional: tuple[str, ...] = ()) -> d
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, but state.json records {size}: the checkpoint "
                                   "was cut short (a full disk or an interrupted copy?)")
     return state
+
+
+def check_no_links_out(dir: str | os.PathLike) -> None:
+    """CheckpointError naming the first symlink under `dir` that resolves outside it: a checkpoint from a shared
+    store would otherwise make its reader open any file of the machine (and an error quote it)."""
+    root = Path(dir).resolve()
+    for folder, dirnames, filenames in os.walk(root):  # symlinked folders are not entered, only checked
+        for name in dirnames + filenames:
+            entry = Path(folder) / name
+            if entry.is_symlink() and not _resolves_inside(entry, root):
+                raise CheckpointError(f"{Path(dir) / entry.relative_to(root)}: a symlink out of the checkpoint "
+                                      "directory: refused")
+
+
+def _resolves_inside(link: Path, root: Path) -> bool:
+    try:
+        return link.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def is_sharded_checkpoint(dir: str | os.PathLike) -> bool:

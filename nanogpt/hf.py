@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.weight_shapes import meta_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,9 @@ def _read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         if single.is_file():
             return safetensors_torch.load_file(str(single), device="cpu")
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:
+            if not isinstance(shard, str) or shard != Path(shard).name or shard in ("", ".."):
+                raise ValueError(f"{index}: names {shard!r} as a weight file, which is not a file of {model_dir}")
         state_dict = {}
         for shard in shards:
             state_dict.update(safetensors_torch.load_file(str(model_dir / shard), device="cpu"))
@@ -186,7 +190,13 @@ def hf_to_nanogpt_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str
 def load_hf_state_dict(model: GPT, hf_state_dict: dict[str, torch.Tensor]) -> None:
     """Copy HF GPT-2 tensors into `model`, after checking every key and shape (errors name the key)."""
     converted = hf_to_nanogpt_state_dict(hf_state_dict)
-    sd = model.state_dict()
+    _check_converted(model.state_dict(), converted)
+    _copy_converted(model, converted)
+
+
+def _check_converted(sd: dict[str, torch.Tensor], converted: dict[str, torch.Tensor]) -> None:
+    """KeyError or ValueError naming the first key of the model's state dict `sd` (on any device, meta too) that
+    the converted tensors miss, have unexpected, or shape differently."""
     expected = {k for k in sd if k != "lm_head.weight"}  # tied: filled through transformer.wte.weight
     missing = sorted(expected - set(converted))
     if missing:
@@ -200,8 +210,12 @@ def load_hf_state_dict(model: GPT, hf_state_dict: dict[str, torch.Tensor]) -> No
                 f"shape mismatch for {key!r}: checkpoint has {tuple(converted[key].shape)} "
                 f"(after transposing Conv1D weights), the model expects {tuple(sd[key].shape)}"
             )
+
+
+def _copy_converted(model: GPT, converted: dict[str, torch.Tensor]) -> None:
+    sd = model.state_dict()
     with torch.no_grad():
-        for key in expected:
+        for key in converted:
             sd[key].copy_(converted[key])
 
 
@@ -227,8 +241,16 @@ def from_pretrained(model_type_or_dir: str | os.PathLike[str], override_args: di
     if size is not None and any(getattr(config, k) != v for k, v in size.items()):
         got = {k: getattr(config, k) for k in size}
         raise ValueError(f"{model_type_or_dir}'s config.json gives {got}, not its known size {size}")
+    converted = hf_to_nanogpt_state_dict(_read_hf_weights(model_dir))
+    # config.json may declare any size: the weights are checked against a model on the meta device (no storage)
+    # before one of that size is allocated
+    try:
+        expected = meta_state_dict(config, converted)
+    except ValueError as e:
+        raise ValueError(f"{model_dir / 'config.json'}: does not fit the weights beside it ({e})") from None
+    _check_converted(expected, converted)
     model = GPT(config)
-    load_hf_state_dict(model, _read_hf_weights(model_dir))
+    _copy_converted(model, converted)
     return model
 
 
