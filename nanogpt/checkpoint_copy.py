@@ -3,6 +3,8 @@
     with node_copy("s3://bucket/runs/r1/checkpoint_000020") as local_dir:
         checkpoint = load_checkpoint(local_dir)
 
+- The copies live in this user's cache, `$XDG_CACHE_HOME/nanogpt-ray/checkpoints` (default
+  `~/.cache/nanogpt-ray/checkpoints`), not in /tmp: another user of the machine could plant a copy or a lock there.
 - One download per node: the ranks of a node that resume together enter under an flock on `<copy>.lock`; the
   first downloads into `<copy>.partial-<pid>` and renames it to `<copy>` when every file is there; the others find
   the copy and read the same files. Nothing rewrites a copy that a live process reads.
@@ -17,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from nanogpt.storage import StorageError, download, join, list_names, node_lock
+from nanogpt.user_cache import user_cache_dir
 
 READER_MARK = ".reader-"
 
@@ -30,8 +32,8 @@ READER_MARK = ".reader-"
 @contextmanager
 def node_copy(uri: str, root: str | os.PathLike | None = None) -> Iterator[str]:
     """The checkpoint directory at `uri` as a local directory, for the block (see the module docstring)."""
-    root = Path(root or Path(tempfile.gettempdir()) / "nanogpt-checkpoints")
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(root or user_cache_dir() / "checkpoints")
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
     copy = root / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     lock, reader = copy.with_name(copy.name + ".lock"), copy.with_name(f"{copy.name}{READER_MARK}{os.getpid()}")
     with node_lock(lock):

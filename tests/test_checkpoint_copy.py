@@ -79,3 +79,14 @@ def test_a_uri_without_files_is_an_error_naming_it(s3, tmp_path):
         with node_copy(empty, tmp_path):
             pass
     assert [p.suffix for p in tmp_path.iterdir()] == [".lock"]  # no copy, nothing half-made
+
+
+def test_copies_and_their_locks_live_in_the_users_cache(checkpoint_uri, tmp_path, monkeypatch):
+    """Not in /tmp, where any user of the machine can plant a copy or hold the lock."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with node_copy(checkpoint_uri) as d:
+        copy = Path(d)
+        assert copy.parent == tmp_path / "cache" / "nanogpt-ray" / "checkpoints"
+        assert (copy.parent / f"{copy.name}.lock").is_file()
+        assert (copy / "state.json").read_bytes() == FILES["state.json"]
+        assert copy.parent.stat().st_mode & 0o077 == 0  # the user's alone
