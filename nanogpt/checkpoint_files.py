@@ -158,8 +158,9 @@ def parse_error(e: BaseException) -> str:
         return f"{type(e).__name__} at line {e.lineno}, column {e.colno}"
     if isinstance(e, UnicodeDecodeError):
         return f"{type(e).__name__}: not UTF-8 text"
-    if isinstance(e, pickle.UnpicklingError):
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        return f"UnpicklingError: it names {refused[1]}, which is not allowed" if refused else "UnpicklingError"
+    if isinstance(e, pickle.UnpicklingError) and (refused := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))):
+        return f"UnpicklingError: it names {refused[1]}, which is not allowed"
+    if isinstance(e, pickle.UnpicklingError) and str(e).startswith("Weights only load failed"):
+        return "UnpicklingError: not plain tensors and values"
     first = (str(e).strip().splitlines() or [""])[0][:200]
     return f"{type(e).__name__}: {first}" if first else type(e).__name__

@@ -19,6 +19,8 @@ item (the optimizer's param_groups) with torch's unrestricted unpickler: a craft
 from __future__ import annotations
 
 import contextlib
+import enum
+import importlib
 import io
 import math
 import os
@@ -38,7 +40,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from nanogpt.checkpoint_files import CheckpointError, parse_error
+from nanogpt.checkpoint_files import DCP_METADATA, CheckpointError, parse_error
 
 _METADATA = "torch.distributed.checkpoint.metadata"
 # every global a .metadata written by torch.distributed.checkpoint names (besides torch's dtypes); all of them build
@@ -62,15 +64,51 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")  # torch.load's wording
 
 
+def _unpickle_metadata(file: Any) -> Any:
+    """The restricted unpickler's load, refused when it changed an allowed class or function or an enum member:
+    pickle's BUILD sets attributes on whatever object it is given, those shared ones included. The change is
+    undone."""
+    allowed = [obj for obj in map(_importable, ALLOWED_GLOBALS) if obj is not None]
+    members = [m for obj in allowed if isinstance(obj, type) and issubclass(obj, enum.Enum) for m in obj]
+    before = [(obj, dict(vars(obj))) for obj in allowed + members if hasattr(obj, "__dict__")]
+    try:
+        return _MetadataUnpickler(file).load()
+    finally:
+        changed = [obj for obj, attrs in before if _restore(obj, attrs)]
+        if changed:
+            raise pickle.UnpicklingError(f"it sets attributes of {getattr(changed[0], '__qualname__', changed[0])}")
+
+
+def _importable(module_and_name: tuple[str, str]) -> Any:
+    module, name = module_and_name
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # pathlib._local exists from Python 3.13 on
+        return None
+
+
+def _restore(obj: Any, attrs: dict[str, Any]) -> bool:
+    """Put back `obj`'s attributes as `attrs` holds them (compared by identity); True if any had changed."""
+    now = dict(vars(obj))
+    changed = [k for k in now.keys() | attrs.keys() if k not in now or k not in attrs or now[k] is not attrs[k]]
+    for key in changed:
+        if key in attrs:
+            setattr(obj, key, attrs[key])
+        else:
+            delattr(obj, key)
+    return bool(changed)
+
+
 class SafeFileSystemReader(FileSystemReader):
     """DCP's FileSystemReader with `.metadata` read by the restricted unpickler and checked against the folder's
     files (see the module docstring); a CheckpointError naming the file otherwise."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        rank = kwargs.get("rank")  # DCP asks for a rank's own metadata when the folder has no global one
+        path = Path(self.checkpoint_id) / (DCP_METADATA if rank is None else f"__{int(rank)}{DCP_METADATA}")
         try:
             with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+                metadata = _unpickle_metadata(f)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: missing") from None
         except Exception as e:  # whatever a crafted or damaged pickle raises: the file is refused, nothing ran

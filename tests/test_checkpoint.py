@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 import warnings
@@ -328,3 +329,35 @@ def test_every_reader_refuses_a_crafted_dcp_metadata_without_running_it(tmp_path
             read(path, tmp_path)
         assert not marker.exists(), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000007"]  # nothing half-written
+
+
+def _text(s: str) -> bytes:
+    return b"\x8c" + bytes([len(s)]) + s.encode()  # pickle's SHORT_BINUNICODE
+
+
+METADATA = "torch.distributed.checkpoint.metadata"
+SHARED_OBJECTS = {  # a pickle pushing an object the unpickler allows and other code shares, and what it is
+    "a class": (_text(METADATA) + _text("MetadataIndex") + b"\x93", "MetadataIndex", "__hash__"),
+    "an enum member": (_text(METADATA) + _text("_MEM_FORMAT_ENCODING") + b"\x93K\x00\x85R",
+                       "_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT", "_value_"),
+}
+
+
+@pytest.mark.parametrize("target", sorted(SHARED_OBJECTS))
+def test_a_dcp_metadata_that_changes_a_shared_object_is_refused_and_undone(tmp_path, target):
+    """The allowed globals only build records, but pickle's BUILD can set attributes on them (a class's __hash__,
+    an enum member's value) for every later user in the process: refused, and put back."""
+    from torch.distributed.checkpoint import metadata
+
+    push, name, attr = SHARED_OBJECTS[target]
+    owner = metadata.MetadataIndex if target == "a class" else metadata._MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    before = vars(owner)[attr]
+    model, optimizer = trained_model(0)
+    path = save_sharded(tmp_path / "checkpoint_000007", model, optimizer)
+    state = b"N}" + _text(attr) + _text("torch") + _text("Size") + b"\x93s\x86"  # (None, {attr: torch.Size})
+    (path / "model" / ".metadata").write_bytes(b"\x80\x04" + push + state + b"b.")  # BUILD, STOP
+    restamp(path)
+    with pytest.raises(CheckpointError, match=rf"model/\.metadata: refused, not plain DCP metadata "
+                                              rf"\(UnpicklingError: it sets attributes of {re.escape(name)}\)"):
+        load_checkpoint(path)
+    assert vars(owner)[attr] is before
