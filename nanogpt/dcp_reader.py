@@ -6,7 +6,8 @@ DCP's own FileSystemReader unpickles `.metadata` with plain pickle, and its load
 item (the optimizer's param_groups) with torch's unrestricted unpickler: a crafted file runs code. Here
 
 - `.metadata` is unpickled with DCP's metadata classes allowed and nothing else (pickle's documented find_class
-  restriction: torch.load cannot read the file, a bare pickle, and torch's weights-only unpickler is private);
+  restriction: torch.load cannot read the file, a bare pickle, and torch's weights-only unpickler is private), and
+  refused if it set attributes on one of those classes (pickle's BUILD can), which are put back;
 - non-tensor items load with torch.load(weights_only=True);
 - what the metadata declares is checked before DCP allocates a tensor for it: every chunk lies in a file of this
   folder (a plain name, no symlink out), inside that file, and holds at least its elements' bytes; the chunks of a
