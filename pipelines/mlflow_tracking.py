@@ -74,6 +74,7 @@ from nanogpt.config import Config, RunConfig
 from nanogpt.shards import MANIFEST_NAME, ShardError, manifest_text
 from nanogpt.storage import is_uri
 from pipelines.mlflow_store import seed_sqlite_store, sqlite_path
+from pipelines.run_records import RECORDS_DIR
 
 # mlflow is imported where it is used, not here: `import mlflow` costs 1.4-2.3 s on 2 cores, and the driver imports
 # this module before training only for resolve_tracking_uri (pure string work); a worker's tracker imports it on its
@@ -112,8 +113,9 @@ PRIMARY_METRIC = "val_loss"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, PRIMARY_METRIC_TAG: PRIMARY_METRIC}
 LOGGED_MODEL_NAME = "checkpoint-best"
 _LOCAL_REGISTRY_LOCK = threading.Lock()
-# The registered model is weights + config + tokenizer: no pickled optimizer state (optimizer.pt is torch.save).
-FILES_NOT_REGISTERED = (OPTIMIZER_FILE, SCALER_FILE)
+# The registered model is weights + config + tokenizer: no pickled optimizer state (optimizer.pt is torch.save), nor
+# the run's records that a checkpoint in object storage carries.
+FILES_NOT_REGISTERED = (OPTIMIZER_FILE, SCALER_FILE, RECORDS_DIR)
 
 
 def default_tracking_uri(out_dir: str | os.PathLike) -> str:

@@ -5,11 +5,12 @@ this machine, and only then starts a local instance. Usage stats stay off; token
 
 A local instance started here is set up for one training job on a small machine (measured on 2 cores with
 bench/bench_main_job.py): its workers run at nice 0, and it starts no processes the job cannot use (Ray Train's
-preemption watcher, idle prestarted workers; for a job's own instance also Ray's API server and the autoscaler's
-monitor). A cluster we connect to keeps the settings of whoever started it. It is private to this machine: every
-port on 127.0.0.1 (GCS, raylet, workers, agents, metrics, dashboard), the token file readable by its owner only, and
-a watchdog (pipelines/ray_watchdog.py) that stops its processes if the driver dies without shutting Ray down
-(`kill -9`).
+preemption watcher, idle prestarted workers, the autoscaler's monitor; for a training job's own instance also Ray's
+API server). A cluster we connect to keeps the settings of whoever started it. It is private to this machine: every
+port on 127.0.0.1 (GCS, raylet, workers, agents, dashboard), no Prometheus endpoint of its own that answers without
+the token (Ray's metrics export is off: nothing scrapes a job's own instance), the token file readable by its owner
+only, and a watchdog (pipelines/ray_watchdog.py) that stops its processes if the driver dies without shutting Ray
+down (`kill -9`).
 
 The dashboard (Ray's State API) runs in a local instance only when asked (`state_api=True`, the sweep driver): Ray
 Train's placement-group cleaner asks it every second whether a controller is alive, to free the workers of a trial
@@ -52,6 +53,10 @@ LOCAL_INSTANCE_ENV = {
     # is only where Ray disables clusters (macOS/Windows): do the same here, so nothing listens off this machine.
     # Read by ray_constants at import time in every Ray process this driver starts (they inherit the variable).
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Ray's metrics export (RayConfig enable_metrics_collection, read by the raylet): off, the dashboard agent then
+    # starts no Prometheus endpoint, which would answer anyone on this machine without the token. Nothing scrapes a
+    # job's own instance, which lives as long as the job.
+    "RAY_enable_metrics_collection": "0",
 }
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # Ray's default token location (token auth is on by default)
 
@@ -80,7 +85,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, state_a
     _without_state_api = local and not state_api
     # WARNING, not INFO, for the driver's `ray` loggers: no "Started a local Ray instance" and Ray Train driver
     # chatter on a nanoGPT user's console; the workers' own output (log_to_driver) is unaffected.
-    with _head_without_extras() if _without_state_api else contextlib.nullcontext():
+    with _head_without_extras(state_api) if local else contextlib.nullcontext():
         ray.init(address=address, num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING, **dashboard)
     if local:
         _restrict_token_file()
@@ -109,15 +114,18 @@ def _prepare_local_instance(state_api: bool) -> dict:
 
 
 @contextlib.contextmanager
-def _head_without_extras():
-    """While the block starts a local instance: without the two Python processes Ray starts on every head node and
-    ray.init has no switch for. With include_dashboard=False the API server (dashboard.py) serves only usage stats,
-    which are off, and ray.init waits until it is up (about 2 s here); the autoscaler's monitor (monitor.py) watches
-    for nodes to add to a cluster that cannot grow. Together they take about 2.7 CPU-s while the instance starts,
+def _head_without_extras(state_api: bool):
+    """While the block starts a local instance: without the Python processes Ray starts on every head node and
+    ray.init has no switch for. The autoscaler's monitor (monitor.py) watches for nodes to add to a cluster that
+    cannot grow, and serves Prometheus metrics to anyone on this machine. Unless `state_api` asks for the dashboard,
+    the API server (dashboard.py) goes too: with include_dashboard=False it serves only usage stats, which are off,
+    and ray.init waits until it is up (about 2 s here). Together they take about 2.7 CPU-s while the instance starts,
     then wake about 40 times a second. ray.init here: 3.6 s without them against 6.5 s with (3 alternating runs)."""
     node = ray._private.node.Node  # Ray 2.60; private, Ray is pinned
     kept = node.start_api_server, node.start_monitor
-    node.start_api_server, node.start_monitor = _not_started, _not_started
+    node.start_monitor = _not_started
+    if not state_api:
+        node.start_api_server = _not_started
     try:
         yield
     finally:

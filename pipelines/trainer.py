@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 from nanogpt.checkpoint_files import CheckpointError, check_committed, checkpoint_dirs
 from nanogpt.config import Config
 from nanogpt.shard_cache import local_shards
-from nanogpt.storage import StorageError, download, exists, is_uri, join, upload
-from nanogpt.tracking import PARAMS_FILE, TAGS_FILE, JsonlTracker, MultiTracker, NullTracker, Tracker
+from nanogpt.storage import is_uri, join
+from nanogpt.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+from pipelines.run_records import StoredRecords
 from pipelines.runs import METRICS_FILE, RunPlan
 
 if TYPE_CHECKING:
     from nanogpt.train import OnStep
-
-RECORD_FILES = (METRICS_FILE, PARAMS_FILE, TAGS_FILE)
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +71,17 @@ class RayReporter:
     """The loop's Reporter inside Ray Train: every rank calls ray.train.report at the same steps (a barrier);
     rank 0 attaches the checkpoint directory the loop just wrote (Ray copies it to storage before returning).
     Under FSDP every rank attaches its part (its shards; rank 0's also the metadata and state.json): Ray uploads
-    each rank's directory into the same checkpoint directory in storage and registers it once all have reported."""
+    each rank's directory into the same checkpoint directory in storage and registers it once all have reported.
+    `records`: rank 0's of a run in object storage, put into each checkpoint it reports (pipelines/run_records.py)."""
 
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str, records: StoredRecords | None = None) -> None:
+        self.run_dir, self.records = run_dir, records
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
 
+        if checkpoint_dir and self.records is not None:
+            self.records.add_to_checkpoint(checkpoint_dir)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         name = f"checkpoint_{int(metrics['step']):06d}" if checkpoint else None
         ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
@@ -101,11 +103,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     quiet_ray_train_logs()
     config = Config.from_dict(loop_config["config"])
-    rank = ray.train.get_context().get_world_rank()
-    # first thing: rank 0's MLflow helper process then imports and connects while this process sets up
-    tracker = make_worker_tracker(config, rank, loop_config["run_dir"], loop_config.get("tracking_run_id"))
+    rank, run_dir = ray.train.get_context().get_world_rank(), loop_config["run_dir"]
+    resume_from = _resume_source(config, loop_config.get("resume_from"), run_dir)
+    records = StoredRecords(run_dir, resume_from) if rank == 0 and is_uri(run_dir) else None
+    # then rank 0's MLflow helper process, which imports and connects while this process sets up
+    tracker = make_worker_tracker(config, rank, run_dir, loop_config.get("tracking_run_id"), records)
     try:
-        result = _train(config, loop_config, tracker)
+        result = _train(config, loop_config, tracker, resume_from, records)
     except BaseException:
         tracker.close(status="FAILED")
         raise
@@ -113,7 +117,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     return result
 
 
-def _train(config: Config, loop_config: dict[str, Any], tracker: Tracker) -> dict[str, Any] | None:
+def _train(config: Config, loop_config: dict[str, Any], tracker: Tracker, resume_from: str | None,
+           records: StoredRecords | None) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
     import torch
@@ -131,9 +136,9 @@ def _train(config: Config, loop_config: dict[str, Any], tracker: Tracker) -> dic
     data_dir = local_shards(config.data.dir, config.data.cache_dir)  # s3://...: this node's verified copy
     if ctx.rank != 0:  # as nanoGPT's master_process: one rank describes the model and the run (warnings stay)
         logging.getLogger("nanogpt").setLevel(logging.WARNING)
-    with _resume_dir(config, loop_config.get("resume_from"), run_dir) as resume_dir:
-        result = train(config, data_dir, ctx, RayReporter(run_dir), tracker=tracker, resume_from=resume_dir,
-                       on_step=_all_of(hooks))
+    with _resume_dir(resume_from, run_dir) as resume_dir:
+        result = train(config, data_dir, ctx, RayReporter(run_dir, records), tracker=tracker,
+                       resume_from=resume_dir, on_step=_all_of(hooks))
     if ctx.rank != 0:
         return None
     return {"start_step": result.start_step, "step": result.step, "best_val_loss": result.best_val_loss,
@@ -152,20 +157,25 @@ def _all_of(hooks: Sequence[OnStep]) -> OnStep | None:
     return on_step
 
 
-@contextlib.contextmanager
-def _resume_dir(config: Config, resume_from: str | None, run_dir: str):
-    """The checkpoint this worker starts from, as a local directory for the block (None: a fresh start).
-    After a worker-group restart (FailureConfig) or when continuing a run, Ray hands every rank the run's latest
-    reported checkpoint; otherwise the plan's resume_from. A reported checkpoint whose copy in storage was cut
-    short (not committed) gives way to the run's newest committed one."""
+def _resume_source(config: Config, resume_from: str | None, run_dir: str) -> str | None:
+    """The checkpoint this worker starts from, a local path or a URI (None: a fresh start). After a worker-group
+    restart (FailureConfig) or when continuing a run, Ray hands every rank the run's latest reported checkpoint;
+    otherwise the plan's resume_from."""
     import ray.train
-
-    from pipelines.checkpoint_uris import local_checkpoint_dir
 
     reported = ray.train.get_checkpoint()
     source = _reported_path(reported, run_dir) if reported is not None else resume_from
     if source is None and config.model.init_from == "resume":
         raise CheckpointError(f"model.init_from=resume but Ray has no checkpoint for run {config.run.name}")
+    return source
+
+
+@contextlib.contextmanager
+def _resume_dir(source: str | None, run_dir: str):
+    """The checkpoint `source` as a local directory for the block (None: a fresh start). A reported checkpoint
+    whose copy in storage was cut short (not committed) gives way to the run's newest committed one."""
+    from pipelines.checkpoint_uris import local_checkpoint_dir
+
     if source is None:
         yield None
         return
@@ -199,15 +209,16 @@ def committed_or_newest(checkpoint_dir: str, run_dir: str) -> str:
     return str(older[-1])
 
 
-def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | None) -> Tracker:
-    """Where a worker's metrics go. Rank 0: <run_dir>/metrics.jsonl (written in the worker's working directory and
-    copied to the run's directory when the run lives at a URI) and, with run.tracker=mlflow, the job's MLflow run
-    `run_id` (opened by the driver, which also ends it). Other ranks: nothing."""
+def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | None,
+                        records: StoredRecords | None) -> Tracker:
+    """Where a worker's metrics go. Rank 0: metrics.jsonl (and params.json, tags.json) in the run directory, or,
+    when the run lives at a URI, in `records`' local directory (copied into each checkpoint and, at the end, into
+    the run's directory) and, with run.tracker=mlflow, the job's MLflow run `run_id` (opened by the driver, which
+    also ends it). Other ranks: nothing."""
     if rank != 0:
         return NullTracker()
-    local_dir = os.getcwd() if is_uri(run_dir) else run_dir
-    stored = [StoredRecords(local_dir, run_dir)] if is_uri(run_dir) else []  # fetched before the JSON tracker opens
-    jsonl = JsonlTracker(os.path.join(local_dir, METRICS_FILE))
+    stored = [records] if records is not None else []  # closed after the JSON tracker: it copies the closed files
+    jsonl = JsonlTracker(os.path.join(records.local_dir if records is not None else run_dir, METRICS_FILE))
     jsonl.log_params(config.to_flat())
     if config.run.tracker != "mlflow":
         return MultiTracker(jsonl, *stored)
@@ -217,31 +228,3 @@ def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | N
     # in a helper process: MLflow's import and store run on another core while this one builds the model
     mlflow = ProcessTracker(functools.partial(start_worker_tracker, config, run_dir, run_id))
     return MultiTracker(jsonl, mlflow, *stored)
-
-
-class StoredRecords(NullTracker):
-    """A run in object storage keeps its JSON records (metrics.jsonl, params.json, tags.json) there too: rank 0
-    writes them in its working directory, fetches the stored ones first (a continued run appends to its history)
-    and copies them back when it closes, after the JSON tracker (listed after it in the MultiTracker). Failures
-    are warnings: the checkpoints and MLflow hold what matters."""
-
-    def __init__(self, local_dir: str, run_dir: str) -> None:
-        self.local_dir, self.run_dir = local_dir, run_dir
-        for local, uri in self._files():
-            try:
-                if not os.path.exists(local) and exists(uri):
-                    download(uri, local)
-            except StorageError as e:
-                log.warning("could not fetch %s: %s", uri, e)
-
-    def close(self, status: str = "FINISHED") -> None:
-        for local, uri in self._files():
-            try:
-                if os.path.exists(local):
-                    upload(local, uri)
-            except StorageError as e:
-                log.warning("could not copy %s to %s: %s", local, uri, e)
-
-    def _files(self) -> list[tuple[str, str]]:
-        """(local path, URI) of each record file."""
-        return [(os.path.join(self.local_dir, name), join(self.run_dir, name)) for name in RECORD_FILES]

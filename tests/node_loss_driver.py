@@ -1,17 +1,19 @@
 """The driver of the node-loss rehearsal (tests/test_cluster_rehearsal.py), in a process of its own: a process holds
 one Ray connection, and the test session's is `ray_local`.
 
-    python tests/node_loss_driver.py <shards dir> <out dir> <run name> <work dir>
+    python tests/node_loss_driver.py <shards dir> <out dir or URI> <run name> <work dir>
 
 It starts a Ray cluster on this machine with ray.cluster_utils.Cluster: a head with no CPUs (the driver and Ray
 Train's controller live there) and two worker nodes of one CPU each, separate raylets. The 2-worker debug pretrain
 (run.max_failures=1) therefore puts one rank on each worker node. Once both ranks are held after update HOLD_STEP,
-past the checkpoint at update 10, it kills one rank's node (SIGKILL of its raylet, object store and agents: the
-workers on it die with them), adds a fresh node (what an autoscaler does after losing a spot instance), and lets
-the survivors go on. Ray Train restarts the group on the survivor and the new node, from the last checkpoint.
+past the checkpoint at update 10, it kills the node of rank 0 (SIGKILL of its raylet, object store and agents: the
+workers on it die with them, rank 0's records in its local files too), adds a fresh node (what an autoscaler does
+after losing a spot instance), and lets the survivor go on. Ray Train restarts the group on the survivor and the
+new node, from the last checkpoint. With an s3:// out dir the nodes reach the store through AWS_ENDPOINT_URL and
+the credentials in the environment, as a cluster's nodes do.
 
 Prints one JSON line (the last line of stdout): where the ranks were, which node died, where they ran after the
-restart, and the run directory. The cluster is stopped by Cluster.shutdown(), which stops only the nodes it started;
+restart, the step the restarted group started from, and the run directory. The cluster is stopped by Cluster.shutdown(), which stops only the nodes it started;
 set RAY_TMPDIR (and so where Ray writes its address file) to a directory of your own.
 """
 # ruff: noqa: E402 -- the sys.path line below must run before the project imports
@@ -70,7 +72,7 @@ def main(shards: str, out_dir: str, name: str, work_dir: str) -> int:
         report["worker_nodes"] = [node.node_id for node in workers]
 
         release = work / "released"
-        config = debug_config(Path(shards), Path(out_dir), name, "--run.num_workers=2", "--run.max_failures=1")
+        config = debug_config(Path(shards), out_dir, name, "--run.num_workers=2", "--run.max_failures=1")
         hooks = [HoldAt(HOLD_STEP, str(work), str(release)), NodeAt(AFTER_STEP, str(work))]
         # pretrain in a thread: Ray starts a node's processes from the main thread only (it sets signal handlers)
         training: dict = {}
@@ -84,7 +86,7 @@ def main(shards: str, out_dir: str, name: str, work_dir: str) -> int:
             time.sleep(0.2)
         time.sleep(3)  # Ray Train's controller registers a reported checkpoint at its next poll (every 2 s)
         report["held"] = {rank: p.read_text() for rank, p in enumerate(held)}
-        victim = next(node for node in workers if node.node_id == report["held"][1])
+        victim = next(node for node in workers if node.node_id == report["held"][0])  # rank 0's node
         lose_node(cluster, victim)
         report["removed"] = victim.node_id
         release.write_text("go\n")
@@ -94,7 +96,8 @@ def main(shards: str, out_dir: str, name: str, work_dir: str) -> int:
         outcome = training["outcome"]  # a KeyError here: the training thread raised (its traceback is above)
         report["after"] = {rank: (work / f"step{AFTER_STEP}.rank{rank}").read_text() for rank in (0, 1)}
         report.update(run_dir=outcome.plan.run_dir, best_val_loss=outcome.best_val_loss,
-                      world_size=outcome.summary.get("world_size"), step=outcome.summary.get("step"))
+                      world_size=outcome.summary.get("world_size"), step=outcome.summary.get("step"),
+                      start_step=outcome.summary.get("start_step"))
     finally:
         ray.shutdown()
         cluster.shutdown()

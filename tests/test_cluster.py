@@ -1,6 +1,7 @@
 """The files under cluster/, checked offline in milliseconds: the cloud YAMLs by Ray's own autoscaler schema, the
-Dockerfile against pyproject.toml, every manifest for token auth, loopback/port-forward-only access, pinned
-versions and no secrets. (tests/test_cluster_rehearsal.py runs local-fake.yaml and a multi-node cluster for real.)
+Dockerfile against pyproject.toml and for a base image pinned by digest, every manifest for token auth,
+loopback/port-forward-only access, pinned versions and no secrets, every KubeRay container for a non-root user
+without privilege escalation. (tests/test_cluster_rehearsal.py runs local-fake.yaml and a multi-node cluster for real.)
 """
 
 from __future__ import annotations
@@ -203,6 +204,34 @@ def test_every_manifest_keeps_auth_on_and_exposes_nothing():
                 assert "value" not in env or "TOKEN" not in env["name"], f"{path}: a token written into the file"
 
 
+def _restricted(context: dict | None, where: str) -> None:
+    """A container securityContext of Kubernetes' "restricted" Pod Security Standard: not root, no setuid (the
+    base image lets its user sudo), no capabilities, the runtime's seccomp profile."""
+    assert context, f"{where}: no securityContext"
+    assert context.get("runAsNonRoot") is True and context.get("runAsUser", 0) != 0, where
+    assert context.get("allowPrivilegeEscalation") is False and not context.get("privileged"), where
+    assert context.get("capabilities", {}).get("drop") == ["ALL"] and not context["capabilities"].get("add"), where
+    assert context.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+
+
+def test_every_kuberay_container_runs_as_a_user_without_privileges():
+    with_pods = set()
+    for path in KUBERAY:
+        for doc in _docs(path):
+            where = f"{path.name} {doc['kind']}"
+            containers = _containers(doc)
+            with_pods |= {doc["kind"]} if containers else set()
+            for container in containers:
+                _restricted(container.get("securityContext"), f"{where} {container['name']}")
+            for spec in _ray_cluster_specs(doc):  # the containers KubeRay adds: the autoscaler, the submitter
+                if spec.get("enableInTreeAutoscaling"):
+                    _restricted(spec.get("autoscalerOptions", {}).get("securityContext"), f"{where} autoscaler")
+            if doc["kind"] == "RayJob":  # KubeRay's default submitter pod would have no securityContext
+                [submitter] = doc["spec"]["submitterPodTemplate"]["spec"]["containers"]
+                assert submitter["name"] == "ray-job-submitter" and "command" not in submitter, where
+    assert with_pods == {"Deployment", "RayCluster", "RayJob"}
+
+
 def test_no_secret_and_no_floating_version_in_any_manifest():
     for path, doc in _all_yaml_docs():
         assert doc.get("kind") != "Secret", f"{path}: KubeRay makes the token Secret; none belongs in the repo"
@@ -245,7 +274,8 @@ def _pip_installs(run: str) -> list[list[str]]:
 def test_dockerfile_installs_exactly_the_pinned_dependencies_of_pyproject():
     instructions = _dockerfile_instructions()
     ray_pin = next(Requirement(d) for d in _pyproject()["project"]["dependencies"] if d.startswith("ray["))
-    assert instructions[0] == ("FROM", f"rayproject/ray:{str(ray_pin.specifier).removeprefix('==')}-py311-gpu")
+    [base] = [args for op, args in instructions if op == "FROM"]
+    assert base.partition("@")[0] == f"rayproject/ray:{str(ray_pin.specifier).removeprefix('==')}-py311-gpu"
     runs = [args for op, args in instructions if op == "RUN"]
     installs = [words for run in runs for words in _pip_installs(run)]
     requirements = [w for words in installs for w in words if not w.startswith("-") and not w.startswith("/")]
@@ -258,3 +288,16 @@ def test_dockerfile_installs_exactly_the_pinned_dependencies_of_pyproject():
     assert "torch.version.cuda" in runs[-1]  # still the CUDA build once everything is in
     # nothing secret baked into a layer: no ARG/ENV carrying a token, key or password
     assert not [args for op, args in instructions if op in ("ARG", "ENV") and re.search(r"(?i)secret|passw|token|key", args)]
+
+
+def test_dockerfile_pins_its_base_image_by_digest():
+    instructions = _dockerfile_instructions()
+    [(index, base)] = [(i, args) for i, (op, args) in enumerate(instructions) if op == "FROM"]
+    digest = base.partition("@")[2]
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        # a required build argument, declared before FROM without a default: the build stops without it
+        argument = re.fullmatch(r"\$\{(\w+):\?[^}]*\}", digest)
+        assert argument, f"FROM {base}: the base image is not pinned by digest"
+        assert ("ARG", argument.group(1)) in instructions[:index], f"ARG {argument.group(1)} (no default) before FROM"
+        readme = (REPO / "README.md").read_text()
+        assert f"--build-arg {argument.group(1)}" in readme and "docker buildx imagetools inspect" in readme

@@ -1,9 +1,11 @@
 """Cluster rehearsals on one machine: real multi-node Ray clusters (separate raylets on this host), token auth on.
 
 1. A node is lost mid-run: a head and two worker nodes (ray.cluster_utils.Cluster, in the driver process
-   tests/node_loss_driver.py), a 2-worker pretrain with one rank per node; one node is killed past a checkpoint and
-   a new one joins. Ray Train restarts the group there, from the checkpoint, and every per-step loss equals the
-   uninterrupted reference run's (tests/pretrain_runs.py, on the session's `ray_local`).
+   tests/node_loss_driver.py), a 2-worker pretrain with one rank per node and its run in object storage (moto's S3
+   server, tests/s3_server.py); rank 0's node is killed past a checkpoint, and a new node joins. Ray Train restarts
+   the group there, from the checkpoint; the run's metrics.jsonl in the bucket holds every step exactly once, and
+   every per-step loss equals the uninterrupted reference run's (tests/pretrain_runs.py, on the session's
+   `ray_local`). Rank 0's node, not rank 1's: rank 0 alone keeps the run's records.
 2. Ray's fake autoscaler (cluster/local-fake.yaml): a head with no CPUs gets worker nodes when a pretrain job asks
    for CPUs, and loses them again once they are idle.
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nanogpt import storage
 from tests.local_cluster import (
     cluster_env,
     dashboard_get,
@@ -32,9 +35,10 @@ from tests.local_cluster import (
     stop_group,
     wait_for_dashboard,
 )
-from tests.pretrain_runs import char_shards, debug_run, records, shared_root, step_losses
+from tests.pretrain_runs import char_shards, debug_run, shared_root, step_losses
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ("tests.s3_server",)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,14 +53,15 @@ def shards(ray_local, root, shakespeare_path) -> Path:
     return char_shards(root, shakespeare_path)
 
 
-def test_node_lost_midrun_resumes_on_a_new_node_bit_exactly(ray_local, root, shards, tmp_path):
+def test_rank0_node_lost_midrun_resumes_on_a_new_node_bit_exactly_with_every_step_logged_once(
+        ray_local, root, shards, s3):
     reference = debug_run(root, shards)  # the same config, uninterrupted, on the session's local Ray
     work = short_dir("nl")
-    env = cluster_env(work)
+    env = cluster_env(work)  # with the S3 server's endpoint and credentials (the s3 fixture set them)
     proc = None
     try:
         proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "node_loss_driver.py"), str(shards), str(tmp_path / "runs"),
+            [sys.executable, str(REPO / "tests" / "node_loss_driver.py"), str(shards), s3.bucket_uri("runs"),
              "nodeloss", work],
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
@@ -75,16 +80,22 @@ def test_node_lost_midrun_resumes_on_a_new_node_bit_exactly(ray_local, root, sha
 
     first, second = report["worker_nodes"]
     held, after = report["held"], report["after"]
-    # one rank per worker node; rank 1's node died; the restarted group ran on the survivor and the new node
+    # one rank per worker node; rank 0's node died; the restarted group ran on the survivor and the new node
     assert {held["0"], held["1"]} == {first, second}
-    assert report["removed"] == held["1"] and report["added"] not in (first, second)
-    assert {after["0"], after["1"]} == {held["0"], report["added"]}
+    assert report["removed"] == held["0"] and report["added"] not in (first, second)
+    assert {after["0"], after["1"]} == {held["1"], report["added"]}
     assert report["step"] == 30 and report["world_size"] == 2
-    # resumed from checkpoint_000010 (not from scratch): only updates 10..15 were logged twice
-    logged = [r["step"] for r in records(report["run_dir"]) if "loss" in r]
-    assert [logged.count(step) for step in (5, 9, 10, 15, 16, 20)] == [1, 1, 2, 2, 1, 1]
-    assert step_losses(report["run_dir"]) == step_losses(reference.plan.run_dir)  # bit-equal, all 30 updates
+    assert report["start_step"] == 10  # resumed from checkpoint_000010, not from scratch
+    # the run's records in the bucket: every update and every eval exactly once, the losses bit-equal
+    history = _stored_records(report["run_dir"])
+    assert [r["step"] for r in history if "loss" in r] == list(range(30))
+    assert [r["step"] for r in history if "val_loss" in r] == [0, 10, 20, 30]
+    assert {r["step"]: r["loss"] for r in history if "loss" in r} == step_losses(reference.plan.run_dir)
     assert report["best_val_loss"] == reference.best_val_loss
+
+
+def _stored_records(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).splitlines()]
 
 
 def _fake_cluster_config(gcs_address: str) -> dict:

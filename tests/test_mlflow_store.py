@@ -1,11 +1,13 @@
 """A new local MLflow store starts as a copy of a migrated empty one (pipelines/mlflow_store.py): real MLflow, real
 sqlite files. The copy is the store MLflow would have made (same tables, same schema revision, MLflow adds its
-default experiment the same way), it never replaces a store that exists, and where the copy cannot be made MLflow
-makes the store itself."""
+default experiment the same way), it never replaces a store that exists, where the copy cannot be made MLflow
+makes the store itself, and either way the store is its owner's alone."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,18 @@ def _uri(db: Path) -> str:
     return f"sqlite:///{db}"
 
 
+@pytest.fixture
+def usual_umask():
+    """The usual umask (022: files 0644), whatever this process was started with."""
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def test_a_seeded_store_is_the_store_mlflow_makes(tmp_path, cache):
     made, seeded = tmp_path / "made" / "mlflow.db", tmp_path / "seeded" / "mlflow.db"
     made.parent.mkdir()
@@ -61,15 +75,26 @@ def test_an_existing_store_is_never_replaced(tmp_path, cache):
     assert MlflowClient(_uri(db)).get_experiment(experiment).name == "kept"
 
 
-def test_without_a_usable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypatch):
+def test_without_a_usable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypatch, usual_umask):
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the cache directory would go")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
     db = tmp_path / "run" / "mlflow.db"
     db.parent.mkdir()
     seed_sqlite_store(_uri(db))
-    assert list(db.parent.iterdir()) == []
+    assert list(db.parent.iterdir()) == [db] and db.stat().st_size == 0  # an empty file, the owner's alone
     assert [e.name for e in MlflowClient(_uri(db)).search_experiments()] == ["Default"]
+    assert _mode(db) == 0o600
+
+
+def test_a_new_store_and_the_directory_made_for_it_are_the_owners_alone(tmp_path, cache, usual_umask):
+    db = tmp_path / "out" / "mlflow.db"  # run.out_dir does not exist yet
+    seed_sqlite_store(_uri(db))
+    assert (_mode(db), _mode(db.parent)) == (0o600, 0o700)
+    client = MlflowClient(_uri(db))
+    run = client.create_run(client.create_experiment("x", artifact_location=str(tmp_path / "art")))
+    client.log_metric(run.info.run_id, "loss", 1.5, step=3)
+    assert {p.name: _mode(p) for p in db.parent.iterdir()} == {"mlflow.db": 0o600}  # sqlite's journal went with it
 
 
 @pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "file:///tmp/mlruns", "databricks"])

@@ -1,16 +1,20 @@
 """A local Ray instance started by the project (pipelines/ray_session.init_ray) is private to the machine: every
-listening socket of its processes is on loopback, the token file is the owner's alone, it runs only the processes
-a job uses, and a `kill -9` of the driver does not leave its processes running (Ray's own clean-up takes ~80 s, ports open). Real processes, real
-sockets: the driver runs in a subprocess with its own Ray instance."""
+listening socket of its processes is on loopback, none serves Prometheus metrics without the token, the token file
+is the owner's alone, it runs only the processes a job uses, and a `kill -9` of the driver does not leave its
+processes running (Ray's own clean-up takes ~80 s, ports open). Real processes, real sockets: the driver runs in a
+subprocess with its own Ray instance."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -23,7 +27,7 @@ DRIVER = f"""
 import json, os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from pipelines.ray_session import init_ray, serves_state_api
-init_ray(address="local", num_cpus=1)
+init_ray(address="local", num_cpus=1, state_api=sys.argv[1] == "state_api")
 import ray
 
 @ray.remote
@@ -42,18 +46,39 @@ def listening(pids: set[int]) -> list[tuple[int, str, int]]:
             if c.status == psutil.CONN_LISTEN and c.pid in pids]
 
 
-def test_local_ray_is_private_and_dies_with_its_driver(tmp_path):
+def answering_without_token(sockets: list[tuple[int, str, int]]) -> list[tuple[int, int]]:
+    """(pid, port) of each listening socket that serves `GET /metrics` (Prometheus) to a client with no token."""
+    answering = []
+    for pid, _, port in sockets:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                if response.status == 200:
+                    answering.append((pid, port))
+        except (urllib.error.URLError, http.client.HTTPException, OSError):  # 401, or not HTTP (gRPC)
+            pass
+    return answering
+
+
+def start_driver(tmp_path: Path, state_api: bool) -> tuple[subprocess.Popen, dict, set[int]]:
+    """The driver process, what it printed once its instance ran a task, and its process family."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "state_api" if state_api else "job"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    started = json.loads(proc.stdout.readline())
+    time.sleep(2)  # let the agents open their ports
+    return proc, started, {p.pid for p in psutil.Process(proc.pid).children(recursive=True)} | {proc.pid}
+
+
+def test_local_ray_is_private_and_dies_with_its_driver(tmp_path):
+    proc = None
     try:
-        started = json.loads(proc.stdout.readline())
-        time.sleep(2)  # let the agents open their ports
-        family = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)} | {proc.pid}
+        proc, started, family = start_driver(tmp_path, state_api=False)
         sockets = listening(family)
         assert started["worker"] in family and len(sockets) >= 4, sockets  # GCS, raylet, workers, agents
         assert [s for s in sockets if s[1] not in LOOPBACK] == []
+        # Ray's metrics export is off: no Prometheus endpoint of this instance answers without the token
+        assert answering_without_token(sockets) == []
         # a training job's instance runs no dashboard modules (its driver did not ask for the State API)
         assert started["state_api"] is False
         commands = [" ".join(psutil.Process(p).cmdline()) for p in family]
@@ -73,5 +98,26 @@ def test_local_ray_is_private_and_dies_with_its_driver(tmp_path):
             alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert alive == [], [p.name() for p in alive]
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
+
+
+def test_a_sweeps_local_ray_runs_no_autoscaler_and_exports_no_metrics_but_the_dashboards(tmp_path):
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
+    proc = None
+    try:
+        proc, started, family = start_driver(tmp_path, state_api=True)
+        assert started["state_api"] is True
+        commands = {p: " ".join(psutil.Process(p).cmdline()) for p in family}
+        assert [c for c in commands.values() if "/monitor.py " in c] == []  # no cluster to grow, no autoscaler
+        sockets = listening(family)
+        assert [s for s in sockets if s[1] not in LOOPBACK] == []
+        # Ray 2.60 has no switch for the dashboard's own Prometheus endpoint (its request counts and process stats,
+        # on 127.0.0.1): the one left, and only when the port was free
+        answering = answering_without_token(sockets)
+        assert all(port == DASHBOARD_METRIC_PORT and "/dashboard.py " in commands[pid] for pid, port in answering)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()

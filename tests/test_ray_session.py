@@ -1,6 +1,6 @@
 """Which local Ray instances run the dashboard (Ray's State API): a sweep driver's, which Ray Train's placement-group
-cleaner asks about the trials Tune stops; a training job's own instance does without it, and without the API server
-and the autoscaler's monitor (tests/test_ray_exposure.py looks at its processes)."""
+cleaner asks about the trials Tune stops; a training job's own instance does without it and without the API server;
+neither runs the autoscaler's monitor (tests/test_ray_exposure.py looks at their processes)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ def test_only_a_sweep_asks_its_local_instance_for_the_dashboard(monkeypatch):
 def test_leaving_out_the_head_extras_lasts_only_while_the_instance_starts():
     node = ray._private.node.Node
     ray_own = node.start_api_server, node.start_monitor
-    with pytest.raises(RuntimeError), _head_without_extras():
-        assert (node.start_api_server, node.start_monitor) != ray_own
+    with pytest.raises(RuntimeError), _head_without_extras(state_api=False):
+        assert node.start_api_server != ray_own[0] and node.start_monitor != ray_own[1]
         raise RuntimeError("ray.init failed")
+    assert (node.start_api_server, node.start_monitor) == ray_own
+    with _head_without_extras(state_api=True):  # a sweep's instance keeps its API server, not the monitor
+        assert node.start_api_server == ray_own[0] and node.start_monitor != ray_own[1]
     assert (node.start_api_server, node.start_monitor) == ray_own
