@@ -15,8 +15,8 @@
 Options: --sweep <name in pipelines/configs/sweeps/ | file.yaml>; --sweep.KEY=VALUE changes the sweep file (see
 pipelines/sweep_spec.py); any --section.key=value changes the base config of every trial; --name (the sweep's
 directory under run.out_dir; default <sweep>-<time>-<hex>); --resume <sweep dir>; --tracking-uri; --address /
---num-cpus (which Ray, as pretrain.py). Exit status: 0 done, 2 bad sweep file or config (nothing started), 1 no
-trial finished.
+--num-cpus (which Ray, as pretrain.py). Exit status: 0 done, 2 bad sweep file or config, or a --resume directory that
+holds no sweep Tune can restore (nothing started), 1 no trial finished.
 
 The driver, in order: read and check the sweep file, the base config and every corner trial's config (unknown keys,
 empty search spaces, batch sizes that cannot keep tokens per step: errors naming the key and value), hash the

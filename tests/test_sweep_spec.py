@@ -118,7 +118,11 @@ def test_cli_changes_the_sweep_file(tmp_path):
     (dict(search={"optim.learning_rat": {"values": [1e-3]}}), [],
      "search.optim.learning_rat: unknown config key 'optim.learning_rat'; did you mean 'optim.learning_rate'?"),
     (dict(search={"optim.learning_rate": {"logunifrom": [1e-4, 1e-2]}}), [], "search.optim.learning_rate="),
-    (dict(search={"optim.learning_rate": {"loguniform": [1e-2, 1e-4]}}), [], "must be [low, high] with low < high"),
+    (dict(search={"optim.learning_rate": {"loguniform": [1e-2, 1e-4]}}), [], "finite numbers with low < high"),
+    (dict(search={"optim.learning_rate": {"uniform": [1e-4, float("inf")]}}), [], "finite numbers with low < high"),
+    (dict(time_budget_s=float("nan")), [], "time_budget_s=nan must be a positive finite number"),
+    (dict(overrides={"train": {"max_iters": 0}, "run": {"tracker": "none"}}, scheduler={"name": "asha"}), [],
+     "the trials end at 0 tokens (train.max_iters=0): ASHA needs trials that train"),
     (dict(search={"run.num_workers": {"values": [1, 2]}}), [], "search.run.num_workers: run.* cannot be swept"),
     (dict(algorithm="grid"), [], "search.optim.learning_rate: algorithm grid needs a list of values"),
     (dict(algorithm="bayes"), [], "algorithm='bayes' must be one of grid, random, optuna"),
@@ -150,6 +154,28 @@ def test_bad_sweep_fails_before_ray_naming_key_and_value(tmp_path, caplog, monke
     assert status == 2
     assert expected in caplog.text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("state, expected", [
+    ("", "is damaged or empty"),
+    ("name: s1\nsweep: {base: debug\n", "is unreadable (while parsing a flow mapping"),
+    ("- 1\n- 2\n", "is damaged or empty"),
+    ("name: s1\nsweep: {base: debug}\n", "is damaged or empty (it must hold sweep: <the sweep file> and config_args"),
+    (None, "Tune saved no experiment state there yet"),
+])
+def test_resume_of_a_damaged_sweep_fails_before_ray_naming_the_file(tmp_path, caplog, monkeypatch, state, expected):
+    def no_ray(**kwargs):
+        raise AssertionError("the resume passed every check: Ray would start")
+
+    monkeypatch.setattr("pipelines.ray_session.init_ray", no_ray)
+    sweep = plan_sweep(write(tmp_path, TINY), [], [f"--run.out_dir={tmp_path}/out"], "s1")
+    if state is not None:
+        Path(sweep.sweep_dir, "sweep.yaml").write_text(state)
+    with caplog.at_level(logging.ERROR, logger="nanogpt.tune"):
+        assert tune.main(["--resume", sweep.sweep_dir]) == 2
+    [message] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert expected in message and "\n" not in message
+    assert (sweep.sweep_dir if state is None else f"{sweep.sweep_dir}/sweep.yaml") in message
 
 
 def test_plan_writes_what_resume_reads(tmp_path):
