@@ -108,9 +108,8 @@ def _plan(data: dict[str, Any], config_args: list[str], name: str | None, defaul
     spec = parse_sweep(data, source)
     base = base_config(spec, config_args, source)
     base = _resolved(base)
-    validate(base)
     configs = check_trials(spec, base, source)
-    for config in configs:
+    for config in configs:  # the trials, not the base: a batch rule derives the accumulation the base may lack
         validate(config)
     max_t = max_time(spec, configs)
     _check_scheduler(spec, max_t, source)

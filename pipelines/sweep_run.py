@@ -31,6 +31,7 @@ from pipelines.sweep_report import (
     plot_loss_vs_lr,
     pretrain_command,
     results_csv,
+    retrain_config,
     trial_status,
 )
 from pipelines.sweep_spec import METRIC, MODE, PRESET_DIR, SweepSpec, base_tokens_per_step, trial_config
@@ -236,7 +237,7 @@ def _best_checkpoint(result) -> str | None:
 
 def _report(sweep: Sweep, parent: str | None, rows: list[TrialRow]) -> SweepOutcome:
     best = best_row(rows)
-    command = pretrain_command(sweep.spec.base, _best_config(sweep, best), [PRESET_DIR]) if best else None
+    command = _best_command(sweep, best) if best else None
     files = _write_results(sweep, rows, command)
     outcome = SweepOutcome(rows, best, command, parent)
     if sweep.base.run.tracker != "mlflow":
@@ -264,9 +265,11 @@ def _mark(base: Config, run_dir: str, status: str) -> None:
         log.warning("could not mark the MLflow run of %s: %s", run_dir, e)
 
 
-def _best_config(sweep: Sweep, best: TrialRow):
+def _best_command(sweep: Sweep, best: TrialRow) -> str:
+    """pretrain.py's command line for the best trial's settings, run as a job of its own (retrain_config)."""
     params = {k: v for k, v in best.params.items() if k in sweep.spec.keys}
-    return trial_config(sweep.spec, sweep.base, params)
+    config = retrain_config(trial_config(sweep.spec, sweep.base, params), sweep.spec.base, [PRESET_DIR])
+    return pretrain_command(sweep.spec.base, config, [PRESET_DIR])
 
 
 def _write_results(sweep: Sweep, rows: list[TrialRow], command: str | None) -> dict[str, str]:

@@ -4,7 +4,7 @@
     python pipelines/tune.py --sweep lr_batch_constant_tokens                  # LR x micro-batch, tokens/step fixed
     python pipelines/tune.py --sweep lr_batch_constant_budget                  # LR x batch, total tokens fixed
     python pipelines/tune.py --sweep finetune_gpt2_lr --model.init_from=gpt2   # finetune GPT-2 over LRs, constant LR
-    python pipelines/tune.py --sweep lr_shakespeare_char --sweep.num_samples=4 --train.max_iters=200 --name s1
+    python pipelines/tune.py --sweep lr_shakespeare_char --sweep.num_samples=4 --train.max_iters=500 --name s1
     python pipelines/tune.py --resume out/s1                                   # a killed sweep continues
 
     # on a cluster (Ray 2.60 keeps token auth on: the client needs RAY_AUTH_MODE=token)
@@ -23,7 +23,9 @@ empty search spaces, batch sizes that cannot keep tokens per step: errors naming
 shards, all before Ray starts; start or join Ray; prepare the shards once if there are none; open the sweep's
 MLflow parent run; run the Tuner: one trial = one `run_trial` (pipelines/sweep_trial.py) fitting a TorchTrainer,
 at most as many at once as the cluster holds; then the table of trials, results.csv, val_loss_vs_lr.png, the best
-trial's checkpoint registered, and its pretrain.py command line.
+trial's checkpoint registered, and a pretrain.py command line that trains its settings as a job of its own (the
+preset's resources per worker, registered as `<the sweep's model>-retrain`: the sweep's best stays the latest
+version of its own model).
 
 A sweep lives in `<run.out_dir>/<name>/`: sweep.yaml (what --resume reads), Tune's experiment state, Tune's
 per-trial directories `trial-<id>/`, and the trials' Ray Train runs `trials/trial-<id>/` (checkpoints,
@@ -104,7 +106,7 @@ def print_outcome(sweep: Sweep, outcome) -> None:
           f"{best.best_checkpoint}")
     if outcome.model_uri:
         print(f"registered as {outcome.model_uri}")
-    print(f"train it:\n  {outcome.command}")
+    print(f"train it (a job of its own, registered as its own model):\n  {outcome.command}")
 
 
 if __name__ == "__main__":

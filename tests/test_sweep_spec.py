@@ -22,6 +22,7 @@ from pipelines.sweep_report import (
     pretrain_command,
     results_csv,
     results_table,
+    retrain_config,
     trial_status,
 )
 from pipelines.sweep_spec import (
@@ -34,6 +35,8 @@ from pipelines.sweep_spec import (
     read_sweep_file,
     trial_config,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHIPPED = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
 TINY = {
@@ -187,14 +190,45 @@ def test_plan_writes_what_resume_reads(tmp_path):
         plan_sweep(write(tmp_path, TINY), [], [f"--run.out_dir={tmp_path}/out"], "s1")
 
 
-def test_best_command_trains_exactly_the_trial_config():
+def test_best_command_trains_the_trial_config_as_a_job_of_its_own():
+    """The command trains the trial's settings with the preset's resources per worker (not the trial's 0.95 CPU,
+    cut for the trials' drivers) and registers its model under a name of its own, not the sweep's."""
     spec = parse_sweep(read_sweep_file("lr_batch_constant_tokens"))
     config = trial_config(spec, base_config(spec), {"optim.learning_rate": 3e-3, "train.batch_size": 24})
-    command = pretrain_command(spec.base, config, [PRESET_DIR])
+    assert config.run.cpus_per_worker == 0.95
+    command = pretrain_command(spec.base, retrain_config(config, spec.base, [PRESET_DIR]), [PRESET_DIR])
     argv = shlex.split(command)
     assert argv[:4] == ["python", "pipelines/pretrain.py", "--config", "shakespeare_char_cpu"]
     assert "--train.gradient_accumulation_steps=2" in argv and "--optim.learning_rate=0.003" in argv
-    assert load_config(argv[3], argv[4:], search_dirs=[PRESET_DIR]) == config
+    assert "--run.registered_model=sweep-lr_batch_constant_tokens-retrain" in argv
+    job = load_config(argv[3], argv[4:], search_dirs=[PRESET_DIR])
+    assert job.run.cpus_per_worker == 2 and job.run.experiment == config.run.experiment
+    assert job.replace(run__cpus_per_worker=0.95, run__registered_model=None) == config
+
+
+def documented_commands() -> list[list[str]]:
+    """The arguments of every `python pipelines/tune.py --sweep ...` line of tune.py's docstring, the README's
+    sweep section and the sweep files' comments (continued lines joined, comments dropped)."""
+    texts = [tune.__doc__, REPO.joinpath("README.md").read_text().split("## Sweep")[1].split("\n## ")[0]]
+    texts += [p.read_text() for p in SWEEP_DIR.glob("*.yaml")]
+    commands = []
+    for text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            line = line.lstrip("# ")
+            if "python pipelines/tune.py --sweep" in line:
+                commands.append(shlex.split(line.split("pipelines/tune.py", 1)[1], comments=True))
+    return commands
+
+
+def test_every_documented_sweep_command_checks_out(tmp_path, monkeypatch):
+    """Each documented sweep command passes every check that runs before Ray (its data and output in tmp_path)."""
+    commands = documented_commands()
+    assert len(commands) >= 10 and ["--sweep", "lr_shakespeare_char"] in commands
+    for i, argv in enumerate(commands):
+        args, sweep_args, config_args = tune.parse_args(argv)
+        here = [f"--run.out_dir={tmp_path / 'out'}", f"--data.dir={tmp_path / 'data'}"]
+        sweep = plan_sweep(args.sweep, sweep_args, [*config_args, *here], f"s{i}")
+        assert sweep.num_corner_trials >= 1, argv
 
 
 def rows() -> list[TrialRow]:

@@ -113,6 +113,7 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
     version = client.get_model_version("tune-asha-best", "1")
     assert version.run_id == best.info.run_id
     assert f"--optim.learning_rate={float(best.data.params['optim.learning_rate'])!r}" in out
+    assert "--run.registered_model=tune-asha-best-retrain" in out  # the command's model is not the sweep's
     assert_no_placement_group_left(ray_local)
 
 
