@@ -25,6 +25,7 @@ from pipelines.runs import unique_name
 from pipelines.sweep_spec import SweepSpec, base_config, check_trials, max_time, parse_sweep, read_sweep_file
 
 STATE_FILE = "sweep.yaml"
+TRIALS_DIR = "trials"  # in the sweep directory: one Ray Train run per trial
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Sweep:
 
     @property
     def trials_dir(self) -> str:
-        return os.path.join(self.sweep_dir, "trials")
+        return os.path.join(self.sweep_dir, TRIALS_DIR)
 
 
 def plan_sweep(sweep_file: str, sweep_args: Sequence[str], config_args: Sequence[str], name: str | None) -> Sweep:

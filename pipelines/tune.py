@@ -29,7 +29,10 @@ version of its own model).
 
 A sweep lives in `<run.out_dir>/<name>/`: sweep.yaml (what --resume reads), Tune's experiment state, Tune's
 per-trial directories `trial-<id>/`, and the trials' Ray Train runs `trials/trial-<id>/` (checkpoints,
-metrics.jsonl). ASHA's time axis is `tokens` trained (or `step`), never the count of reports.
+metrics.jsonl, and outcome.json, the trial's record of how it ended, written the moment it ends: a resumed trial
+that has one trains nothing, and the results and the best trial come from these records). `--resume DIR` resumes
+the sweep in DIR, wherever it was planned (a copied or renamed sweep is itself). ASHA's time axis is `tokens`
+trained (or `step`), never the count of reports.
 """
 # ruff: noqa: E402 -- the sys.path line below must run before the project imports
 
