@@ -1,7 +1,7 @@
 """What a finished sweep shows: a table of its trials, the same as CSV, a plot of the final val loss against the
 learning rate (one line per batch size), and the best trial as a ready-to-run pretrain.py command line.
 
-Plain functions of `TrialRow`s (built by pipelines/tune.py from Tune's results): no Ray, no MLflow.
+Plain functions of `TrialRow`s (built by pipelines/sweep_run.py from the trials' records): no Ray, no MLflow.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ FINISHED, STOPPED, FAILED = "finished", "stopped early", "failed"
 MLFLOW_STATUS = {FINISHED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED"}
 LR_KEY, BATCH_KEY = "optim.learning_rate", "train.batch_size"
 NOT_IN_COMMANDS = ("run.name",)  # pretrain.py picks a fresh name
+RETRAIN_SUFFIX = "-retrain"  # the registered model of the best trial's command: <the sweep's model>-retrain
 
 
 @dataclass
@@ -124,6 +125,17 @@ def plot_loss_vs_lr(rows: Sequence[TrialRow], png: str | Path, title: str = "") 
     if groups:
         ax.legend()
     fig.savefig(png, format="png")
+
+
+def retrain_config(trial: Config, preset: str, search_dirs: Sequence[str | Path]) -> Config:
+    """The best trial's config as a job of its own: the preset's resources per worker (a trial's were cut to leave
+    room for the trials' drivers: 0.95 CPU is one torch thread where the preset's 2 give two), and a registered
+    model of its own, `<the sweep's>-retrain`, so that the job does not become the latest version of the model the
+    sweep registered its best trial's checkpoint as."""
+    run = load_config(preset, search_dirs=search_dirs).run
+    sweep_model = trial.run.registered_model or trial.run.experiment
+    return trial.replace(run__cpus_per_worker=run.cpus_per_worker, run__gpus_per_worker=run.gpus_per_worker,
+                         run__registered_model=f"{sweep_model}{RETRAIN_SUFFIX}")
 
 
 def pretrain_command(preset: str, config: Config, search_dirs: Sequence[str | Path]) -> str:

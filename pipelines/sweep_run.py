@@ -1,5 +1,6 @@
 """The Ray side of a sweep: the Tuner over pipelines/sweep_trial.run_trial, and what the driver does with the
 results (table, CSV, plot, MLflow, the best trial registered). Called by pipelines/tune.py after every check.
+The results are the trials' records (pipelines/sweep_outcome.py), not Tune's snapshot, which lags their ends.
 
     outcome = run_sweep(plan_sweep("lr_shakespeare_char", [], [], None))
     outcome = run_sweep(load_sweep("out/s1"), resume=True)           # Tuner.restore: finished trials stay done
@@ -8,8 +9,8 @@ results (table, CSV, plot, MLflow, the best trial registered). Called by pipelin
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
-import math
 import os
 import signal
 import threading
@@ -19,9 +20,10 @@ from typing import Any
 
 from ray import tune
 
-from nanogpt.config import Config, ConfigError
+from nanogpt.config import Config
 from nanogpt.train import OnStep
-from pipelines.sweep_plan import Sweep
+from pipelines.sweep_outcome import OUTCOME_FILE, TrialOutcome, outcome_of, read_outcome, write_outcome
+from pipelines.sweep_plan import TRIALS_DIR, Sweep
 from pipelines.sweep_report import (
     FINISHED,
     MLFLOW_STATUS,
@@ -31,6 +33,7 @@ from pipelines.sweep_report import (
     plot_loss_vs_lr,
     pretrain_command,
     results_csv,
+    retrain_config,
     trial_status,
 )
 from pipelines.sweep_spec import METRIC, MODE, PRESET_DIR, SweepSpec, base_tokens_per_step, trial_config
@@ -77,8 +80,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
         _kill_children(sweep, parent)
         _finish_parent(sweep, parent, {}, {}, {}, "KILLED")
         raise KeyboardInterrupt(sweep.sweep_dir)
-    rows = [_row(sweep, result) for result in results]
-    return _report(sweep, parent, sorted(rows, key=lambda r: r.trial_id))
+    return _report(sweep, parent, trial_rows(sweep, results))
 
 
 @contextlib.contextmanager
@@ -112,12 +114,10 @@ def ctrl_c_stops_tune() -> Iterator[threading.Event]:
 
 def _tuner(sweep: Sweep, setup: TrialSetup, resume: bool):
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), DRIVER_RESOURCES)
-    if resume:
-        if not tune.Tuner.can_restore(sweep.sweep_dir):
-            raise ConfigError(f"--resume {sweep.sweep_dir}: Tune saved no experiment state there yet (the sweep "
-                              "stopped in its first seconds); start it again under a new --name")
-        # finished trials stay finished; unfinished ones run again and their TorchTrainers continue from their
-        # checkpoints; trials that failed (e.g. diverged) are not retried
+    if resume:  # load_sweep checked that Tune saved a state to restore
+        # finished trials stay finished; unfinished ones run again: those with a record (they ended after Tune's
+        # last snapshot) report it again, the others' TorchTrainers continue from their checkpoints; trials that
+        # failed (e.g. diverged) are not retried
         return tune.Tuner.restore(sweep.sweep_dir, trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
@@ -128,7 +128,7 @@ def _tuner(sweep: Sweep, setup: TrialSetup, resume: bool):
             trial_dirname_creator=trial_dir_name,
         ),
         run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.base.run.out_dir,
-                                  callbacks=[TrialRunsCallback(sweep.spec, setup.base, sweep.trials_dir)]),
+                                  callbacks=[TrialRunsCallback(sweep.spec, sweep.base)]),
     )
 
 
@@ -200,43 +200,49 @@ def max_concurrent_trials(sweep: Sweep) -> int:
 # ------------------------------------------------------------------------------------------ results
 
 
-def _row(sweep: Sweep, result) -> TrialRow:
-    trial_id = os.path.basename(result.path).removeprefix("trial-")
-    params = trial_params(result.config, sweep.spec)
-    config = trial_config(sweep.spec, sweep.base, params)
+def trial_rows(sweep: Sweep, results) -> list[TrialRow]:
+    """A row per trial record of the sweep (pipelines/sweep_outcome.py), by trial id: the trials' own word on how
+    they ended, never Tune's snapshot, which lags. A trial that ended without a record (stopped by the sweep's time
+    budget: Tune calls no callback then) gets one first, from Tune's last result of it."""
+    for result in results:
+        trial_id = os.path.basename(result.path).removeprefix("trial-")
+        run_dir = os.path.join(sweep.trials_dir, trial_run_name(trial_id))
+        if read_outcome(run_dir) is None:
+            outcome = _outcome_from_tune(sweep.spec, sweep.base, trial_id, result.config, result.metrics or {},
+                                         errored=result.error is not None, run_dir=run_dir)
+            write_outcome(run_dir, outcome, replace=False)
+    outcomes = [read_outcome(os.path.dirname(path)) for path in sorted(glob.glob(
+        os.path.join(glob.escape(sweep.trials_dir), trial_run_name("*"), OUTCOME_FILE)))]
+    return [_row(sweep, o) for o in outcomes if o is not None]
+
+
+def _outcome_from_tune(spec: SweepSpec, base: Config, trial_id: str, tune_config: dict[str, Any],
+                       metrics: dict[str, Any], errored: bool, run_dir: str) -> TrialOutcome:
+    """The record of a trial that ended by Tune's word: `metrics` is its last report to Tune."""
+    params = trial_params(tune_config, spec)
+    max_iters = trial_config(spec, base, params).train.max_iters
+    status = trial_status(errored, int(metrics.get("step") or 0), max_iters)
+    return outcome_of(trial_id, status, params, metrics, run_dir)
+
+
+def _row(sweep: Sweep, outcome: TrialOutcome) -> TrialRow:
+    config = trial_config(sweep.spec, sweep.base, outcome.params)
     derived = {k: v for k, v in config.to_flat().items() if k in _DERIVED and sweep.base.to_flat()[k] != v}
-    metrics = result.metrics or {}
-    step = int(metrics.get("step", 0))
+    run_dir = os.path.join(sweep.trials_dir, trial_run_name(outcome.trial_id))
     return TrialRow(
-        trial_id=trial_id, params={**params, **derived}, tokens_per_step=base_tokens_per_step(config),
-        best_val_loss=_number(metrics.get("best_val_loss")), final_val_loss=_number(metrics.get("val_loss")),
-        tokens=int(metrics.get("tokens", 0)), step=step, max_iters=config.train.max_iters,
-        status=trial_status(result.error is not None, step, config.train.max_iters),
-        run_dir=os.path.join(sweep.trials_dir, trial_run_name(trial_id)), best_checkpoint=_best_checkpoint(result),
+        trial_id=outcome.trial_id, params={**outcome.params, **derived}, tokens_per_step=base_tokens_per_step(config),
+        best_val_loss=outcome.best_val_loss, final_val_loss=outcome.final_val_loss, tokens=outcome.tokens,
+        step=outcome.step, max_iters=config.train.max_iters, status=outcome.status, run_dir=run_dir,
+        best_checkpoint=os.path.join(run_dir, outcome.best_checkpoint) if outcome.best_checkpoint else None,
     )
 
 
 _DERIVED = ("train.gradient_accumulation_steps", "train.max_iters", "optim.min_lr")
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if value is not None and math.isfinite(float(value)) else None
-
-
-def _best_checkpoint(result) -> str | None:
-    """The checkpoint reported with the lowest val_loss (Ray Train keeps it: it scores checkpoints by val_loss)."""
-    df = result.metrics_dataframe
-    if df is None or "checkpoint_path" not in df or METRIC not in df:
-        return None
-    df = df[df["checkpoint_path"].notna() & df[METRIC].notna()]
-    if df.empty:
-        return None
-    return str(df.loc[df[METRIC].idxmin(), "checkpoint_path"])
-
-
 def _report(sweep: Sweep, parent: str | None, rows: list[TrialRow]) -> SweepOutcome:
     best = best_row(rows)
-    command = pretrain_command(sweep.spec.base, _best_config(sweep, best), [PRESET_DIR]) if best else None
+    command = _best_command(sweep, best) if best else None
     files = _write_results(sweep, rows, command)
     outcome = SweepOutcome(rows, best, command, parent)
     if sweep.base.run.tracker != "mlflow":
@@ -264,9 +270,11 @@ def _mark(base: Config, run_dir: str, status: str) -> None:
         log.warning("could not mark the MLflow run of %s: %s", run_dir, e)
 
 
-def _best_config(sweep: Sweep, best: TrialRow):
+def _best_command(sweep: Sweep, best: TrialRow) -> str:
+    """pretrain.py's command line for the best trial's settings, run as a job of its own (retrain_config)."""
     params = {k: v for k, v in best.params.items() if k in sweep.spec.keys}
-    return trial_config(sweep.spec, sweep.base, params)
+    config = retrain_config(trial_config(sweep.spec, sweep.base, params), sweep.spec.base, [PRESET_DIR])
+    return pretrain_command(sweep.spec.base, config, [PRESET_DIR])
 
 
 def _write_results(sweep: Sweep, rows: list[TrialRow], command: str | None) -> dict[str, str]:
@@ -325,22 +333,27 @@ def _finish_parent(sweep: Sweep, parent: str | None, files: dict[str, str], metr
 
 
 class TrialRunsCallback(tune.Callback):
-    """On the driver, as each trial ends: the MLflow run of a trial the scheduler stopped (or that failed outside
-    Ray Train) gets its status (KILLED / FAILED) and the sweep.early_stopped tag, instead of staying RUNNING."""
+    """On the driver, as each trial ends (Tune decides it): the trial's record, unless the trial wrote its own
+    (pipelines/sweep_outcome.py): a trial its scheduler stopped is ended mid-run and writes nothing, and Tune's
+    snapshot of the decision may come too late for a driver that dies now. Then the MLflow run of a trial that
+    did not finish gets its status (KILLED / FAILED) and the sweep.early_stopped tag, instead of staying RUNNING.
 
-    def __init__(self, spec: SweepSpec, base: Config, trials_dir: str) -> None:
-        self.spec, self.base, self.trials_dir = spec, base, trials_dir
+    Tune keeps this callback in the sweep's tuner.pkl and restores it as it was, so it holds no path: a trial's
+    run directory comes from the trial, which Tune restores into the directory it restores from."""
+
+    def __init__(self, spec: SweepSpec, base: Config) -> None:
+        self.spec, self.base = spec, base
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._mark(trial, errored=False)
+        self._record(trial, errored=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._mark(trial, errored=True)
+        self._record(trial, errored=True)
 
-    def _mark(self, trial, errored: bool) -> None:
-        if self.base.run.tracker != "mlflow":
-            return
-        config = trial_config(self.spec, self.base, trial_params(trial.config, self.spec))
-        status = trial_status(errored, int((trial.last_result or {}).get("step", 0)), config.train.max_iters)
-        if status != FINISHED:  # a finished trial ended its own run
-            _mark(self.base, os.path.join(self.trials_dir, trial_run_name(trial.trial_id)), status)
+    def _record(self, trial, errored: bool) -> None:
+        run_dir = os.path.join(os.path.dirname(trial.path), TRIALS_DIR, trial_run_name(trial.trial_id))
+        write_outcome(run_dir, _outcome_from_tune(self.spec, self.base, trial.trial_id, trial.config,
+                                                  trial.last_result or {}, errored, run_dir), replace=False)
+        recorded = read_outcome(run_dir)
+        if self.base.run.tracker == "mlflow" and recorded is not None and recorded.status != FINISHED:
+            _mark(self.base, run_dir, recorded.status)  # a finished trial ended its own run

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +190,7 @@ def _dimension(key: str, value: Any, source: str) -> Dimension:
         raise ConfigError(f"{where}.{kind}={args!r} must be a non-empty list")
     if kind != "values":
         if len(args) != 2 or not all(_is_number(a) for a in args) or not float(args[0]) < float(args[1]):
-            raise ConfigError(f"{where}.{kind}={args!r} must be [low, high] with low < high")
+            raise ConfigError(f"{where}.{kind}={args!r} must be [low, high]: finite numbers with low < high")
         if kind == "loguniform" and float(args[0]) <= 0:
             raise ConfigError(f"{where}.loguniform={args!r}: the low end must be positive")
         args = [float(a) for a in args]
@@ -349,11 +350,11 @@ def _one_of(value: Any, allowed: Sequence[str], where: str) -> str:
 
 
 def _is_number(value: Any) -> bool:
+    """A finite number (YAML's .nan and .inf are floats, and would pass every comparison check unnoticed)."""
     if isinstance(value, bool):
         return False
     try:
-        float(value)  # YAML reads 1e-4 (no dot) as a string
-        return True
+        return math.isfinite(float(value))  # YAML reads 1e-4 (no dot) as a string
     except (TypeError, ValueError):
         return False
 
@@ -366,7 +367,7 @@ def _positive_int(value: Any, where: str, minimum: int = 1) -> int:
 
 def _positive_number(value: Any, where: str) -> float:
     if not _is_number(value) or float(value) <= 0:
-        raise ConfigError(f"{where}={value!r} must be a positive number")
+        raise ConfigError(f"{where}={value!r} must be a positive finite number")
     return float(value)
 
 

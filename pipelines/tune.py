@@ -4,7 +4,7 @@
     python pipelines/tune.py --sweep lr_batch_constant_tokens                  # LR x micro-batch, tokens/step fixed
     python pipelines/tune.py --sweep lr_batch_constant_budget                  # LR x batch, total tokens fixed
     python pipelines/tune.py --sweep finetune_gpt2_lr --model.init_from=gpt2   # finetune GPT-2 over LRs, constant LR
-    python pipelines/tune.py --sweep lr_shakespeare_char --sweep.num_samples=4 --train.max_iters=200 --name s1
+    python pipelines/tune.py --sweep lr_shakespeare_char --sweep.num_samples=4 --train.max_iters=500 --name s1
     python pipelines/tune.py --resume out/s1                                   # a killed sweep continues
 
     # on a cluster (Ray 2.60 keeps token auth on: the client needs RAY_AUTH_MODE=token)
@@ -15,19 +15,24 @@
 Options: --sweep <name in pipelines/configs/sweeps/ | file.yaml>; --sweep.KEY=VALUE changes the sweep file (see
 pipelines/sweep_spec.py); any --section.key=value changes the base config of every trial; --name (the sweep's
 directory under run.out_dir; default <sweep>-<time>-<hex>); --resume <sweep dir>; --tracking-uri; --address /
---num-cpus (which Ray, as pretrain.py). Exit status: 0 done, 2 bad sweep file or config (nothing started), 1 no
-trial finished.
+--num-cpus (which Ray, as pretrain.py). Exit status: 0 done, 2 bad sweep file or config, or a --resume directory that
+holds no sweep Tune can restore (nothing started), 1 no trial finished.
 
 The driver, in order: read and check the sweep file, the base config and every corner trial's config (unknown keys,
 empty search spaces, batch sizes that cannot keep tokens per step: errors naming the key and value), hash the
 shards, all before Ray starts; start or join Ray; prepare the shards once if there are none; open the sweep's
 MLflow parent run; run the Tuner: one trial = one `run_trial` (pipelines/sweep_trial.py) fitting a TorchTrainer,
 at most as many at once as the cluster holds; then the table of trials, results.csv, val_loss_vs_lr.png, the best
-trial's checkpoint registered, and its pretrain.py command line.
+trial's checkpoint registered, and a pretrain.py command line that trains its settings as a job of its own (the
+preset's resources per worker, registered as `<the sweep's model>-retrain`: the sweep's best stays the latest
+version of its own model).
 
 A sweep lives in `<run.out_dir>/<name>/`: sweep.yaml (what --resume reads), Tune's experiment state, Tune's
 per-trial directories `trial-<id>/`, and the trials' Ray Train runs `trials/trial-<id>/` (checkpoints,
-metrics.jsonl). ASHA's time axis is `tokens` trained (or `step`), never the count of reports.
+metrics.jsonl, and outcome.json, the trial's record of how it ended, written the moment it ends: a resumed trial
+that has one trains nothing, and the results and the best trial come from these records). `--resume DIR` resumes
+the sweep in DIR, wherever it was planned (a copied or renamed sweep is itself). ASHA's time axis is `tokens`
+trained (or `step`), never the count of reports.
 """
 # ruff: noqa: E402 -- the sys.path line below must run before the project imports
 
@@ -104,7 +109,7 @@ def print_outcome(sweep: Sweep, outcome) -> None:
           f"{best.best_checkpoint}")
     if outcome.model_uri:
         print(f"registered as {outcome.model_uri}")
-    print(f"train it:\n  {outcome.command}")
+    print(f"train it (a job of its own, registered as its own model):\n  {outcome.command}")
 
 
 if __name__ == "__main__":

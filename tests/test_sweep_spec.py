@@ -22,6 +22,7 @@ from pipelines.sweep_report import (
     pretrain_command,
     results_csv,
     results_table,
+    retrain_config,
     trial_status,
 )
 from pipelines.sweep_spec import (
@@ -34,6 +35,8 @@ from pipelines.sweep_spec import (
     read_sweep_file,
     trial_config,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHIPPED = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
 TINY = {
@@ -118,7 +121,11 @@ def test_cli_changes_the_sweep_file(tmp_path):
     (dict(search={"optim.learning_rat": {"values": [1e-3]}}), [],
      "search.optim.learning_rat: unknown config key 'optim.learning_rat'; did you mean 'optim.learning_rate'?"),
     (dict(search={"optim.learning_rate": {"logunifrom": [1e-4, 1e-2]}}), [], "search.optim.learning_rate="),
-    (dict(search={"optim.learning_rate": {"loguniform": [1e-2, 1e-4]}}), [], "must be [low, high] with low < high"),
+    (dict(search={"optim.learning_rate": {"loguniform": [1e-2, 1e-4]}}), [], "finite numbers with low < high"),
+    (dict(search={"optim.learning_rate": {"uniform": [1e-4, float("inf")]}}), [], "finite numbers with low < high"),
+    (dict(time_budget_s=float("nan")), [], "time_budget_s=nan must be a positive finite number"),
+    (dict(overrides={"train": {"max_iters": 0}, "run": {"tracker": "none"}}, scheduler={"name": "asha"}), [],
+     "the trials end at 0 tokens (train.max_iters=0): ASHA needs trials that train"),
     (dict(search={"run.num_workers": {"values": [1, 2]}}), [], "search.run.num_workers: run.* cannot be swept"),
     (dict(algorithm="grid"), [], "search.optim.learning_rate: algorithm grid needs a list of values"),
     (dict(algorithm="bayes"), [], "algorithm='bayes' must be one of grid, random, optuna"),
@@ -152,6 +159,28 @@ def test_bad_sweep_fails_before_ray_naming_key_and_value(tmp_path, caplog, monke
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("state, expected", [
+    ("", "is damaged or empty"),
+    ("name: s1\nsweep: {base: debug\n", "is unreadable (while parsing a flow mapping"),
+    ("- 1\n- 2\n", "is damaged or empty"),
+    ("name: s1\nsweep: {base: debug}\n", "is damaged or empty (it must hold sweep: <the sweep file> and config_args"),
+    (None, "Tune saved no experiment state there yet"),
+])
+def test_resume_of_a_damaged_sweep_fails_before_ray_naming_the_file(tmp_path, caplog, monkeypatch, state, expected):
+    def no_ray(**kwargs):
+        raise AssertionError("the resume passed every check: Ray would start")
+
+    monkeypatch.setattr("pipelines.ray_session.init_ray", no_ray)
+    sweep = plan_sweep(write(tmp_path, TINY), [], [f"--run.out_dir={tmp_path}/out"], "s1")
+    if state is not None:
+        Path(sweep.sweep_dir, "sweep.yaml").write_text(state)
+    with caplog.at_level(logging.ERROR, logger="nanogpt.tune"):
+        assert tune.main(["--resume", sweep.sweep_dir]) == 2
+    [message] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert expected in message and "\n" not in message
+    assert (sweep.sweep_dir if state is None else f"{sweep.sweep_dir}/sweep.yaml") in message
+
+
 def test_plan_writes_what_resume_reads(tmp_path):
     sweep = plan_sweep(write(tmp_path, TINY), ["--sweep.num_samples=2"], [f"--run.out_dir={tmp_path}/out"], "s1")
     assert sweep.sweep_dir == str(tmp_path / "out" / "s1") and sweep.max_t == 40 * 512
@@ -161,14 +190,45 @@ def test_plan_writes_what_resume_reads(tmp_path):
         plan_sweep(write(tmp_path, TINY), [], [f"--run.out_dir={tmp_path}/out"], "s1")
 
 
-def test_best_command_trains_exactly_the_trial_config():
+def test_best_command_trains_the_trial_config_as_a_job_of_its_own():
+    """The command trains the trial's settings with the preset's resources per worker (not the trial's 0.95 CPU,
+    cut for the trials' drivers) and registers its model under a name of its own, not the sweep's."""
     spec = parse_sweep(read_sweep_file("lr_batch_constant_tokens"))
     config = trial_config(spec, base_config(spec), {"optim.learning_rate": 3e-3, "train.batch_size": 24})
-    command = pretrain_command(spec.base, config, [PRESET_DIR])
+    assert config.run.cpus_per_worker == 0.95
+    command = pretrain_command(spec.base, retrain_config(config, spec.base, [PRESET_DIR]), [PRESET_DIR])
     argv = shlex.split(command)
     assert argv[:4] == ["python", "pipelines/pretrain.py", "--config", "shakespeare_char_cpu"]
     assert "--train.gradient_accumulation_steps=2" in argv and "--optim.learning_rate=0.003" in argv
-    assert load_config(argv[3], argv[4:], search_dirs=[PRESET_DIR]) == config
+    assert "--run.registered_model=sweep-lr_batch_constant_tokens-retrain" in argv
+    job = load_config(argv[3], argv[4:], search_dirs=[PRESET_DIR])
+    assert job.run.cpus_per_worker == 2 and job.run.experiment == config.run.experiment
+    assert job.replace(run__cpus_per_worker=0.95, run__registered_model=None) == config
+
+
+def documented_commands() -> list[list[str]]:
+    """The arguments of every `python pipelines/tune.py --sweep ...` line of tune.py's docstring, the README's
+    sweep section and the sweep files' comments (continued lines joined, comments dropped)."""
+    texts = [tune.__doc__, REPO.joinpath("README.md").read_text().split("## Sweep")[1].split("\n## ")[0]]
+    texts += [p.read_text() for p in SWEEP_DIR.glob("*.yaml")]
+    commands = []
+    for text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            line = line.lstrip("# ")
+            if "python pipelines/tune.py --sweep" in line:
+                commands.append(shlex.split(line.split("pipelines/tune.py", 1)[1], comments=True))
+    return commands
+
+
+def test_every_documented_sweep_command_checks_out(tmp_path, monkeypatch):
+    """Each documented sweep command passes every check that runs before Ray (its data and output in tmp_path)."""
+    commands = documented_commands()
+    assert len(commands) >= 10 and ["--sweep", "lr_shakespeare_char"] in commands
+    for i, argv in enumerate(commands):
+        args, sweep_args, config_args = tune.parse_args(argv)
+        here = [f"--run.out_dir={tmp_path / 'out'}", f"--data.dir={tmp_path / 'data'}"]
+        sweep = plan_sweep(args.sweep, sweep_args, [*config_args, *here], f"s{i}")
+        assert sweep.num_corner_trials >= 1, argv
 
 
 def rows() -> list[TrialRow]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +21,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import tune
+from pipelines.sweep_report import FINISHED, STOPPED
 from tests.faults import ctrl_c_when
-from tests.pretrain_runs import char_shards, records, shared_root
+from tests.pretrain_runs import char_shards, eval_records, records, shared_root
 
 pytest_plugins = ("tests.mlflow_server",)
 pytestmark = pytest.mark.slow
@@ -113,6 +115,7 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
     version = client.get_model_version("tune-asha-best", "1")
     assert version.run_id == best.info.run_id
     assert f"--optim.learning_rate={float(best.data.params['optim.learning_rate'])!r}" in out
+    assert "--run.registered_model=tune-asha-best-retrain" in out  # the command's model is not the sweep's
     assert_no_placement_group_left(ray_local)
 
 
@@ -192,71 +195,115 @@ def experiment_trials(sweep_dir: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in trials}
 
 
-def test_sweep_resumes_after_its_driver_is_killed(ray_local, shards, mlflow_server, tmp_path, capsys):
-    """The driver (a `python pipelines/tune.py` process on the same cluster) is SIGKILLed once the first trial has
-    finished and the second has a checkpoint. `--resume` then finishes the sweep: the first trial is not run
-    again, the second continues from its checkpoint, and MLflow still has one parent and two children."""
-    sweep = sweep_file(tmp_path, {"optim.learning_rate": {"values": [1e-3, 2e-3]}}, algorithm="grid",
-                       max_concurrent_trials=1, overrides={
-                           "train": {"max_iters": 100, "eval_interval": 20, "eval_iters": 2, "log_interval": 5},
-                           "optim": {"lr_decay_iters": 100}, "run": {"cpus_per_worker": 0.5}})
-    out = tmp_path / "out"
+def test_sweep_killed_right_after_a_trial_ends_resumes_without_training_it_again(ray_local, shards, mlflow_server,
+                                                                                  tmp_path, capsys):
+    """The driver (a `python pipelines/tune.py` process on the same cluster, Tune's DEFAULT state-saving period) is
+    SIGKILLed at once after a trial ends, twice: after the good LR's trial finished, then (resumed) after ASHA
+    stopped the hopeless LR's trial. Each time Tune's saved state still says RUNNING, so a resume runs that trial
+    again. Neither trains again (their metrics.jsonl stay as they were), and the last resume reports and registers
+    the true best trial. A copy of the finished sweep, resumed, is itself (not the sweep it was copied from)."""
+    sweep = sweep_file(tmp_path, {"optim.learning_rate": {"values": [1e-2, 1e-5]}}, algorithm="grid",
+                       scheduler={"name": "asha", "time_attr": "tokens", "grace_period": 5120, "reduction_factor": 2},
+                       min_lr_ratio=0.1, max_concurrent_trials=1, overrides={
+                           "train": {"max_iters": 40, "eval_interval": 10, "eval_iters": 2, "log_interval": 1},
+                           "optim": {"lr_decay_iters": 40}, "run": {"cpus_per_worker": 0.5}})
+    out, client = tmp_path / "out", MlflowClient(mlflow_server.uri)
     sweep_dir = out / "resume"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(REPO)}  # Tune saves its state every second
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "pipelines/tune.py", "--sweep", sweep, "--name", "resume",
-                               *common_args(shards, out, mlflow_server, "tune-resume")],
-                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        finished, interrupted = wait_for_one_finished_one_checkpointed(sweep_dir, driver, tmp_path / "driver.log")
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    done_dir, cut_dir = sweep_dir / "trials" / f"trial-{finished}", sweep_dir / "trials" / f"trial-{interrupted}"
-    done_before = (done_dir / "metrics.jsonl").read_text()
-    cut_steps_before = [r["step"] for r in records(cut_dir) if "loss" in r]
-    assert cut_steps_before and max(cut_steps_before) < 95
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    env.pop("TUNE_GLOBAL_CHECKPOINT_S", None)  # Tune's own period: its saved state lags a trial's end
+    first = ["--sweep", sweep, "--name", "resume", *common_args(shards, out, mlflow_server, "tune-resume")]
+
+    good = kill_driver_when(first, env, tmp_path / "driver1.log", ended(client, sweep_dir, 1e-2, FINISHED))
+    assert experiment_trials(sweep_dir)[good] == "RUNNING"  # the hard case: a restore runs it again
+    good_log = (sweep_dir / "trials" / f"trial-{good}" / "metrics.jsonl").read_text()
+    assert_no_placement_group_left(ray_local)  # the killed driver's trials are gone: no more writes
+    bad = kill_driver_when(["--resume", str(sweep_dir)], env, tmp_path / "driver2.log",
+                           ended(client, sweep_dir, 1e-5, STOPPED))
+    assert experiment_trials(sweep_dir)[bad] == "RUNNING"
+    assert_no_placement_group_left(ray_local)
+    logs = {t: (sweep_dir / "trials" / f"trial-{t}" / "metrics.jsonl").read_text() for t in (good, bad)}
+    assert logs[good] == good_log  # the resume did not train the finished trial again
 
     assert tune.main(["--resume", str(sweep_dir)]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished") >= 2 and "stopped early" not in printed
-    assert (done_dir / "metrics.jsonl").read_text() == done_before  # the finished trial did not run again
-    losses = [r["step"] for r in records(cut_dir) if "loss" in r]
-    assert losses.count(0) == 1 and max(losses) == 95  # continued from a checkpoint, not from step 0 (logged: 0, 5, ...)
-    assert len(losses) > len(set(losses)) or min(losses[len(cut_steps_before):]) > 0
-
-    client = MlflowClient(mlflow_server.uri)
+    for trial, log in logs.items():  # nothing trained again: no step past where it ended, none twice
+        run_dir = sweep_dir / "trials" / f"trial-{trial}"
+        assert (run_dir / "metrics.jsonl").read_text() == log
+        steps = [r["step"] for r in records(run_dir) if "loss" in r]
+        assert len(steps) == len(set(steps)) and max(steps) < 40
+    assert [r["step"] for r in records(sweep_dir / "trials" / f"trial-{good}") if "loss" in r] == list(range(40))
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.startswith((good, bad))}
+    assert rows[good].endswith(FINISHED) and rows[bad].endswith(STOPPED)
+    # the true best, from every trial's eval records: the good LR's lowest val loss
+    true_best = {t: min(r["val_loss"] for r in eval_records(sweep_dir / "trials" / f"trial-{t}").values())
+                 for t in (good, bad)}
+    assert min(true_best, key=true_best.get) == good
+    assert f"best: trial {good}, val loss {true_best[good]:.4f} (finished)" in printed
     parent, children = runs_of(client, "tune-resume")
     assert len(children) == 2 and parent.info.status == "FINISHED"
-    assert all(r.info.status == "FINISHED" for r in children)
-    history = [m.step for m in client.get_metric_history(
-        next(r for r in children if interrupted in r.info.run_name).info.run_id, "loss")]
-    assert history.count(0) == 1 and set(range(0, 100, 5)) <= set(history)
+    by_trial = {t: next(r for r in children if t in r.info.run_name) for t in (good, bad)}
+    assert by_trial[good].info.status == "FINISHED" and by_trial[bad].info.status == "KILLED"
+    assert client.get_model_version("tune-resume", "1").run_id == by_trial[good].info.run_id
+    command = printed.split("train it")[1]
+    assert "--optim.learning_rate=0.01 " in command and "--run.registered_model=tune-resume-retrain" in command
+    assert "--run.cpus_per_worker" not in command  # the preset's, as a job of its own
+
+    # --resume DIR acts on DIR: a copy of the sweep resumes (and reports) as itself
+    results = sweep_dir / "results.csv"
+    written = (results.read_text(), results.stat().st_mtime_ns)
+    copy = shutil.copytree(sweep_dir, out / "copy")
+    assert tune.main(["--resume", str(copy)]) == 0
+    printed = capsys.readouterr().out
+    assert f"sweep copy: 2 trials in {copy}" in printed and f"checkpoint {copy}/trials/trial-{good}/" in printed
+    assert (copy / "results.csv").read_text() == written[0]
+    assert (results.read_text(), results.stat().st_mtime_ns) == written  # the original was left alone
 
 
-def wait_for_one_finished_one_checkpointed(sweep_dir: Path, driver: subprocess.Popen, log: Path,
-                                           timeout: float = 900) -> tuple[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if driver.poll() is not None:
-            pytest.fail(f"the sweep driver exited ({driver.returncode}) before it could be killed:\n"
-                        f"{log.read_text()[-3000:]}")
-        trials = experiment_trials(sweep_dir)
-        done = [t for t, s in trials.items() if s == "TERMINATED"]
-        running = [t for t, s in trials.items() if s == "RUNNING"]
-        if done and running and _has_registered_checkpoint(sweep_dir / "trials" / f"trial-{running[0]}"):
-            return done[0], running[0]
-        time.sleep(0.2)
-    pytest.fail(f"no finished trial and checkpointed trial within {timeout} s:\n{log.read_text()[-3000:]}")
+def ended(client: MlflowClient, sweep_dir: Path, lr: float, status: str):
+    """A poll for the id of the trial with learning rate `lr` once it has ended with `status` (finished | stopped
+    early): by its record (checked at every call: the kill must come at once), else by its MLflow run (FINISHED, or
+    tagged sweep.early_stopped=true by the driver's callback; asked once a second)."""
+    asked = [0.0]
+
+    def poll() -> str | None:
+        for outcome in sweep_dir.glob("trials/trial-*/outcome.json"):  # written whole
+            record = json.loads(outcome.read_text())
+            if record["params"]["optim.learning_rate"] == lr and record["status"] == status:
+                return record["trial_id"]
+        if time.monotonic() - asked[0] < 1:
+            return None
+        asked[0] = time.monotonic()
+        experiment = client.get_experiment_by_name("tune-resume")
+        for run in client.search_runs([experiment.experiment_id]) if experiment else []:
+            if float(run.data.params.get("optim.learning_rate", 0)) == lr and (
+                    status == FINISHED and run.info.status == "FINISHED"
+                    or status == STOPPED and run.data.tags.get("sweep.early_stopped") == "true"):
+                return run.info.run_name.removeprefix("trial-")
+        return None
+
+    return poll
 
 
-def _has_registered_checkpoint(run_dir: Path) -> bool:
-    """Ray Train has registered a checkpoint of the run in its snapshot (what a restarted run restores from)."""
+def kill_driver_when(args: list[str], env: dict, log_path: Path, found, timeout: float = 600) -> str:
+    """Run `python pipelines/tune.py *args` and SIGKILL it (its whole process group) as soon as found() returns
+    something; returns that."""
+    with log_path.open("w") as log:
+        driver = subprocess.Popen([sys.executable, "pipelines/tune.py", *args], cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        return '"checkpoint_dir_name"' in (run_dir / "checkpoint_manager_snapshot.json").read_text()
-    except OSError:
-        return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = found()
+            if value is not None:
+                return value
+            if driver.poll() is not None:
+                pytest.fail(f"the sweep driver exited ({driver.returncode}) before it could be killed:\n"
+                            f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        pytest.fail(f"nothing to kill the driver at within {timeout} s:\n{log_path.read_text()[-3000:]}")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
 
 
 def test_ctrl_c_stops_the_sweep_for_resume_and_ends_its_mlflow_runs_killed(ray_local, shards, mlflow_server, tmp_path):
