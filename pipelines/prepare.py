@@ -20,8 +20,8 @@ How the work is divided, and why the output never depends on it:
      error row, not an exception: the driver reports the first in corpus order, in one line.
   3. Tasks summarize each block as runs of consecutive document keys (a few numbers per block). With data.dedup
      (the default), a task first finds the documents whose text (a 128-bit hash of it) an earlier document in
-     corpus order already has, and each block holding some is rewritten without them: copies never reach the
-     shards, nor one split and the other. The driver sorts the runs by key (the corpus order, whatever the block
+     corpus order already has, and each block holding some is rewritten without them: no text reaches the shards
+     twice, in one split or in both. The driver sorts the runs by key (the corpus order, whatever the block
      boundaries), applies the split rule, and cuts each split's token stream into shards of `shard_size` tokens:
      nanogpt/split_plan.py, plain NumPy.
   4. Tasks write the shards (temp file, fsync, rename) straight from the blocks; the driver writes manifest.json
@@ -518,8 +518,19 @@ def _find_duplicates(*keys: np.ndarray) -> tuple[Duplicates, DuplicateReport]:
 
 @ray.remote
 def _drop_rows(table: pa.Table, block: int, duplicates: Duplicates) -> pa.Table:
+    """The block without its duplicate documents. A file's count of replaced bytes (on its first document) moves to
+    its first document that stays: the text of the others is in the shards, so are its replacements."""
+    drop = duplicates.rows_of_block(block)
     keep = np.ones(table.num_rows, dtype=bool)
-    keep[duplicates.rows_of_block(block)] = False
+    keep[drop] = False
+    files, replaced = table.column("file_index").to_numpy(), table.column("num_replaced").to_numpy().copy()
+    where = table.column("replaced_at").to_pylist()
+    for row in drop[replaced[drop] > 0]:
+        stays = np.flatnonzero(keep & (files == files[row]))[:1]
+        for kept in stays:
+            replaced[kept], where[kept] = replaced[kept] + replaced[row], where[row]
+    table = table.set_column(table.schema.get_field_index("num_replaced"), "num_replaced", pa.array(replaced))
+    table = table.set_column(table.schema.get_field_index("replaced_at"), "replaced_at", pa.array(where, pa.string()))
     return table.filter(pa.array(keep))
 
 

@@ -181,6 +181,8 @@ def test_copies_of_documents_are_removed_counted_and_reported(ray_local, tiktoke
     (root / "b.txt").write_text("\n\n".join(paragraphs))  # a copy of the file
     (root / "c.txt").symlink_to("a.txt")  # the same file through a symlink: read once
     (root / "d.txt").write_text("\n\n".join([paragraphs[3], "A new one.", paragraphs[3]]))
+    # a first document that is a copy, then undecodable bytes: the file's count of them must survive the copy's drop
+    (root / "e.txt").write_bytes(paragraphs[0].encode() + b"\n\nbad \xff byte")
     out = tmp_path / "out"
     argv = ["--input", str(root / "*.txt"), "--tokenizer", "gpt2", "--out", str(out), "--data.split=random",
             '--data.separator="\\n\\n"', "--data.val_fraction=0.3", "--data.append_eot=true", "--data.num_blocks=3"]
@@ -188,19 +190,21 @@ def test_copies_of_documents_are_removed_counted_and_reported(ray_local, tiktoke
     assert main(argv) == 0
     m = verify(out)
     train, val = documents_of(out, "train", gpt2), documents_of(out, "val", gpt2)
-    assert sorted(train + val) == sorted([*paragraphs, "A new one."])  # each text once: none in both splits
-    assert (m.num_documents, m.stats["num_duplicate_documents_removed"], m.inputs["num_files"]) == (41, 42, 3)
+    assert sorted(train + val) == sorted([*paragraphs, "A new one.", "bad \ufffd byte"])  # each once: no text in both
+    assert (m.num_documents, m.stats["num_duplicate_documents_removed"], m.inputs["num_files"]) == (42, 43, 4)
+    assert m.stats["num_replaced_characters"] == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == [f"removed 42 duplicate documents (the same text as an earlier one; the first: document 0 of "
-                        f"{root / 'b.txt'} repeats document 0 of {root / 'a.txt'}): --data.dedup=false keeps them"]
+    assert warnings[0].startswith(f"replaced 1 undecodable byte sequences by U+FFFD in 1 file (the first: {root / 'e.txt'}")
+    assert warnings[1:] == [f"removed 43 duplicate documents (the same text as an earlier one; the first: document 0 "
+                            f"of {root / 'b.txt'} repeats document 0 of {root / 'a.txt'}): --data.dedup=false keeps them"]
 
     caplog.clear()
     assert main(argv) == 0
     assert "up to date" in caplog.text  # the rerun does nothing
     assert main([*argv, "--data.dedup=false"]) == 0  # another setting: rebuilt, with the copies
     m = verify(out)
-    assert (m.num_documents, m.stats["num_duplicate_documents_removed"], m.settings["dedup"]) == (83, 0, False)
-    assert len(documents_of(out, "train", gpt2) + documents_of(out, "val", gpt2)) == 83  # c.txt still read once
+    assert (m.num_documents, m.stats["num_duplicate_documents_removed"], m.settings["dedup"]) == (85, 0, False)
+    assert len(documents_of(out, "train", gpt2) + documents_of(out, "val", gpt2)) == 85  # c.txt still read once
 
 
 # ------------------------------------------------------------------------------------------ input formats
