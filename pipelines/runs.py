@@ -3,9 +3,9 @@
 A run is `<run.out_dir>/<run.name>/` (Ray Train's storage_path / name). Ray Train V2 silently continues an existing
 run of the same name, so whether a name may exist is decided here from model.init_from:
 
-    model.init_from=scratch (or gpt2*)  a NEW run: its directory must not hold a run (what a run refused before
-                                        its first step leaves, Ray's storage marker and rank 0's empty
-                                        records, holds none: the name can be used again).
+    model.init_from=scratch (or gpt2*)  a NEW run: its directory must hold no run. What a run refused before its
+                                        first step leaves there (Ray's storage marker, rank 0's params and an
+                                        empty metrics.jsonl) is none: the name can be used again.
     model.init_from=resume              --run.name=<existing run>: continue it from its latest checkpoint (Ray
                                         restores its checkpoint list); --run.resume_from=<checkpoint dir>: a NEW
                                         run starting from that checkpoint.
