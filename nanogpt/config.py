@@ -89,6 +89,9 @@ class DataConfig:
     """auto | replace | fail: what to do with bytes that are not UTF-8. auto: replace them by U+FFFD with a
     warning, but fail a file where more than 1% of the bytes are (binary, or not UTF-8); replace: always replace
     (with the warning); fail: any such byte is an error. Errors and warnings name the file and byte offset."""
+    dedup: bool = True
+    """Drop every document whose text is exactly that of an earlier one (by content hash, in corpus order): copies
+    of a file, or of a document, would otherwise put the same text in train and val. false keeps them."""
     num_blocks: int | None = None
     """Ray Data parallelism override; None lets Ray choose. The output does not depend on it."""
 

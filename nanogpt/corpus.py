@@ -10,7 +10,8 @@ Named corpora resolve to a local file without a network round trip when possible
 An input spec (`DataConfig.input`) is resolved by `resolve_input`: a file, a directory (a saved Hugging Face dataset
 when it holds dataset_info.json/state.json or dataset_dict.json, else every .txt/.jsonl/.json/.parquet file under it),
 a glob, `hf:<name>[:<config>]`, an `s3://`/`gs://` URI, or a corpus name. Files are taken in sorted path order and
-documents in file order, which fixes the token order whatever the parallelism.
+documents in file order, which fixes the token order whatever the parallelism. A file reached by two paths (a
+symlink beside its target) is one input, read once.
 
 `parse_documents` turns one file's bytes into documents: a .txt file is one document, or several split on a
 separator; a .jsonl/.json line is one document (its text field); a .parquet row is one (its text column); `.gz`
@@ -204,7 +205,7 @@ def resolve_input(spec: str) -> InputSource:
         )
         if not found:
             raise CorpusError(f"{path}: no {'/'.join(SUPPORTED_SUFFIXES)} files in this directory")
-        return InputSource(spec=spec, kind="files", files=tuple(_stat(p) for p in found))
+        return InputSource(spec=spec, kind="files", files=_unique_files(spec, found))
     if path.is_file():
         return InputSource(spec=spec, kind="files", files=(_stat(path),))
     if globlib.has_magic(spec):
@@ -212,7 +213,7 @@ def resolve_input(spec: str) -> InputSource:
         found = [p for p in found if p.is_file()]
         if not found:
             raise CorpusError(f"{spec}: the pattern matches no files")
-        return InputSource(spec=spec, kind="files", files=tuple(_stat(p) for p in found))
+        return InputSource(spec=spec, kind="files", files=_unique_files(spec, found))
     hint = f" (named corpora: {', '.join(sorted(NAMED_CORPORA))})" if "/" not in spec else ""
     raise CorpusError(f"{spec}: no such file or directory{hint}")
 
@@ -260,6 +261,19 @@ def _suffix(name: str) -> str:
     if name.endswith(".gz"):
         name = name[:-3]
     return Path(name).suffix
+
+
+def _unique_files(spec: str, paths: list[Path]) -> tuple[InputFile, ...]:
+    """The files at `paths`, in their order, each once: a symlink beside its target (or a file a pattern matches
+    twice) names one file, which is read once, not taken for two documents of the same text."""
+    files: dict[str, InputFile] = {}
+    for p in paths:
+        f = _stat(p)
+        files.setdefault(f.path, f)
+    if len(files) < len(paths):
+        log.info("%s: %d of the %d paths it matches name a file matched already (a symlink to it): each file is "
+                 "read once", spec, len(paths) - len(files), len(paths))
+    return tuple(files.values())
 
 
 def _stat(path: Path) -> InputFile:

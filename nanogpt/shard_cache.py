@@ -11,7 +11,8 @@ The copy lives in `<cache_root>/<16 hex digits of sha256(uri)>/`: the shards, th
   its header and size; nothing is downloaded. When the store's manifest changed (the data were prepared again),
   only the shards whose sha256 differ are fetched.
 - Each shard is hashed as it downloads and must match the manifest's sha256: a damaged object is an error naming
-  its URI, and nothing of it is kept. A store that cannot be reached is an error naming the URI.
+  its URI and the command that rebuilds it (prepare --force), and nothing of it is kept. A store that cannot be
+  reached is an error naming the URI.
 - The disk is checked before the first byte: a copy that would not fit is an error naming the cache directory,
   the bytes it needs and the bytes free (before step 0, never a crash mid-run).
 """
@@ -113,7 +114,7 @@ def _fill(uri: str, copy: Path, manifest: Manifest, text: str) -> int:
     missing = [s for s in wanted.values() if not _holds(copy / s.name, s)]
     _check_space(copy, uri, [shard_file_bytes(s, manifest.dtype) for s in missing])
     for info in missing:
-        _download_shard(join(uri, info.name), copy / info.name, info)
+        _download_shard(uri, info, copy / info.name)
     with atomic_write(copy / MANIFEST_NAME, "w") as f:
         f.write(text)
     verify(copy, check_hashes=False)
@@ -147,16 +148,20 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} bytes"
 
 
-def _download_shard(uri: str, path: Path, info: ShardInfo) -> None:
+def _download_shard(prefix: str, info: ShardInfo, path: Path) -> None:
     """Download to a temporary name, check the sha256, then rename: a shard in the copy is always a whole one."""
+    uri = join(prefix, info.name)
     tmp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     sha = hashlib.sha256()
     try:
         download(uri, tmp, sha)
         if sha.hexdigest() != info.sha256:
+            # prepare's up-to-date check of an object store compares sizes only (hashing would download it all)
             raise ShardError(uri, f"damaged in the store: sha256 {sha.hexdigest()[:16]}... differs from the "
                              f"manifest's {info.sha256[:16]}... (or a prepare is rewriting the prefix right now); "
-                             "prepare the data again")
+                             f"prepare the data again with --force (pipelines/prepare.py --out {prefix} --force, "
+                             "with the input and settings its manifest.json records): without --force prepare "
+                             "checks only sizes in object storage and finds the shards up to date")
         os.replace(tmp, path)
     except StorageError as e:
         raise ShardError(uri, f"cannot be downloaded ({e})") from None

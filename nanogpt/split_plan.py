@@ -4,6 +4,7 @@ pipelines/prepare.py tokenizes documents into blocks (one row per document) with
 number, and a file's documents may be spread over several of them. This module turns a few numbers per block into
 a plan that does not depend on how the work was divided, without reading a single token:
 
+    duplicates = find_duplicates([keys_of_block_0, ...])  # documents whose text an earlier one has: dropped
     runs = summarize_runs(columns)                    # one block: its runs of consecutive documents
     runs = order_runs([runs_of_block_0, ...])         # every block: corpus order (file, document), each doc once
     stats = corpus_stats(runs, num_files)
@@ -47,6 +48,17 @@ RUN = np.dtype([
 ])
 """A run: consecutive rows of one block holding consecutive documents of one file. A structured array of runs
 keeps the sums vectorized and the columns named."""
+
+
+DOC_KEY = np.dtype([
+    ("hash_hi", np.uint64),  # the 128-bit hash of the document's text
+    ("hash_lo", np.uint64),
+    ("file", np.int64),      # which document it is: document `doc` of file `file`
+    ("doc", np.int64),
+    ("block", np.int64),     # where it is: row `row` of block `block`
+    ("row", np.int64),
+])
+"""A non-empty document's content hash and where it is: what finding duplicates reads of a block."""
 
 
 class PrepareError(RuntimeError):
@@ -135,15 +147,44 @@ def order_runs(runs_per_block: Sequence[np.ndarray]) -> np.ndarray:
     return runs
 
 
-def corpus_stats(runs: np.ndarray, num_files: int) -> dict[str, Any]:
-    """The corpus's counts, as the manifest's `stats` records them."""
+def corpus_stats(runs: np.ndarray, num_files: int, num_duplicates: int = 0) -> dict[str, Any]:
+    """The corpus's counts, as the manifest's `stats` records them (`runs`: the documents kept; `num_duplicates`:
+    those dropped by find_duplicates)."""
     return {
         "num_files": num_files,
         "num_documents": int(runs["train_docs"].sum() + runs["val_docs"].sum()),
         "num_empty_documents_skipped": int(runs["empty_docs"].sum()),
+        "num_duplicate_documents_removed": num_duplicates,
         "num_characters": int(runs["chars"].sum()),
         "num_replaced_characters": int(runs["replaced_chars"].sum()),
     }
+
+
+# ------------------------------------------------------------------------------------------ duplicates
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Documents whose text an earlier document already has, in corpus order, and the earlier document of each."""
+
+    dropped: np.ndarray    # DOC_KEY rows
+    originals: np.ndarray  # DOC_KEY rows: originals[i] is the first document with dropped[i]'s text
+
+    def rows_of_block(self, block: int) -> np.ndarray:
+        return self.dropped["row"][self.dropped["block"] == block]
+
+
+def find_duplicates(keys_per_block: Sequence[np.ndarray]) -> Duplicates:
+    """Every document but the first (in corpus order: file, then document) of each content hash. The keys decide
+    it, not the blocks they came in, so the same documents are dropped whatever the parallelism."""
+    keys = np.concatenate([np.zeros(0, DOC_KEY), *keys_per_block])
+    keys = keys[np.lexsort((keys["doc"], keys["file"], keys["hash_lo"], keys["hash_hi"]))]
+    repeat = np.zeros(len(keys), dtype=bool)  # the same hash as the key before it: not the first of its text
+    repeat[1:] = (keys["hash_hi"][1:] == keys["hash_hi"][:-1]) & (keys["hash_lo"][1:] == keys["hash_lo"][:-1])
+    first = np.maximum.accumulate(np.where(repeat, 0, np.arange(len(keys))))  # the index of each key's group head
+    dropped, originals = keys[repeat], keys[first[repeat]]
+    order = np.lexsort((dropped["doc"], dropped["file"]))
+    return Duplicates(dropped[order], originals[order])
 
 
 # ------------------------------------------------------------------------------------------ split rules

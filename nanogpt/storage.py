@@ -79,6 +79,15 @@ def list_names(prefix: str) -> list[str]:
     return sorted(os.path.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.File)
 
 
+def list_entries(prefix: str) -> list[str]:
+    """Names directly under the `prefix/` "directory", objects and directories (common prefixes) alike, sorted."""
+    import pyarrow.fs
+
+    fs, key = _filesystem(prefix)
+    selector = pyarrow.fs.FileSelector(key.rstrip("/"), allow_not_found=True, recursive=False)
+    return sorted(os.path.basename(i.path) for i in _call(prefix, "cannot list", fs.get_file_info, selector))
+
+
 def read_bytes(uri: str) -> bytes:
     fs, key = _filesystem(uri)
     with _call(uri, "cannot read", fs.open_input_stream, key) as f:

@@ -18,9 +18,12 @@ How the work is divided, and why the output never depends on it:
      tokenize in `map_batches`. Each output row is one document keyed by (file index, document index) with its
      tokens; blocks stay in the object store. A file that cannot be parsed (bad JSON, a missing field) becomes an
      error row, not an exception: the driver reports the first in corpus order, in one line.
-  3. Tasks summarize each block as runs of consecutive document keys (a few numbers per block). The driver sorts
-     the runs by key (the corpus order, whatever the block boundaries), applies the split rule, and cuts each
-     split's token stream into shards of `shard_size` tokens: nanogpt/split_plan.py, plain NumPy.
+  3. Tasks summarize each block as runs of consecutive document keys (a few numbers per block). With data.dedup
+     (the default), a task first finds the documents whose text (a 128-bit hash of it) an earlier document in
+     corpus order already has, and each block holding some is rewritten without them: no text reaches the shards
+     twice, in one split or in both. The driver sorts the runs by key (the corpus order, whatever the block
+     boundaries), applies the split rule, and cuts each split's token stream into shards of `shard_size` tokens:
+     nanogpt/split_plan.py, plain NumPy.
   4. Tasks write the shards (temp file, fsync, rename) straight from the blocks; the driver writes manifest.json
      last, after removing the old manifest and shards. No token crosses the driver.
 
@@ -47,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import tempfile
@@ -93,14 +97,17 @@ from nanogpt.shards import (
     write_shard,
 )
 from nanogpt.split_plan import (
+    DOC_KEY,
     RUN,
     CutHalves,
     CutLocation,
     DocumentColumns,
+    Duplicates,
     Piece,
     ShardPlan,
     Stream,
     corpus_stats,
+    find_duplicates,
     locate_cut,
     order_runs,
     plan_output_shards,
@@ -116,7 +123,7 @@ from pipelines.ray_session import init_ray
 log = logging.getLogger("nanogpt.prepare")
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs" / "data"
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 """Bump when the same settings would produce different shards: it is part of the settings fingerprint."""
 INDEX_COLUMN = "__nanogpt_doc_index"
 ERRORS = (CorpusError, TokenizerError, ShardError, ConfigError)
@@ -248,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def pipeline_settings(data: DataConfig) -> dict[str, Any]:
     """The settings that decide the bytes of the shards (not where they go, nor the parallelism)."""
     keys = ("tokenizer", "val_fraction", "split", "seed", "shard_size", "text_field", "separator", "append_eot",
-            "encoding_errors")
+            "encoding_errors", "dedup")
     return {"pipeline_version": PIPELINE_VERSION, **{k: getattr(data, k) for k in keys}}
 
 
@@ -345,9 +352,9 @@ def encode_documents(
     file_index: int, doc_index: np.ndarray, texts: list[str], num_replaced: int, spec: TokenizeSpec,
     replaced_at: str | None = None, error: str | None = None,
 ) -> pa.Table:
-    """The document table: keys, split, character count and tokens (code points for char-level) per document.
-    The file's count of undecodable bytes and where the first is are on its first document; `error` is null, or
-    why the file could not be parsed (see _error_row)."""
+    """The document table: keys, split, character count, content hash and tokens (code points for char-level) per
+    document. The file's count of undecodable bytes and where the first is are on its first document; `error` is
+    null, or why the file could not be parsed (see _error_row)."""
     if spec.tokenizer == "char":
         # surrogatepass: a JSON "\\ud800" escape is a lone surrogate, still one character.
         arrays = [np.frombuffer(t.encode("utf-32-le", "surrogatepass"), dtype="<u4") for t in texts]
@@ -373,9 +380,17 @@ def encode_documents(
         "num_chars": pa.array(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))),
         "num_replaced": pa.array(replaced),
         "replaced_at": pa.array(where, type=pa.string()),
+        "content_hash": pa.FixedSizeListArray.from_arrays(pa.array(content_hashes(texts).reshape(-1)), 2),
         "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
         "error": pa.array([error] * len(texts), type=pa.string()),
     })
+
+
+def content_hashes(texts: list[str]) -> np.ndarray:
+    """(n, 2) uint64: each text's 128-bit BLAKE2b hash, the key that finds duplicate documents (at 128 bits, two
+    different texts never share one in practice)."""
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts)
+    return np.frombuffer(digests, dtype="<u8").reshape(len(texts), 2)
 
 
 def _empty_table(spec: TokenizeSpec) -> pa.Table:
@@ -410,11 +425,16 @@ def _tokenize_and_plan(
     """
     data, source = request.data, request.source
     blocks = _tokenize_documents(source, hf_ds, spec, data.num_blocks)
-    summaries = ray.get([_summarize_block.remote(b, spec.tokenizer == "char") for b in blocks])
+    want_codepoints = spec.tokenizer == "char"
+    summaries = ray.get([_summarize_block.remote(b, want_codepoints) for b in blocks])
     _raise_parse_errors(summaries, source)
+    duplicates = DuplicateReport(0, None, np.zeros(0, np.int64))
+    if data.dedup:
+        blocks, summaries, duplicates = _drop_duplicates(blocks, summaries, want_codepoints)
     runs = order_runs([s.runs for s in summaries])
-    stats = corpus_stats(runs, num_files=len(source.files) if source.kind == "files" else 1)
+    stats = corpus_stats(runs, len(source.files) if source.kind == "files" else 1, duplicates.count)
     _warn_replaced(summaries, runs, source)
+    _warn_duplicates(duplicates, source)
     if stats["num_documents"] == 0:
         raise CorpusError(
             f"{source.spec}: empty corpus ({stats['num_files']} files, no non-empty document"
@@ -445,6 +465,89 @@ def _warn_replaced(summaries: list[BlockSummary], runs: np.ndarray, source: Inpu
         "there; --data.encoding_errors=fail rejects any", f"{int(runs['replaced_chars'].sum()):,}", num_files,
         "s" * (num_files > 1), path, where,
     )
+
+
+@dataclass(frozen=True)
+class DuplicateReport:
+    """What the driver learns of the duplicate documents (the list itself stays in the object store)."""
+
+    count: int
+    first: tuple[np.void, np.void] | None
+    """The DOC_KEY of the first duplicate in corpus order, and of the earlier document it repeats."""
+    blocks: np.ndarray
+    """The blocks holding duplicates."""
+
+
+def _drop_duplicates(
+    blocks: list[ray.ObjectRef], summaries: list[BlockSummary], want_codepoints: bool
+) -> tuple[list[ray.ObjectRef], list[BlockSummary], DuplicateReport]:
+    """Take every document whose text an earlier one has out of its block; the blocks and summaries that result."""
+    keys = [_document_keys.remote(b, i) for i, b in enumerate(blocks)]
+    duplicates, report = _find_duplicates.remote(*keys)
+    report = ray.get(report)
+    blocks, summaries = list(blocks), list(summaries)
+    for i in report.blocks:
+        blocks[i] = _drop_rows.remote(blocks[i], int(i), duplicates)
+    redone = ray.get([_summarize_block.remote(blocks[i], want_codepoints) for i in report.blocks])
+    for i, summary in zip(report.blocks, redone):
+        summaries[i] = summary
+    return blocks, summaries, report
+
+
+@ray.remote
+def _document_keys(table: pa.Table, block: int) -> np.ndarray:
+    """The block's non-empty documents as DOC_KEY rows: content hash and where each is."""
+    if table.num_rows == 0:  # Ray Data may hand over an empty block without the document columns
+        return np.zeros(0, DOC_KEY)
+    hashes = pc.list_flatten(table.column("content_hash")).to_numpy(zero_copy_only=False).reshape(-1, 2)
+    keys = np.zeros(table.num_rows, DOC_KEY)
+    keys["hash_hi"], keys["hash_lo"] = hashes[:, 0], hashes[:, 1]
+    keys["file"] = table.column("file_index").to_numpy()
+    keys["doc"] = table.column("doc_index").to_numpy()
+    keys["block"] = block
+    keys["row"] = np.arange(table.num_rows)
+    return keys[table.column("num_chars").to_numpy() > 0]  # empty documents are skipped anyway
+
+
+@ray.remote(num_returns=2)
+def _find_duplicates(*keys: np.ndarray) -> tuple[Duplicates, DuplicateReport]:
+    duplicates = find_duplicates(keys)
+    first = (duplicates.dropped[0], duplicates.originals[0]) if len(duplicates.dropped) else None
+    return duplicates, DuplicateReport(len(duplicates.dropped), first, np.unique(duplicates.dropped["block"]))
+
+
+@ray.remote
+def _drop_rows(table: pa.Table, block: int, duplicates: Duplicates) -> pa.Table:
+    """The block without its duplicate documents. A file's count of replaced bytes (on its first document) moves to
+    its first document that stays: the text of the others is in the shards, so are its replacements."""
+    drop = duplicates.rows_of_block(block)
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[drop] = False
+    files, replaced = table.column("file_index").to_numpy(), table.column("num_replaced").to_numpy().copy()
+    where = table.column("replaced_at").to_pylist()
+    for row in drop[replaced[drop] > 0]:
+        stays = np.flatnonzero(keep & (files == files[row]))[:1]
+        for kept in stays:
+            replaced[kept], where[kept] = replaced[kept] + replaced[row], where[row]
+    table = table.set_column(table.schema.get_field_index("num_replaced"), "num_replaced", pa.array(replaced))
+    table = table.set_column(table.schema.get_field_index("replaced_at"), "replaced_at", pa.array(where, pa.string()))
+    return table.filter(pa.array(keep))
+
+
+def _warn_duplicates(report: DuplicateReport, source: InputSource) -> None:
+    """One warning for the corpus when documents were dropped as copies: how many, and the first."""
+    if not report.count:
+        return
+    dropped, original = report.first
+    log.warning("removed %s duplicate document%s (the same text as an earlier one; the first: %s repeats %s): "
+                "--data.dedup=false keeps them", f"{report.count:,}", "s" * (report.count > 1),
+                _document_name(source, dropped), _document_name(source, original))
+
+
+def _document_name(source: InputSource, key: np.void) -> str:
+    if source.kind == "files":
+        return f"document {int(key['doc'])} of {source.files[int(key['file'])].path}"
+    return f"row {int(key['doc'])}"
 
 
 def _document_columns(table: pa.Table) -> DocumentColumns:
@@ -749,9 +852,10 @@ def _log_summary(manifest: Manifest, out: str, seconds: float) -> None:
         for name, info in manifest.splits.items()
     )
     log.info(
-        "prepared %s documents (%s empty skipped, %s characters replaced): %s; %s vocabulary %s, %s; "
-        "%.1f s, %s tokens/s -> %s",
-        f"{manifest.num_documents:,}", s["num_empty_documents_skipped"], s["num_replaced_characters"], splits,
+        "prepared %s documents (%s empty skipped, %s duplicates removed, %s characters replaced): %s; %s vocabulary "
+        "%s, %s; %.1f s, %s tokens/s -> %s",
+        f"{manifest.num_documents:,}", s["num_empty_documents_skipped"], s["num_duplicate_documents_removed"],
+        s["num_replaced_characters"], splits,
         manifest.tokenizer["name"], manifest.vocab_size, manifest.dtype, seconds,
         f"{s['tokens_per_second']:,}", join(out, MANIFEST_NAME),
     )

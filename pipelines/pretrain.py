@@ -15,7 +15,8 @@ Options: --config <preset name in pipelines/configs/ | file.yaml> (default shake
 end, default 500), --sample-start TEXT, --export-nanogpt PATH (nanoGPT's ckpt.pt of the best checkpoint),
 --export-hf DIR (a Hugging Face GPT-2 directory), --export-checkpoint DIR (the best checkpoint unsharded: an
 FSDP run's as model.safetensors + optimizer.pt), --address / --num-cpus (which Ray: by default RAY_ADDRESS, a
-running cluster, else a local instance). Exit status: 0 done, 2 bad config/data (nothing started), 1 training failed.
+running cluster, else a local instance). Exit status: 0 done, 2 bad config/data (found before anything starts, or by
+a worker: a shard damaged in the store), 1 training failed.
 
 The job, in order, on the driver: check the config and the run's name (pipelines/runs.py) and hash the shards in
 `data.dir` (a damaged shard is an error naming the file), all before Ray starts; start or join Ray; prepare the
@@ -54,12 +55,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nanogpt.batch_geometry import micro_steps_per_rank
-from nanogpt.checkpoint_files import CheckpointError
 from nanogpt.config import Config, ConfigError, load_config
-from nanogpt.corpus import CorpusError
 from nanogpt.shards import MANIFEST_NAME, Manifest, ShardError, load_manifest, store_error, verify
 from nanogpt.storage import StorageError, exists, is_uri, join, list_names, resolve_local
-from nanogpt.tokenizers import TokenizerError
+from nanogpt.user_errors import USER_ERRORS  # "fix the config or the data": one line, exit status 2
 from pipelines.checkpoint_uris import local_checkpoint_dir
 from pipelines.runs import RunPlan, plan_run
 
@@ -70,8 +69,6 @@ log = logging.getLogger("nanogpt.pretrain")
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "shakespeare_char_cpu"
-# Errors that mean "fix the config or the data": reported in one line, exit status 2, nothing started.
-USER_ERRORS = (ConfigError, ShardError, CheckpointError, CorpusError, TokenizerError)
 
 
 @dataclass
@@ -160,7 +157,7 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
     run without logging or registering checkpoints (a sweep registers only its best trial's)."""
     import ray.train
 
-    from pipelines.trainer import build_trainer
+    from pipelines.trainer import build_trainer, worker_user_error
 
     trainer = build_trainer(config, plan, tracking_run_id=run_id, on_step=on_step, callbacks=callbacks)
     log.info("run %s -> %s (%d workers)%s", plan.name, plan.run_dir, config.run.num_workers,
@@ -168,8 +165,11 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
              (", continuing from its latest checkpoint" if plan.continues_run else ""))
     try:
         result = trainer.fit()  # raises TrainingFailedError when the workers fail beyond run.max_failures
-    except ray.train.TrainingFailedError:
+    except ray.train.TrainingFailedError as e:
         _end_job_run(config, plan, run_id, "FAILED")
+        user_error = worker_user_error(e)  # e.g. a shard damaged in the store, found by a worker as it downloads
+        if user_error is not None:
+            raise user_error from None
         raise
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C: Ray Train's SIGINT handler (or Ray's daemons, which the terminal's SIGINT stops too) ends fit()

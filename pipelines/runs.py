@@ -3,7 +3,9 @@
 A run is `<run.out_dir>/<run.name>/` (Ray Train's storage_path / name). Ray Train V2 silently continues an existing
 run of the same name, so whether a name may exist is decided here from model.init_from:
 
-    model.init_from=scratch (or gpt2*)  a NEW run: its directory must not exist.
+    model.init_from=scratch (or gpt2*)  a NEW run: its directory must hold no run. What a run refused before its
+                                        first step leaves there (Ray's storage marker, rank 0's params and an
+                                        empty metrics.jsonl) is none: the name can be used again.
     model.init_from=resume              --run.name=<existing run>: continue it from its latest checkpoint (Ray
                                         restores its checkpoint list); --run.resume_from=<checkpoint dir>: a NEW
                                         run starting from that checkpoint.
@@ -27,12 +29,16 @@ from pathlib import Path
 
 from nanogpt.checkpoint_files import CheckpointError, is_checkpoint, latest_checkpoint
 from nanogpt.config import Config, ConfigError
-from nanogpt.storage import exists, is_uri, join, resolve_local
+from nanogpt.storage import exists, is_uri, join, list_entries, resolve_local, size
+from nanogpt.tracking import PARAMS_FILE, TAGS_FILE
 
 log = logging.getLogger(__name__)
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # what Ray Train V2 restores a run from
 METRICS_FILE = "metrics.jsonl"  # rank 0's metrics, one JSON line per logged step, in the run directory
+# What a run refused before its first step (a shard damaged in the store, a bad config found by a worker) leaves in
+# its directory: Ray Train's storage check, rank 0's params and tags, and a metrics.jsonl with no line.
+RECORDS_OF_NO_STEP = frozenset({".validate_storage_marker", PARAMS_FILE, TAGS_FILE, METRICS_FILE})
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ def _plan_new_run(config: Config, name: str, storage: str, run_dir: str) -> RunP
     if config.run.resume_from:
         raise ConfigError(f"run.resume_from={config.run.resume_from} is only read with model.init_from=resume "
                           f"(model.init_from is {config.model.init_from})")
-    if exists(run_dir):
+    if holds_a_run(run_dir):
         raise ConfigError(
             f"run directory {run_dir} already exists and model.init_from={config.model.init_from} starts a new "
             f"run (Ray Train would silently continue the old one instead): pass a new --run.name, delete the "
@@ -101,13 +107,29 @@ def _plan_branch(config: Config, name: str, storage: str, run_dir: str) -> RunPl
     if not is_uri(source) and not is_checkpoint(source):
         raise CheckpointError(f"run.resume_from={config.run.resume_from}: {source} is not a complete checkpoint "
                               "directory (no state.json)")
-    if exists(run_dir):
+    if holds_a_run(run_dir):
         raise ConfigError(
             f"run.resume_from starts a new run from {config.run.resume_from}, but run {name!r} already exists at "
             f"{run_dir} (Ray Train would continue that run instead): pass a new --run.name, or drop "
             "--run.resume_from to continue that run from its latest checkpoint"
         )
     return RunPlan(name, storage, run_dir, source, False)
+
+
+def holds_a_run(run_dir: str) -> bool:
+    """Whether `run_dir` holds anything of a run beyond what one refused before its first step leaves
+    (RECORDS_OF_NO_STEP): a checkpoint, Ray's snapshot, a logged step, or any other file."""
+    if not exists(run_dir):
+        return False
+    names = list_entries(run_dir) if is_uri(run_dir) else os.listdir(run_dir)
+    if not set(names) <= RECORDS_OF_NO_STEP:
+        return True
+    metrics = join(run_dir, METRICS_FILE)
+    if METRICS_FILE in names and (size(metrics) if is_uri(run_dir) else os.path.getsize(metrics)):
+        return True
+    log.info("%s holds only what a run refused before its first step leaves (%s): the new run starts there",
+             run_dir, ", ".join(names) or "nothing")
+    return False
 
 
 def check_writable(directory: str, key: str) -> None:

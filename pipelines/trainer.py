@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from nanogpt.config import Config
 from nanogpt.shard_cache import local_shards
 from nanogpt.storage import is_uri, join
 from nanogpt.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+from nanogpt.user_errors import USER_ERRORS
 from pipelines.run_records import StoredRecords
 from pipelines.runs import METRICS_FILE, RunPlan
 
@@ -91,10 +93,26 @@ class RayReporter:
 
 def quiet_ray_train_logs() -> None:
     """Drop Ray Train's INFO line of every report on every rank ("Reporting training result 3: TrainingReport(...)"),
-    which LoggingConfig does not reach: its module names its logger by its file path, not `ray.train...`."""
-    from ray.train.v2._internal.execution import context  # Ray 2.60; a private module, Ray is pinned
+    which LoggingConfig does not reach: its module names its logger by its file path, not `ray.train...`. And drop
+    its "Error in training function" traceback of a user error: the driver reports that in one line."""
+    from ray.train.v2._internal import util  # Ray 2.60; private modules, Ray is pinned
+    from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(util.__name__).addFilter(_not_a_user_error)
+
+
+def _not_a_user_error(record: logging.LogRecord) -> bool:
+    """False while a USER_ERRORS exception is being handled: Ray Train logs the error of the training function
+    from inside its `except` block (ray/train/v2/_internal/util.py, construct_user_exception_with_traceback)."""
+    return not isinstance(sys.exc_info()[1], USER_ERRORS)
+
+
+def worker_user_error(error: BaseException) -> BaseException | None:
+    """The config or data error (USER_ERRORS) a worker raised, the lowest rank's, in the TrainingFailedError that
+    ended fit(); None when the workers failed otherwise. Ray Train keeps the worker's own exception, pickled."""
+    failures = getattr(error, "worker_failures", None) or {}  # a WorkerGroupError's, by rank
+    return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], USER_ERRORS)), None)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:

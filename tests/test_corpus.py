@@ -127,6 +127,18 @@ def test_resolve_file_dir_and_glob(tmp_path):
     assert single.files[0].size == 1 and single.describe()["num_files"] == 1
 
 
+def test_a_file_reached_by_two_paths_is_read_once(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "a.txt").write_text("the same text")
+    (corpus_dir / "b.txt").symlink_to("a.txt")  # a symlink beside its target: one file
+    (corpus_dir / "c.txt").write_text("the same text")  # a copy: another file (its documents are deduplicated later)
+    expected = [str((corpus_dir / n).resolve()) for n in ("a.txt", "c.txt")]
+    for spec in (corpus_dir, corpus_dir / "*.txt"):
+        assert [f.path for f in resolve_input(str(spec)).files] == expected, spec
+    assert [f.path for f in resolve_input(str(tmp_path / "**" / "*.txt")).files] == expected  # matched via **/ too
+
+
 def test_resolve_errors(tmp_path):
     with pytest.raises(CorpusError, match="no such file or directory"):
         resolve_input(str(tmp_path / "missing.txt"))

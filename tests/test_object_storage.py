@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from nanogpt import shard_prefix, storage
+from nanogpt.config import Config, ConfigError
 from nanogpt.shard_cache import fetch_shards, local_shards
 from nanogpt.shards import (
     MANIFEST_NAME,
@@ -24,6 +25,7 @@ from nanogpt.shards import (
     load_split,
     write_shard,
 )
+from pipelines.runs import plan_run
 from tests.mlflow_server import free_port
 
 pytest_plugins = ("tests.s3_server",)
@@ -111,6 +113,7 @@ def test_a_shard_damaged_in_the_store_is_an_error_naming_it_and_nothing_of_it_is
     with pytest.raises(ShardError, match="damaged in the store: sha256") as e:
         fetch_shards(uri, tmp_path / "cache")
     assert e.value.file == storage.join(uri, "train_000001.bin")
+    assert f"prepare the data again with --force (pipelines/prepare.py --out {uri} --force," in str(e.value)
     copy = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     assert sorted(p.name for p in copy.iterdir()) == ["train_000000.bin"]  # no manifest: not complete
 
@@ -148,6 +151,17 @@ def test_workers_of_one_node_download_once(published, tmp_path):
                               stdout=subprocess.PIPE, text=True) for _ in range(3)]
     counts = sorted(int(p.communicate(timeout=120)[0]) for p in procs)
     assert counts == [0, 0, 3]
+
+
+def test_a_run_refused_before_its_first_step_in_a_bucket_does_not_hold_its_name(s3):
+    runs = s3.bucket_uri("runs")
+    for name in (".validate_storage_marker", "params.json", "metrics.jsonl"):  # rank 0 uploads its records anyway
+        storage.write_bytes(storage.join(runs, f"r1/{name}"), b"{}" if name == "params.json" else b"")
+    config = Config.from_dict({"run": {"out_dir": runs, "name": "r1"}, "data": {"dir": storage.join(runs, "data")}})
+    assert plan_run(config).run_dir == storage.join(runs, "r1")
+    storage.write_bytes(storage.join(runs, "r1/checkpoint_000010/state.json"), b"{}")  # a checkpoint: a run
+    with pytest.raises(ConfigError, match="already exists"):
+        plan_run(config)
 
 
 def test_prepare_output_at_a_prefix(published, s3):

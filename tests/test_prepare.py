@@ -126,13 +126,17 @@ def shakespeare_files(shakespeare_path, tmp_path_factory) -> Path:
 
 
 def expected_random_split(root: Path, gpt2, val_fraction: float, seed: int) -> dict[str, list[int]]:
-    """Reference: documents in file order, GPT-2 tokens + EOT, each routed by the seeded per-document hash."""
-    out = {"train": [], "val": []}
+    """Reference: documents in file order, GPT-2 tokens + EOT, each routed by the seeded per-document hash; a
+    document with the text of an earlier one is dropped (its count under "duplicates")."""
+    out, seen = {"train": [], "val": [], "duplicates": 0}, set()
     for file_index, path in enumerate(sorted(root.iterdir())):
         docs = path.read_text().split("\n\n")
         val = is_val_document(seed, file_index, np.arange(len(docs)), val_fraction)
         for doc, is_val in zip(docs, val):
-            if doc:
+            if doc and doc in seen:
+                out["duplicates"] += 1
+            elif doc:
+                seen.add(doc)
                 out["val" if is_val else "train"] += gpt2.encode_ordinary(doc) + [EOT]
     return out
 
@@ -156,7 +160,51 @@ def test_same_shards_whatever_the_parallelism(ray_local, shakespeare_files, tikt
         assert all(n == 40_000 for n in sizes[:-1]) and 0 < sizes[-1] <= 40_000
         assert split_tokens(one, split).tolist() == expected[split]
     assert len(m1.splits["train"].shards) >= 8
-    assert m1.num_documents == sum(1 for p in shakespeare_files.iterdir() for d in p.read_text().split("\n\n") if d)
+    # Tiny Shakespeare repeats some paragraphs ("GLOUCESTER:", "CATESBY:\nMy lord?"), in one part and across parts
+    docs = [d for p in shakespeare_files.iterdir() for d in p.read_text().split("\n\n") if d]
+    assert m1.stats["num_duplicate_documents_removed"] == expected["duplicates"] == len(docs) - len(set(docs)) > 0
+    assert m1.num_documents == len(set(docs))
+
+
+def documents_of(out: Path, split: str, gpt2) -> list[str]:
+    """The documents of a split written with append_eot, decoded."""
+    tokens = split_tokens(out, split).tolist()
+    ends = [i for i, t in enumerate(tokens) if t == EOT]
+    return [gpt2.decode(tokens[a + 1:b]) for a, b in zip([-1, *ends], ends)]
+
+
+def test_copies_of_documents_are_removed_counted_and_reported(ray_local, tiktoken_cache, tmp_path, gpt2, caplog):
+    paragraphs = [f"Paragraph {i}: " + "words " * i for i in range(40)]
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.txt").write_text("\n\n".join(paragraphs))
+    (root / "b.txt").write_text("\n\n".join(paragraphs))  # a copy of the file
+    (root / "c.txt").symlink_to("a.txt")  # the same file through a symlink: read once
+    (root / "d.txt").write_text("\n\n".join([paragraphs[3], "A new one.", paragraphs[3]]))
+    # a first document that is a copy, then undecodable bytes: the file's count of them must survive the copy's drop
+    (root / "e.txt").write_bytes(paragraphs[0].encode() + b"\n\nbad \xff byte")
+    out = tmp_path / "out"
+    argv = ["--input", str(root / "*.txt"), "--tokenizer", "gpt2", "--out", str(out), "--data.split=random",
+            '--data.separator="\\n\\n"', "--data.val_fraction=0.3", "--data.append_eot=true", "--data.num_blocks=3"]
+    caplog.set_level(logging.INFO, logger="nanogpt.prepare")
+    assert main(argv) == 0
+    m = verify(out)
+    train, val = documents_of(out, "train", gpt2), documents_of(out, "val", gpt2)
+    assert sorted(train + val) == sorted([*paragraphs, "A new one.", "bad \ufffd byte"])  # each once: no text in both
+    assert (m.num_documents, m.stats["num_duplicate_documents_removed"], m.inputs["num_files"]) == (42, 43, 4)
+    assert m.stats["num_replaced_characters"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings[0].startswith(f"replaced 1 undecodable byte sequences by U+FFFD in 1 file (the first: {root / 'e.txt'}")
+    assert warnings[1:] == [f"removed 43 duplicate documents (the same text as an earlier one; the first: document 0 "
+                            f"of {root / 'b.txt'} repeats document 0 of {root / 'a.txt'}): --data.dedup=false keeps them"]
+
+    caplog.clear()
+    assert main(argv) == 0
+    assert "up to date" in caplog.text  # the rerun does nothing
+    assert main([*argv, "--data.dedup=false"]) == 0  # another setting: rebuilt, with the copies
+    m = verify(out)
+    assert (m.num_documents, m.stats["num_duplicate_documents_removed"], m.settings["dedup"]) == (85, 0, False)
+    assert len(documents_of(out, "train", gpt2) + documents_of(out, "val", gpt2)) == 85  # c.txt still read once
 
 
 # ------------------------------------------------------------------------------------------ input formats

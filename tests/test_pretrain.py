@@ -168,7 +168,7 @@ def test_bad_config_fails_before_training(tmp_path, shards, caplog, case, extra,
 
 
 def test_existing_run_is_never_silently_resumed(tmp_path):
-    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs" / "r1" / "checkpoint_000010").mkdir(parents=True)
     config = debug_config(tmp_path, tmp_path / "runs", "r1")
     with pytest.raises(ConfigError, match="already exists .* continue it with --model.init_from=resume"):
         plan_run(config)

@@ -56,3 +56,22 @@ def test_a_cut_short_checkpoint_gives_way_to_the_newest_committed_one(run_with_c
 def test_run_names_do_not_collide_within_a_second(tmp_path):
     names = {unique_name("debug", str(tmp_path)) for _ in range(50)}
     assert len(names) == 50 and all(n.startswith("debug-") for n in names)
+
+
+def test_a_run_refused_before_its_first_step_does_not_hold_its_name(tmp_path):
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    for name, text in ((".validate_storage_marker", ""), ("params.json", "{}"), ("tags.json", "{}"),
+                       ("metrics.jsonl", "")):  # what a run that failed before step 0 leaves (a damaged shard)
+        (run_dir / name).write_text(text)
+    config = Config.from_dict({"run": {"out_dir": str(tmp_path / "runs"), "name": "r1"},
+                               "data": {"dir": str(tmp_path / "data")}})
+    plan = plan_run(config)  # a new run, under the same name
+    assert plan.run_dir == str(run_dir) and not plan.continues_run
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "loss": 4.17}\n')  # a logged step: a run's history
+    with pytest.raises(ConfigError, match="already exists"):
+        plan_run(config)
+    (run_dir / "metrics.jsonl").write_text("")
+    (run_dir / "checkpoint_000010").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        plan_run(config)

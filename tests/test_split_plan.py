@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from nanogpt.split_plan import (
+    DOC_KEY,
     RUN,
     TRAIN,
     VAL,
@@ -26,6 +27,7 @@ from nanogpt.split_plan import (
     Stream,
     TailCut,
     corpus_stats,
+    find_duplicates,
     locate_cut,
     order_runs,
     plan_output_shards,
@@ -109,9 +111,36 @@ def test_order_runs_rejects_a_document_in_two_blocks():
 
 def test_corpus_stats():
     runs = order_runs([summarize_runs(columns(BLOCKS[0], replaced=3)), summarize_runs(columns(BLOCKS[1]))])
-    assert corpus_stats(runs, num_files=2) == {
-        "num_files": 2, "num_documents": 4, "num_empty_documents_skipped": 1, "num_characters": 11,
-        "num_replaced_characters": 3}
+    assert corpus_stats(runs, num_files=2, num_duplicates=5) == {
+        "num_files": 2, "num_documents": 4, "num_empty_documents_skipped": 1, "num_duplicate_documents_removed": 5,
+        "num_characters": 11, "num_replaced_characters": 3}
+
+
+# ------------------------------------------------------------------------------------------ duplicates
+
+
+def doc_keys(rows: list[tuple[str, int, int]], block: int) -> np.ndarray:
+    """A block's DOC_KEY rows from (text, file, doc) per row; the text's hash is a stand-in: its characters."""
+    keys = np.zeros(len(rows), DOC_KEY)
+    for row, (text, file, doc) in enumerate(rows):
+        keys[row] = (len(text), int.from_bytes(text.encode().ljust(8, b"_")[:8], "little"), file, doc, block, row)
+    return keys
+
+
+def test_find_duplicates_keeps_the_first_in_corpus_order_whatever_the_blocks():
+    # corpus order: (0,0) "ab", (0,1) "cd", (1,0) "ab", (1,1) "ef", (2,0) "cd", (2,1) "ab"
+    docs = [("ab", 0, 0), ("cd", 0, 1), ("ab", 1, 0), ("ef", 1, 1), ("cd", 2, 0), ("ab", 2, 1)]
+    expected = [((1, 0), (0, 0)), ((2, 0), (0, 1)), ((2, 1), (0, 0))]  # (dropped, the earlier one it repeats)
+    for blocks in ([docs], [docs[3:], docs[:3]], [[d] for d in reversed(docs)]):
+        found = find_duplicates([doc_keys(rows, b) for b, rows in enumerate(blocks)])
+        pairs = [((int(d["file"]), int(d["doc"])), (int(o["file"]), int(o["doc"])))
+                 for d, o in zip(found.dropped, found.originals)]
+        assert pairs == expected, blocks
+        dropped = {d for d, _ in expected}
+        for block, rows in enumerate(blocks):  # each block's rows to drop, by position in the block
+            assert sorted(found.rows_of_block(block)) == [i for i, (_, f, d) in enumerate(rows) if (f, d) in dropped]
+    assert len(find_duplicates([doc_keys(docs[:2], 0), doc_keys([("ef", 1, 0)], 1)]).dropped) == 0
+    assert len(find_duplicates([]).dropped) == 0
 
 
 # ------------------------------------------------------------------------------------------ random split

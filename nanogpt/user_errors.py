@@ -1,0 +1,21 @@
+"""The errors that mean "fix the config or the data", wherever they are raised: on the driver before anything starts,
+or in a training worker (a shard object damaged in the store, found as the node downloads it). A command reports
+one in a single line naming the file, key or value, with exit status 2; never as a crash with a traceback.
+
+    except USER_ERRORS as e:      # pipelines/pretrain.py, pipelines/tune.py
+        log.error("%s", e)
+        return 2
+
+A worker's user error reaches the driver inside Ray Train's TrainingFailedError: pipelines/pretrain.py raises it
+again as itself, and pipelines/trainer.py keeps Ray Train from printing its traceback on the way.
+"""
+
+from __future__ import annotations
+
+from nanogpt.checkpoint_files import CheckpointError
+from nanogpt.config import ConfigError
+from nanogpt.corpus import CorpusError
+from nanogpt.shards import ShardError
+from nanogpt.tokenizers import TokenizerError
+
+USER_ERRORS = (ConfigError, ShardError, CheckpointError, CorpusError, TokenizerError)
