@@ -13,29 +13,18 @@ import torch
 from nanogpt import shards
 from nanogpt.checkpoint import Checkpoint, build_model
 from nanogpt.config import Config, ConfigError
-from nanogpt.model import ARCHITECTURE_FIELDS, GPT, GPTConfig
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.model_fit import check_resumable, check_vocab_size, default_vocab_size
 
 log = logging.getLogger(__name__)
-
-
-def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
-    """Round up to a multiple of 64 (50257 -> 50304): faster matmuls, the extra logits are never targets."""
-    return -(-vocab_size // multiple) * multiple
-
-
-def default_vocab_size(manifest: shards.Manifest) -> int:
-    """model.vocab_size=null: nanoGPT's choice. GPT-2 BPE is padded to 50304; a char vocabulary (its meta.pkl) is
-    used as is, so the shakespeare_char recipes reproduce nanoGPT's numbers."""
-    if manifest.tokenizer.get("name") == "char":
-        return manifest.vocab_size
-    return padded_vocab_size(manifest.vocab_size)
 
 
 def initial_model(config: Config, manifest: shards.Manifest, checkpoint: Checkpoint | None) -> GPT:
     """The model to train, on the CPU: from the checkpoint, from scratch, or from GPT-2 weights."""
     mc = config.model
     if checkpoint is not None:
-        check_resumable(config, manifest, checkpoint)
+        check_resumable(str(checkpoint.path), checkpoint.config.model, checkpoint.tokenizer, config,
+                        manifest.tokenizer)
         model = build_model(checkpoint, dropout=mc.dropout)
     elif mc.init_from == "scratch":
         vocab_size = mc.vocab_size if mc.vocab_size is not None else default_vocab_size(manifest)
@@ -53,33 +42,5 @@ def initial_model(config: Config, manifest: shards.Manifest, checkpoint: Checkpo
         model = from_pretrained(mc.init_from, dict(dropout=mc.dropout))
         if mc.block_size < model.config.block_size:
             model.crop_block_size(mc.block_size)  # model surgery: fewer learned positions
-    if model.config.vocab_size < manifest.vocab_size:
-        raise ConfigError(
-            f"the model's vocabulary has {model.config.vocab_size} tokens but the dataset's tokenizer "
-            f"({manifest.tokenizer.get('name')}) has {manifest.vocab_size}: set model.vocab_size >= "
-            f"{manifest.vocab_size} (or null to use the dataset's: {default_vocab_size(manifest)})"
-        )
+    check_vocab_size(model.config.vocab_size, manifest)
     return model
-
-
-def check_resumable(config: Config, manifest: shards.Manifest, checkpoint: Checkpoint) -> None:
-    """The checkpoint's architecture must be the config's, and its tokens must mean the dataset's text."""
-    saved, current = checkpoint.config.model, config.model
-    diff = [f for f in ARCHITECTURE_FIELDS if getattr(saved, f) != getattr(current, f)]
-    if diff:
-        was = ", ".join(f"model.{f}={getattr(saved, f)}" for f in diff)
-        now = ", ".join(f"model.{f}={getattr(current, f)}" for f in diff)
-        raise ConfigError(
-            f"checkpoint {checkpoint.path} was trained with {was} but this config has {now}; resume with the "
-            "checkpoint's model settings, or start a new run"
-        )
-    if checkpoint.tokenizer is not None and checkpoint.tokenizer != manifest.tokenizer:
-        raise ConfigError(
-            f"checkpoint {checkpoint.path} was trained on tokens of a different tokenizer "
-            f"({_describe_tokenizer(checkpoint.tokenizer)}) than this dataset's "
-            f"({_describe_tokenizer(manifest.tokenizer)}); its token ids would mean other text"
-        )
-
-
-def _describe_tokenizer(d: dict) -> str:
-    return f"{d.get('name')}, {d.get('vocab_size')} tokens"

@@ -62,10 +62,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
 
 
-# The fields that fix the shapes of the weights: a checkpoint can only be loaded by a model that agrees on all of
-# them (dropout may change). The one list of them; MODEL_ARGS is what nanoGPT's ckpt.pt carries as model_args.
+# What nanoGPT's ckpt.pt carries as model_args. (Which of them a resumed checkpoint must share with the config:
+# nanogpt/resumable.py, torch-free for the driver.)
 MODEL_ARGS = tuple(f.name for f in fields(GPTConfig))
-ARCHITECTURE_FIELDS = tuple(name for name in MODEL_ARGS if name != "dropout")
 SIZE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 
 

@@ -6,8 +6,8 @@ one in a single line naming the file, key or value, with exit status 2; never as
         log.error("%s", e)
         return 2
 
-A worker's user error reaches the driver inside Ray Train's TrainingFailedError: pipelines/pretrain.py raises it
-again as itself, and pipelines/trainer.py keeps Ray Train from printing its traceback on the way.
+A worker's user error ends its run at once, never retried (pipelines/end_on_user_error.py), and reaches the driver
+inside Ray Train's error: pipelines/pretrain.py raises it again as itself (pipelines/user_errors.py).
 """
 
 from __future__ import annotations

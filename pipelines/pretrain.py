@@ -18,11 +18,14 @@ FSDP run's as model.safetensors + optimizer.pt), --address / --num-cpus (which R
 running cluster, else a local instance). Exit status: 0 done, 2 bad config/data (found before anything starts, or by
 a worker: a shard damaged in the store), 1 training failed.
 
-The job, in order, on the driver: check the config and the run's name (pipelines/runs.py) and hash the shards in
-`data.dir` (a damaged shard is an error naming the file), all before Ray starts; start or join Ray; prepare the
-shards from `data.input` with Ray Data when `data.dir` holds none yet (once, before any trainer); open the job's
-MLflow run (pipelines/job_tracking.py); fit the TorchTrainer (pipelines/trainer.py); log and register the best
-checkpoint and end the MLflow run.
+The job, in order, on the driver: check the config, the run's name and storage (pipelines/runs.py: an ASCII name,
+an existing bucket that answers), hash the shards in `data.dir` (a damaged shard is an error naming the file) and
+check what the config asks of them (model.vocab_size, block_size, the checkpoint to resume from: its model shape
+and tokenizer, and the batches' memory against this machine's: nanogpt/batch_memory.py), all before Ray starts;
+start or join Ray (a cluster's nodes: their memory is checked now); prepare the shards from `data.input` with Ray
+Data when `data.dir` holds none yet (once, before any trainer, then checked as above); open the job's MLflow run
+(pipelines/job_tracking.py); fit the TorchTrainer (pipelines/trainer.py); log and register the best checkpoint and
+end the MLflow run.
 
 A run lives in `<run.out_dir>/<run.name>/`: `checkpoint_<step>/` directories (the best `run.num_to_keep` by
 val_loss, plus always the latest), Ray's checkpoint_manager_snapshot.json, and metrics.jsonl (one JSON line per
@@ -33,7 +36,9 @@ gradient_accumulation_steps) do not depend on run.num_workers, so a run resumed 
 the same optimization; the resumed run makes update <checkpoint step> next, on the same batches.
 
 Failures: with run.max_failures > 0 Ray Train restarts the worker group after a worker dies, and every worker
-resumes from the run's latest reported checkpoint (ray.train.get_checkpoint()), bit-exactly on CPU.
+resumes from the run's latest reported checkpoint (ray.train.get_checkpoint()), bit-exactly on CPU. A worker's
+config or data error (pipelines/user_errors.py) is never retried: the run ends at once and the driver reports it in
+one line, exit status 2 (pipelines/end_on_user_error.py).
 """
 # ruff: noqa: E402 -- the two sys.path lines below must run before the project imports
 
@@ -55,12 +60,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nanogpt.batch_geometry import micro_steps_per_rank
+from nanogpt.batch_memory import check_batch_memory, machine_memory
 from nanogpt.config import Config, ConfigError, load_config
+from nanogpt.model_fit import check_resumable_dir, check_vocab_size
 from nanogpt.shards import MANIFEST_NAME, Manifest, ShardError, load_manifest, store_error, verify
 from nanogpt.storage import StorageError, exists, is_uri, join, list_names, resolve_local
 from nanogpt.user_errors import USER_ERRORS  # "fix the config or the data": one line, exit status 2
 from pipelines.checkpoint_uris import local_checkpoint_dir
-from pipelines.runs import RunPlan, plan_run
+from pipelines.runs import RunPlan, check_writable, plan_run
+from pipelines.user_errors import user_error_of
 
 if TYPE_CHECKING:
     from nanogpt.train import OnStep
@@ -69,6 +77,7 @@ log = logging.getLogger("nanogpt.pretrain")
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "shakespeare_char_cpu"
+WorkerMemory = tuple[int, str]  # the memory a worker can have, in bytes, and where: ("this machine", ...)
 
 
 @dataclass
@@ -91,12 +100,13 @@ class PretrainOutcome:
 def pretrain(config: Config, preset: str | None = None, *, address: str | None = None, num_cpus: int | None = None,
              on_step: Sequence[OnStep] = ()) -> PretrainOutcome:
     """Train `config` with a TorchTrainer and return where the best checkpoint is. Config and data errors
-    (USER_ERRORS) are raised before Ray starts. `on_step`: hooks run on every worker after each update."""
+    (USER_ERRORS) are raised before Ray starts, except what needs shards prepared here or a cluster's nodes (then
+    before the trainer starts). `on_step`: hooks run on every worker after each update."""
     validate(config)
     plan = plan_run(config, preset)
     config = config.replace(run__name=plan.name, run__out_dir=plan.storage_path,
                             data__dir=resolve_local(config.data.dir))
-    manifest = check_data(config)
+    manifest, memory = check_before_ray(config, plan, address)
     if config.run.tracker == "mlflow":
         from pipelines.mlflow_tracking import resolve_tracking_uri
 
@@ -107,9 +117,7 @@ def pretrain(config: Config, preset: str | None = None, *, address: str | None =
         from pipelines.ray_session import init_ray
 
         init_ray(address=address, num_cpus=num_cpus)
-        check_resources(config)
-        if manifest is None:
-            prepare_data(config)
+        check_with_ray(config, plan, manifest, memory)
         run_id = opener.run_id()
     return fit(config, plan, run_id, on_step)
 
@@ -157,7 +165,7 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
     run without logging or registering checkpoints (a sweep registers only its best trial's)."""
     import ray.train
 
-    from pipelines.trainer import build_trainer, worker_user_error
+    from pipelines.trainer import build_trainer
 
     trainer = build_trainer(config, plan, tracking_run_id=run_id, on_step=on_step, callbacks=callbacks)
     log.info("run %s -> %s (%d workers)%s", plan.name, plan.run_dir, config.run.num_workers,
@@ -167,7 +175,7 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
         result = trainer.fit()  # raises TrainingFailedError when the workers fail beyond run.max_failures
     except ray.train.TrainingFailedError as e:
         _end_job_run(config, plan, run_id, "FAILED")
-        user_error = worker_user_error(e)  # e.g. a shard damaged in the store, found by a worker as it downloads
+        user_error = user_error_of(e)  # a worker's config or data error: ended the run at once, not retried
         if user_error is not None:
             raise user_error from None
         raise
@@ -190,6 +198,33 @@ def _end_job_run(config: Config, plan: RunPlan, run_id: str | None, status: str)
         from pipelines.job_tracking import finish_job_run
 
         finish_job_run(config, plan, run_id, None, None, status=status)
+
+
+def check_before_ray(config: Config, plan: RunPlan, address: str | None) -> tuple[Manifest | None, WorkerMemory | None]:
+    """Every check of the data and of what the config asks of it that needs no Ray. Returns the shards' manifest
+    (None: data.input is to be prepared) and the memory a worker can have (None: only a cluster's nodes will tell)."""
+    manifest = check_data(config)
+    if manifest is not None:
+        check_resume(config, plan, manifest)
+    memory = worker_memory(config, address)
+    if manifest is not None and memory is not None:
+        check_batch_memory(config, manifest.vocab_size, *memory)
+    return manifest, memory
+
+
+def check_with_ray(config: Config, plan: RunPlan, manifest: Manifest | None, memory: WorkerMemory | None) -> None:
+    """With Ray up, before any trainer starts: the worker group fits the nodes; the shards of data.input are prepared
+    and checked as shards found on disk are; the batches' memory is checked against the nodes when the driver could
+    not know them before."""
+    check_resources(config)
+    if manifest is None:
+        manifest = prepare_data(config)
+        _check_manifest(config, manifest)
+        check_resume(config, plan, manifest)
+        if memory is not None:
+            check_batch_memory(config, manifest.vocab_size, *memory)
+    if memory is None and (cluster := cluster_worker_memory(config)) is not None:
+        check_batch_memory(config, manifest.vocab_size, *cluster)
 
 
 def validate(config: Config) -> None:
@@ -222,10 +257,15 @@ def _check_data(config: Config) -> Manifest | None:
         manifest = load_manifest(data_dir) if remote else verify(data_dir)  # ShardError names the damaged file
         _check_manifest(config, manifest)
         return manifest
+    if not remote and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ConfigError(f"data.dir={data_dir} is a file: point it at a directory of prepared token shards (or an "
+                          "empty or new directory to prepare data.input into)")
     if not config.data.input:
         raise ShardError(join(data_dir, MANIFEST_NAME),
                          "missing and data.input is not set: prepare the shards first (pipelines/prepare.py) or "
                          "set --data.input to prepare them here")
+    if not remote:
+        check_writable(data_dir, "data.dir")  # the shards of data.input are to be prepared there
     if list_names(data_dir) if remote else (os.path.isdir(data_dir) and any(os.scandir(data_dir))):
         # never replace someone's files (a killed prepare of another corpus) with shards of data.input
         raise ShardError(join(data_dir, MANIFEST_NAME),
@@ -241,7 +281,41 @@ def _check_manifest(config: Config, manifest: Manifest) -> None:
             f"data.dir={config.data.dir} holds {manifest.tokenizer.get('name')} tokens but data.tokenizer="
             f"{config.data.tokenizer}: point data.dir at shards of that tokenizer (or set --data.tokenizer)"
         )
+    if config.model.init_from == "scratch" and config.model.vocab_size is not None:
+        check_vocab_size(config.model.vocab_size, manifest)
     _check_windows_fit(config, manifest)
+
+
+def check_resume(config: Config, plan: RunPlan, manifest: Manifest) -> None:
+    """The checkpoint the run starts from has the config's model shape and the dataset's tokenizer (from its
+    records: the weights are read by the workers). A continued run in object storage has no resume_from: its
+    workers check the checkpoint Ray hands them, and a mismatch ends the run without a retry."""
+    if plan.resume_from is not None:
+        check_resumable_dir(plan.resume_from, config, manifest.tokenizer)
+
+
+def worker_memory(config: Config, address: str | None) -> WorkerMemory | None:
+    """The memory a worker can have, as far as the driver knows before it starts Ray: the nodes
+    of the Ray this process is connected to already (a test's, a notebook's), else this machine when the job is
+    to start a local instance here; None when it is to join a cluster, whose nodes are known once Ray is up."""
+    import ray
+
+    from pipelines.ray_session import starts_local_instance
+
+    if ray.is_initialized():
+        return cluster_worker_memory(config)
+    return (machine_memory(), "this machine") if starts_local_instance(address) else None
+
+
+def cluster_worker_memory(config: Config) -> WorkerMemory | None:
+    """The memory of the largest node that holds a worker, by Ray's account of its memory (its heap and its
+    object store); None when no node holds one yet (an autoscaler is to add them)."""
+    import ray
+
+    need = {"CPU": config.run.cpus_per_worker, **({"GPU": config.run.gpus_per_worker} if config.run.use_gpu else {})}
+    sizes = [res.get("memory", 0) + res.get("object_store_memory", 0) for node in ray.nodes() if node["Alive"]
+             for res in [node["Resources"]] if all(res.get(k, 0) >= v for k, v in need.items())]
+    return (int(max(sizes)), "the largest node that can hold a worker") if sizes else None
 
 
 def _check_windows_fit(config: Config, manifest: Manifest) -> None:

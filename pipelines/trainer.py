@@ -25,7 +25,7 @@ from nanogpt.storage import is_uri, join
 from nanogpt.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 from nanogpt.user_errors import USER_ERRORS
 from pipelines.run_records import StoredRecords
-from pipelines.runs import METRICS_FILE, RunPlan
+from pipelines.runs import METRICS_FILE, RunPlan, newer_checkpoint
 
 if TYPE_CHECKING:
     from nanogpt.train import OnStep
@@ -40,6 +40,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     sweep trial's TuneReportCallback."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
+    from pipelines.end_on_user_error import EndRunOnUserError
     from pipelines.lean_trainer import backend_config, trainer_class
     from pipelines.ray_session import serves_state_api
 
@@ -60,8 +61,9 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
             checkpoint_config=CheckpointConfig(
                 num_to_keep=rc.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
             ),
+            # run.max_failures retries what may pass on another try; a config or data error never does
             failure_config=FailureConfig(max_failures=rc.max_failures),
-            callbacks=list(callbacks) or None,
+            callbacks=[EndRunOnUserError(), *callbacks],
             # Ray Train's own INFO lines on the console (resource requests, the worker group, each checkpoint):
             # off, like the rest of Ray's chatter; warnings and errors stay, and Ray's log files keep everything.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -108,13 +110,6 @@ def _not_a_user_error(record: logging.LogRecord) -> bool:
     return not isinstance(sys.exc_info()[1], USER_ERRORS)
 
 
-def worker_user_error(error: BaseException) -> BaseException | None:
-    """The config or data error (USER_ERRORS) a worker raised, the lowest rank's, in the TrainingFailedError that
-    ended fit(); None when the workers failed otherwise. Ray Train keeps the worker's own exception, pickled."""
-    failures = getattr(error, "worker_failures", None) or {}  # a WorkerGroupError's, by rank
-    return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], USER_ERRORS)), None)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """What every Ray Train worker runs; rank 0 returns a summary of the run."""
     import ray.train
@@ -128,6 +123,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     tracker = make_worker_tracker(config, rank, run_dir, loop_config.get("tracking_run_id"), records)
     try:
         result = _train(config, loop_config, tracker, resume_from, records)
+    except USER_ERRORS as e:
+        tracker.close(status="FAILED")
+        # it names the key or file, and ends the run (pipelines/end_on_user_error.py): logged without the loop's frames
+        raise e.with_traceback(None) from None
     except BaseException:
         tracker.close(status="FAILED")
         raise
@@ -176,13 +175,14 @@ def _all_of(hooks: Sequence[OnStep]) -> OnStep | None:
 
 
 def _resume_source(config: Config, resume_from: str | None, run_dir: str) -> str | None:
-    """The checkpoint this worker starts from, a local path or a URI (None: a fresh start). After a worker-group
-    restart (FailureConfig) or when continuing a run, Ray hands every rank the run's latest reported checkpoint;
-    otherwise the plan's resume_from."""
+    """The checkpoint this worker starts from, a local path or a URI (None: a fresh start): the newer of the plan's
+    resume_from and the checkpoint Ray hands every rank (the latest its snapshot lists when a run continues, the
+    latest reported after a worker-group restart under FailureConfig). A snapshot lags the checkpoints in storage
+    when the driver died before recording them; the plan then names the newest complete one."""
     import ray.train
 
     reported = ray.train.get_checkpoint()
-    source = _reported_path(reported, run_dir) if reported is not None else resume_from
+    source = newer_checkpoint(_reported_path(reported, run_dir) if reported is not None else None, resume_from)
     if source is None and config.model.init_from == "resume":
         raise CheckpointError(f"model.init_from=resume but Ray has no checkpoint for run {config.run.name}")
     return source

@@ -3,6 +3,7 @@ the production code knows nothing of them."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,38 @@ class NodeAt:
         if step == self.step:
             rank = ray.train.get_context().get_world_rank()
             Path(self.out_dir, f"step{step}.rank{rank}").write_text(ray.get_runtime_context().get_node_id())
+
+
+@dataclass
+class CopySnapshotAt:
+    """Rank 0, after update `step`, waits until Ray Train's snapshot of the run (`snapshot`) lists `checkpoint`
+    as its latest (the controller records a checkpoint at its next poll) and copies it to `dest`, once. Put back
+    after the run, it is the snapshot a driver killed at that moment leaves, while the later checkpoints still
+    landed in storage."""
+
+    step: int
+    snapshot: str
+    dest: str
+    checkpoint: str
+    timeout_s: float = 60.0
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        import ray.train
+
+        if step != self.step or ray.train.get_context().get_world_rank() != 0 or Path(self.dest).exists():
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                text = Path(self.snapshot).read_text()
+                latest = json.loads(text)["latest_checkpoint_result"]["checkpoint_dir_name"]
+            except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+                latest = None
+            if latest == self.checkpoint:
+                Path(self.dest).write_text(text)
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.snapshot} did not list {self.checkpoint} as its latest within {self.timeout_s} s")
 
 
 def ctrl_c_when(command: subprocess.Popen, ready, timeout_s: float, what: str) -> str:

@@ -7,10 +7,13 @@ other reuses it (pytest imports this module once per session).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from nanogpt.config import Config, DataConfig, load_config
 from pipelines.pretrain import PRESET_DIR, PretrainOutcome, pretrain
+from pipelines.runs import RAY_SNAPSHOT
+from tests.faults import CopySnapshotAt
 
 # The debug preset, 30 updates with an eval and a checkpoint every 10; 2 micro-batches per step, so 1 or 2 workers.
 # MLflow is off here (tests/test_pretrain_mlflow.py covers it): each new sqlite store costs ~7 s of migrations.
@@ -48,6 +51,21 @@ def debug_run(root: Path, shards: Path) -> PretrainOutcome:
     if "debug_run" not in _memo:
         _memo["debug_run"] = pretrain(debug_config(shards, root / "runs", "ref", "--run.num_workers=2"))
     return _memo["debug_run"]
+
+
+def resume_after_a_stale_snapshot(shards: Path, out_dir: Path, name: str, *overrides: str) -> PretrainOutcome:
+    """A run of 40 updates (checkpoints 10, 20, 30, 40, all kept) whose Ray snapshot is then put back to the one that
+    listed checkpoint_000020 as its latest: what a driver killed then leaves while 30 and 40 still land. Then the
+    run is continued to 50; its outcome."""
+    run_dir = out_dir / name
+    stale = out_dir / f"{name}-{RAY_SNAPSHOT}"
+    common = ["--run.num_to_keep=null", "--optim.lr_decay_iters=50", *overrides]
+    pretrain(debug_config(shards, out_dir, name, "--train.max_iters=40", *common),
+             on_step=[CopySnapshotAt(step=25, snapshot=str(run_dir / RAY_SNAPSHOT), dest=str(stale),
+                                     checkpoint="checkpoint_000020")])
+    assert "checkpoint_000030" not in stale.read_text() and (run_dir / "checkpoint_000040").is_dir()
+    shutil.copy(stale, run_dir / RAY_SNAPSHOT)
+    return pretrain(debug_config(shards, out_dir, name, "--model.init_from=resume", "--train.max_iters=50", *common))
 
 
 def records(run_dir: str | Path) -> list[dict]:

@@ -19,6 +19,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
 from pipelines import lean_trainer
+from pipelines.end_on_user_error import EndRunOnUserError
 from pipelines.lean_controller import FixedScalingOnFixedCluster, SingleProcessConfig
 from pipelines.lean_trainer import (
     PrivateInstanceTorchTrainer,
@@ -117,8 +118,8 @@ def test_what_the_controller_unpickles_imports_no_torch():
         return done.stdout.decode().strip()
 
     config = backend_config(1, "ddp", False)
-    assert imports_torch(FixedScalingOnFixedCluster(ScalingConfig(num_workers=1)), config, config.train_func_context) \
-        == "False"
+    assert imports_torch(FixedScalingOnFixedCluster(ScalingConfig(num_workers=1)), config, config.train_func_context,
+                         EndRunOnUserError()) == "False"
     assert imports_torch(TorchConfig()) == "True"  # Ray's own config would: the check above can fail
 
 

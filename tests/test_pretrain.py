@@ -2,7 +2,9 @@
 
 What is checked: a 2-worker run learns; a worker SIGKILLed mid-run under FailureConfig(max_failures=1) gives
 bit-identical per-step losses to the uninterrupted run; a run resumed on 2 workers after 1 keeps tokens per step
-and continues at the right step; bad configs and data fail before any trainer starts, leaving no run directory.
+and continues at the right step; a run whose Ray snapshot lags its checkpoints resumes from the newest complete one;
+a worker's config error ends the run at once under max_failures=-1; bad configs and data fail before any trainer
+starts, leaving no run directory (those that need no Ray: tests/test_pretrain_checks.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tests.pretrain_runs import (
     debug_run,
     eval_records,
     records,
+    resume_after_a_stale_snapshot,
     shared_root,
     step_losses,
 )
@@ -113,6 +116,21 @@ def test_new_run_from_another_runs_checkpoint(ray_local, root, shards, reference
     assert sorted(losses) == list(range(20, 30))
     assert all(losses[s] == pytest.approx(reference_losses[s], rel=1e-4) for s in losses)
     assert sorted(p.name for p in Path(outcome.plan.run_dir).glob("checkpoint_0*")) == ["checkpoint_000030"]
+
+
+def test_resume_starts_from_the_newest_complete_checkpoint_when_rays_snapshot_lags(ray_local, root, shards):
+    resumed = resume_after_a_stale_snapshot(shards, root / "runs", "stale", "--run.num_workers=1")
+    assert resumed.summary["start_step"] == 40 and resumed.summary["step"] == 50  # not 20, the snapshot's latest
+    logged = [r["step"] for r in records(resumed.plan.run_dir) if "loss" in r]
+    assert sorted(logged) == list(range(50)), "an update was trained twice (or never)"
+
+
+def test_a_workers_config_error_ends_the_run_without_a_retry(ray_local, root, shards):
+    # Only the worker can know its devices (its node may be another machine): it finds no MPS, a ConfigError.
+    # Retried, it would fail twice more and end in a WorkerGroupError (with -1: restart forever, as it did).
+    config = debug_config(shards, root / "runs", "no-mps", "--train.device=mps", "--run.max_failures=2")
+    with pytest.raises(ConfigError, match=r"^train\.device=mps but MPS is not available"):
+        pretrain(config)
 
 
 # ------------------------------------------------------------------------------------------ errors before step 0

@@ -3,7 +3,8 @@ gloo), every rank reporting its part of each sharded checkpoint and Ray merging 
 
 Checked: a 2-worker FSDP run follows the 2-worker DDP reference (tests/pretrain_runs.py) within rel 1e-5 (why that
 bound: tests/test_fsdp.py); a worker SIGKILLed mid-run resumes from the merged sharded checkpoint with bit-identical
-losses; the 2-worker checkpoint resumes on 1 FSDP worker (DCP reshards) and on 1 plain DDP worker; the best
+losses; a run whose Ray snapshot lags its sharded checkpoints resumes from the newest complete one; the 2-worker
+checkpoint resumes on 1 FSDP worker (DCP reshards) and on 1 plain DDP worker; the best
 checkpoint exports unsharded through pretrain's command line and loads in Hugging Face transformers.
 """
 
@@ -24,6 +25,7 @@ from tests.pretrain_runs import (
     debug_run,
     eval_records,
     records,
+    resume_after_a_stale_snapshot,
     shared_root,
     step_losses,
 )
@@ -73,6 +75,14 @@ def test_killed_fsdp_worker_resumes_bit_exactly(ray_local, root, shards, fsdp_re
     assert step_losses(run_dir) == step_losses(fsdp_reference.plan.run_dir)  # bit-equal, all 30 updates
     ours, theirs = eval_records(run_dir), eval_records(fsdp_reference.plan.run_dir)
     assert {s: r["val_loss"] for s, r in ours.items()} == {s: r["val_loss"] for s, r in theirs.items()}
+
+
+def test_fsdp_resume_starts_from_the_newest_complete_checkpoint_when_rays_snapshot_lags(ray_local, root, shards):
+    resumed = resume_after_a_stale_snapshot(shards, root / "runs", "fsdp-stale", "--run.num_workers=2",
+                                            "--train.parallel=fsdp")
+    assert resumed.summary["start_step"] == 40 and resumed.summary["step"] == 50  # not 20, the snapshot's latest
+    logged = [r["step"] for r in records(resumed.plan.run_dir) if "loss" in r]
+    assert sorted(logged) == list(range(50)), "an update was trained twice (or never)"
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])

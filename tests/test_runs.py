@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nanogpt.config import Config, ConfigError
-from pipelines.runs import RAY_SNAPSHOT, plan_run, unique_name
+from pipelines.runs import RAY_SNAPSHOT, check_run_name, newer_checkpoint, plan_run, unique_name
 from pipelines.trainer import committed_or_newest
 from tests.test_checkpoint import save, trained_model
 
@@ -32,9 +32,56 @@ def run_with_checkpoints(tmp_path) -> Path:
 def test_a_run_without_ray_snapshot_continues_from_its_newest_checkpoint(run_with_checkpoints, tmp_path):
     plan = plan_run(resume_config(tmp_path / "runs"))
     assert plan.continues_run and plan.resume_from == str(run_with_checkpoints / "checkpoint_000020")
-    (run_with_checkpoints / RAY_SNAPSHOT).write_text("{}")  # with a snapshot, Ray's own record wins
+
+
+def test_a_continued_run_starts_from_its_newest_complete_checkpoint_not_rays_latest(run_with_checkpoints, tmp_path):
+    # Ray's snapshot lists 10 and 20; 30 landed complete after it (the driver was killed before Ray recorded it),
+    # and 40 was cut short
+    (run_with_checkpoints / RAY_SNAPSHOT).write_text("{}")
+    model, optimizer = trained_model(1)
+    save(run_with_checkpoints / "checkpoint_000030", model, optimizer, step=30)
+    cut = save(run_with_checkpoints / "checkpoint_000040", model, optimizer, step=40)
+    (cut / "optimizer.pt").write_bytes(b"")
     plan = plan_run(resume_config(tmp_path / "runs"))
-    assert plan.continues_run and plan.resume_from is None
+    assert plan.continues_run and plan.resume_from == str(run_with_checkpoints / "checkpoint_000030")
+    # each worker starts from the newer of the plan's and the one Ray hands it
+    ray_latest = str(run_with_checkpoints / "checkpoint_000020")
+    assert newer_checkpoint(ray_latest, plan.resume_from) == plan.resume_from
+
+
+@pytest.mark.parametrize("reported, planned, expected", [
+    (None, None, None),
+    (None, "/r/checkpoint_000030", "/r/checkpoint_000030"),          # a fresh fit: the plan's
+    ("/r/checkpoint_000020", "/r/checkpoint_000030", "/r/checkpoint_000030"),  # Ray's snapshot lagged the disk
+    ("/r/checkpoint_000050", "/r/checkpoint_000030", "/r/checkpoint_000050"),  # a worker-group restart after 50
+    ("/r/checkpoint_000030", "/r/checkpoint_000030", "/r/checkpoint_000030"),
+    ("s3://b/r/checkpoint_000040/", "/src/checkpoint_000030", "s3://b/r/checkpoint_000040/"),
+    ("/r/checkpoint_000010", "/exports/whole", "/r/checkpoint_000010"),  # a branch's source has no step in its name
+    (None, "/exports/whole", "/exports/whole"),
+])
+def test_newer_checkpoint(reported, planned, expected):
+    assert newer_checkpoint(reported, planned) == expected
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("r1", True), ("debug-20261206-171700-0a1b2c3d", True), ("lr=3e-4_bs+12", True), ("v1.2", True),
+    ("résumé", False), ("run 1", False), ("a/b", False), (".hidden", False), ("-rf", False), ("..", False),
+    ("", False), ("名前", False),
+])
+def test_run_names_are_plain_ascii(tmp_path, name, ok):
+    config = resume_config(tmp_path / "runs", name).replace(model__init_from="scratch")
+    if ok:
+        assert plan_run(config).name == name
+    else:
+        with pytest.raises(ConfigError, match=r"run\.name=.* may hold only ASCII letters, digits and \. _ - \+ ="):
+            plan_run(config)
+    assert not (tmp_path / "runs").exists()  # nothing created either way
+
+
+def test_a_name_made_from_a_preset_file_is_plain_ascii(tmp_path):
+    name = unique_name("my résumé", str(tmp_path))
+    assert name.startswith("my_r_sum_-") and name.isascii()
+    check_run_name(name, "run.name")
 
 
 def test_nothing_to_resume_names_the_way_out(tmp_path):

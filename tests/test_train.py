@@ -16,8 +16,8 @@ from nanogpt.checkpoint import LocalReporter, load_checkpoint
 from nanogpt.checkpoint_files import checkpoint_dirs
 from nanogpt.config import Config, ConfigError
 from nanogpt.devices import resolve_dtype
-from nanogpt.init_from import default_vocab_size
 from nanogpt.model import GPT
+from nanogpt.model_fit import default_vocab_size
 from nanogpt.step import NonFiniteError
 from nanogpt.tracking import JsonlTracker
 from nanogpt.train import TrainContext, train
