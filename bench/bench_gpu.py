@@ -13,7 +13,7 @@ after the step in flight and reports what it measured). The limits add up to 5.5
 so one rerun fits in 15 minutes of device time. Expected on an H200: ~3 minutes, torch.compile the only long part
 (40-90 s). Not measured yet: this script was written without a GPU; its --tiny run is what the tests check.
   data        random but learnable token shards (phrases of GPT-2 token ids drawn from a fixed set, repeated), written
-              with nanogpt.shards.write_shard + a manifest and read back through shards.verify / load_split
+              with nanogpt.data.shards.write_shard + a manifest and read back through shards.verify / load_split
   throughput  GPT-2 124M (block 1024, vocab 50304, bias off), 12 x 1024 tokens per micro-batch, 4 micro-steps per
               update, fused AdamW, grad clip 1.0: (a) eager fp32 with TF32 matmuls, (b) eager bf16 autocast,
               (c) bf16 + torch.compile; tokens/s, MFU against the device's dense peak (nanogpt.metrics), peak memory.
@@ -24,14 +24,14 @@ so one rerun fits in 15 minutes of device time. Expected on an H200: ~3 minutes,
               (bounded by its size: seconds): identical tokens required, tokens/s
   XL step     a GPT-2 XL-shaped model (48 layers, 25 heads, 1600 wide: 1.56B parameters, random weights) in bf16,
               8 x 1024 tokens per update: step time, tokens/s, MFU, peak memory
-  FSDP        train.parallel=fsdp through nanogpt.train on one rank (nccl on CUDA, gloo on a CPU), a 4-layer model
+  FSDP        train.parallel=fsdp through nanogpt.train.loop on one rank (nccl on CUDA, gloo on a CPU), a 4-layer model
               in bf16: 6 updates with sharded checkpoints at 3 and 6, updates 3-5 again resumed from the one at 3,
               and the same run with ddp; the GPU-only paths of FSDP (nccl, bf16 mixed precision, fused AdamW over
               DTensors, DCP writes from GPU memory) checked once. Resumed losses equal on a CPU; on a GPU the
               embedding backward's atomics make them merely close, so the differences are printed
 
-Each update is the training loop's own: nanogpt.step.compute_gradients + read_stats + apply_update, with lr_at's
-warmup, as nanogpt.train runs them; evals and checkpoints are left out (a 124M checkpoint is 1.5 GB and an XL one
+Each update is the training loop's own: nanogpt.train.step.compute_gradients + read_stats + apply_update, with lr_at's
+warmup, as nanogpt.train.loop runs them; evals and checkpoints are left out (a 124M checkpoint is 1.5 GB and an XL one
 19 GB of writes, which measure the disk, not the step).
 
 bf16 against fp32: the per-step losses must agree within REL_BF16 = 2e-2 relative. bf16 keeps 8 significant bits:
@@ -81,16 +81,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 bench/bench_gpu.py` from the repo root
 
-from nanogpt import metrics, shards  # noqa: E402
-from nanogpt.batches import TokenWindows  # noqa: E402
-from nanogpt.checkpoint import LocalReporter  # noqa: E402
+from nanogpt import metrics  # noqa: E402
+from nanogpt.checkpoint.format import LocalReporter  # noqa: E402
 from nanogpt.config import Config, OptimConfig  # noqa: E402
-from nanogpt.devices import Precision  # noqa: E402
+from nanogpt.data import shards  # noqa: E402
+from nanogpt.data.windows import TokenWindows  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
-from nanogpt.parallel import SingleProcess  # noqa: E402
-from nanogpt.schedule import lr_at  # noqa: E402
-from nanogpt.step import StepStats, apply_update, compute_gradients, read_stats  # noqa: E402
-from nanogpt.train import TrainContext, train  # noqa: E402
+from nanogpt.train.devices import Precision  # noqa: E402
+from nanogpt.train.loop import TrainContext, train  # noqa: E402
+from nanogpt.train.parallel import SingleProcess  # noqa: E402
+from nanogpt.train.schedule import lr_at  # noqa: E402
+from nanogpt.train.step import StepStats, apply_update, compute_gradients, read_stats  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 

@@ -8,7 +8,7 @@ machine load: per-step time, and how long the command takes before its first tra
 Each round runs, one after the other, in this order and the next round in the reverse order (so a change in machine
 load hits all three):
   (a) nanoGPT's train.py inner loop (bench/bench_train.py's run_nanogpt_loop), in this process;
-  (b) the plain nanogpt.train.train loop, one process, no Ray (bench/bench_train.py's run_plain), in this process;
+  (b) the plain nanogpt.train.loop.train loop, one process, no Ray (bench/bench_train.py's run_plain), in this process;
   (c) `python pipelines/pretrain.py --config shakespeare_char_cpu --train.max_iters=N --data.dir=... --run.out_dir=
       <fresh temp dir>` as a subprocess, MLflow on (the preset's default: a new sqlite store each time), plus any
       arguments given after `--`.
@@ -68,7 +68,7 @@ log = logging.getLogger("bench_main_job")
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "shakespeare_char_cpu"
 ITER_LINE = re.compile(r"iter (\d+): loss \S+, time ([\d.]+)ms")
-HELPER = "-m pipelines.tracker_process"  # _label of an MLflow helper process
+HELPER = "-m pipelines.mlflow_adapter.tracker_process"  # _label of an MLflow helper process
 # (name, pattern of the first line that marks it), in the order they happen
 MILESTONES = [
     ("Ray ready", re.compile(r"Ray ready:")),
@@ -133,7 +133,7 @@ class ProcUse(NamedTuple):
 def _tree_cpu(root: int) -> dict[int, ProcUse]:
     """What process `root` and every process under it have used so far (Linux /proc): {pid: ProcUse}.
     Ray's processes descend from the driver (gcs_server, raylet, log monitor) or from the raylet (workers, actors).
-    The MLflow helpers started since `root` count too: they are detached from the tree (pipelines/tracker_process.py)."""
+    The MLflow helpers started since `root` count too: they are detached from the tree (pipelines/mlflow_adapter/tracker_process.py)."""
     hz = os.sysconf("SC_CLK_TCK")
     parent, use, started = {}, {}, {}
     for entry in os.listdir("/proc"):
@@ -173,7 +173,7 @@ def _switches(pid: int) -> dict[str, int]:
 
 
 def _label(argv: list[str]) -> str:
-    """`ray::TrainController`, `raylet`, `log_monitor.py`, `-m pipelines.tracker_process`: what a process is."""
+    """`ray::TrainController`, `raylet`, `log_monitor.py`, `-m pipelines.mlflow_adapter.tracker_process`: what a process is."""
     if argv[0].startswith("ray::"):
         return argv[0].split()[0].split(".")[0]
     if "-m" in argv[:3]:
@@ -293,11 +293,11 @@ def main() -> None:
             data_dir = prepare_char_shards(Path(args.input).read_text(encoding="utf-8"), Path(tmp) / "data")
         else:
             parser.error("pass --data-dir, --input or set NANOGPT_TINYSHAKESPEARE")
-        runs: dict[str, list[dict]] = {"(a) nanoGPT's loop": [], "(b) plain nanogpt.train": [], "(c) main job": []}
+        runs: dict[str, list[dict]] = {"(a) nanoGPT's loop": [], "(b) plain nanogpt.train.loop": [], "(c) main job": []}
         timed = args.iters - args.warmup
         bench = {
             "(a) nanoGPT's loop": lambda i: run_nanogpt_loop(config, data_dir, timed, warmup=args.warmup),
-            "(b) plain nanogpt.train": lambda i: run_plain(config, data_dir, timed, warmup=args.warmup),
+            "(b) plain nanogpt.train.loop": lambda i: run_plain(config, data_dir, timed, warmup=args.warmup),
             "(c) main job": lambda i: run_main_job(data_dir, Path(tmp) / f"runs{i}", args.iters, args.warmup,
                                                    config, args.extra, echo=args.echo),
         }
@@ -319,9 +319,9 @@ def main() -> None:
                  " ".join(f"{r['mean_ms_per_iter']:.1f}" for r in results))
     log.info("%-28s %14.1f   %s", "(c) main job, loop timer", med("(c) main job", "loop_ms_per_iter"),
              " ".join(f"{r['loop_ms_per_iter']:.1f}" for r in runs["(c) main job"]))
-    pairs = (("main / plain", "(c) main job", "(b) plain nanogpt.train"),
+    pairs = (("main / plain", "(c) main job", "(b) plain nanogpt.train.loop"),
              ("main / nanoGPT", "(c) main job", "(a) nanoGPT's loop"),
-             ("plain / nanoGPT", "(b) plain nanogpt.train", "(a) nanoGPT's loop"))
+             ("plain / nanoGPT", "(b) plain nanogpt.train.loop", "(a) nanoGPT's loop"))
     log.info("   ".join(f"{label}: {med(top, 'mean_ms_per_iter') / med(bottom, 'mean_ms_per_iter'):.3f}x"
                         for label, top, bottom in pairs))
     # each round's own ratio, its runs minutes apart at most: less of the machine's drift between rounds

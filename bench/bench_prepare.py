@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nanogpt.config import DataConfig  # noqa: E402
-from nanogpt.corpus import resolve_named_corpus  # noqa: E402
+from nanogpt.data.corpus import resolve_named_corpus  # noqa: E402
 
 
 def make_corpus(root: Path, megabytes: float, num_files: int, seed: int = 0) -> list[str]:

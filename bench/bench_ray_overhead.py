@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/..
 from bench.bench_train import prepare_char_shards, run_plain  # noqa: E402
 from nanogpt.config import Config, load_config  # noqa: E402
 from pipelines.pretrain import PRESET_DIR, pretrain  # noqa: E402
-from pipelines.ray_session import init_ray  # noqa: E402
+from pipelines.ray_adapter.session import init_ray  # noqa: E402
 
 log = logging.getLogger("bench_ray_overhead")
 

@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/bench_train.py` from the repo root
 
-from nanogpt import shards  # noqa: E402
 from nanogpt.config import Config, apply_overrides  # noqa: E402
+from nanogpt.data import shards  # noqa: E402
 from nanogpt.tokenizers import CharTokenizer  # noqa: E402
-from nanogpt.train import TrainContext, train  # noqa: E402
+from nanogpt.train.loop import TrainContext, train  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
@@ -121,7 +121,7 @@ def run_nanogpt_loop(config: Config, data_dir: str | Path, iters: int, warmup: i
 
     Random batches by torch.randint over the (single) train shard, loss.item() only at log_interval, no eval."""
     from nanogpt.model import GPT, GPTConfig
-    from nanogpt.train import lr_at
+    from nanogpt.train.loop import lr_at
 
     mc, tc, oc = config.model, config.train, config.optim
     train_data = shards.load_split(data_dir, "train")[0]
@@ -199,10 +199,10 @@ def main() -> None:
             parser.error("pass --data-dir, --input or set NANOGPT_TINYSHAKESPEARE")
         iters = 2000 - args.warmup if args.full else args.iters
         start = time.perf_counter()
-        runs: dict[str, list[dict]] = {"nanoGPT's loop, same machine": [], "nanogpt.train plain loop": []}
+        runs: dict[str, list[dict]] = {"nanoGPT's loop, same machine": [], "nanogpt.train.loop plain loop": []}
         for _ in range(args.repeat):  # alternate, so a change in machine load hits both
             runs["nanoGPT's loop, same machine"].append(run_nanogpt_loop(config, data_dir, iters, warmup=args.warmup))
-            runs["nanogpt.train plain loop"].append(out := run_plain(config, data_dir, iters, warmup=args.warmup))
+            runs["nanogpt.train.loop plain loop"].append(out := run_plain(config, data_dir, iters, warmup=args.warmup))
         wall = time.perf_counter() - start
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("torch %s, %d threads, %s, load average %.2f", torch.__version__, torch.get_num_threads(),
@@ -212,7 +212,7 @@ def main() -> None:
     for name, results in runs.items():
         for r in results:
             log.info("%-30s %10.1f %12s %10.1f", name, r["ms_per_iter"], f"{r['tokens_per_s']:,.0f}", r["mean_ms_per_iter"])
-    ours = statistics.median(r["ms_per_iter"] for r in runs["nanogpt.train plain loop"])
+    ours = statistics.median(r["ms_per_iter"] for r in runs["nanogpt.train.loop plain loop"])
     ref = statistics.median(r["ms_per_iter"] for r in runs["nanoGPT's loop, same machine"])
     log.info("median of %d timed iters each; plain loop / nanoGPT's loop: %.3fx; / ANCHORS figure: %.2fx; "
              "peak RSS %.0f MB; wall %.1fs", iters, ours / ref, ours / NANOGPT_MS_PER_ITER, rss_mb, wall)

@@ -28,8 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/...` from the repo root
 
-from pipelines.sweep_report import pretrain_command  # noqa: E402
-from pipelines.sweep_spec import PRESET_DIR, base_config, check_trials, parse_sweep  # noqa: E402
+from pipelines.sweep.report import pretrain_command  # noqa: E402
+from pipelines.sweep.spec import PRESET_DIR, base_config, check_trials, parse_sweep  # noqa: E402
 
 BASE = "shakespeare_char_cpu"
 

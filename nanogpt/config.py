@@ -66,7 +66,7 @@ class DataConfig:
 
     dir: str | None = None
     """Directory of prepared shards (train_*.bin, val_*.bin, manifest.json), or a URI (s3://, gs://) of one: each
-    node then keeps a verified copy in cache_dir (nanogpt/shard_cache.py)."""
+    node then keeps a verified copy in cache_dir (nanogpt/data/shard_cache.py)."""
     cache_dir: str | None = None
     """Where a node keeps its copy of shards read from a URI data.dir; None: ~/.cache/nanogpt-ray/shards."""
     input: str | None = None

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from nanogpt.checkpoint.weight_shapes import meta_state_dict
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.weight_shapes import meta_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.checkpoint import Checkpoint, build_model, load_checkpoint
-from nanogpt.checkpoint_files import CheckpointError
+from nanogpt.checkpoint.files import CheckpointError
+from nanogpt.checkpoint.format import Checkpoint, build_model, load_checkpoint
 from nanogpt.config import ConfigError
 from nanogpt.model import GPT, sample_next_token
 from nanogpt.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_dict

@@ -1,7 +1,7 @@
 """Where this user's caches live: $XDG_CACHE_HOME/nanogpt-ray, else ~/.cache/nanogpt-ray (the XDG base-directory
 default). Per user, unlike /tmp, where any user of the machine can plant a file or a lock for another to trust.
 
-    user_cache_dir() / "checkpoints"      # nanogpt/checkpoint_copy.py: a node's copies of checkpoints in a store
+    user_cache_dir() / "checkpoints"      # nanogpt/checkpoint/node_copy.py: a node's copies of checkpoints in a store
 """
 
 from __future__ import annotations

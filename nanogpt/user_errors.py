@@ -6,16 +6,16 @@ one in a single line naming the file, key or value, with exit status 2; never as
         log.error("%s", e)
         return 2
 
-A worker's user error ends its run at once, never retried (pipelines/end_on_user_error.py), and reaches the driver
-inside Ray Train's error: pipelines/pretrain.py raises it again as itself (pipelines/user_errors.py).
+A worker's user error ends its run at once, never retried (pipelines/ray_adapter/end_on_user_error.py), and reaches the driver
+inside Ray Train's error: pipelines/pretrain.py raises it again as itself (pipelines/ray_adapter/user_errors.py).
 """
 
 from __future__ import annotations
 
-from nanogpt.checkpoint_files import CheckpointError
+from nanogpt.checkpoint.files import CheckpointError
 from nanogpt.config import ConfigError
-from nanogpt.corpus import CorpusError
-from nanogpt.shards import ShardError
+from nanogpt.data.corpus import CorpusError
+from nanogpt.data.shards import ShardError
 from nanogpt.tokenizers import TokenizerError
 
 USER_ERRORS = (ConfigError, ShardError, CheckpointError, CorpusError, TokenizerError)

@@ -5,9 +5,9 @@
     python pipelines/evaluate.py --config eval_gpt2 --data-dir data/openwebtext        # nanoGPT's eval_gpt2.py
     python pipelines/evaluate.py --config eval_gpt2_xl --train.batch_size=4 --device cuda
 
-The windows are the training loop's eval windows (nanogpt/batches.py): eval_iters * batch_size windows of
+The windows are the training loop's eval windows (nanogpt/data/windows.py): eval_iters * batch_size windows of
 block_size tokens, evenly spaced over the split, so a checkpoint evaluated with its own run's settings (the defaults
-with --checkpoint) gets the val loss the run reported at that step (nanogpt/evaluation.py, the loop's own
+with --checkpoint) gets the val loss the run reported at that step (nanogpt/train/evaluation.py, the loop's own
 evaluation). Bits per byte are exact for the evaluated tokens. The shards are hashed against their manifest first.
 --data-dir defaults to the data.dir of the checkpoint's run (or of the preset).
 """
@@ -28,17 +28,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from nanogpt import shards
-from nanogpt.batches import BatchError
-from nanogpt.checkpoint import load_checkpoint
-from nanogpt.checkpoint_files import CheckpointError
+from nanogpt.checkpoint.files import CheckpointError
+from nanogpt.checkpoint.format import load_checkpoint
 from nanogpt.config import ConfigError, load_config
-from nanogpt.devices import Precision
-from nanogpt.evaluation import evaluate_split
+from nanogpt.data import shards
+from nanogpt.data.shard_cache import local_shards
+from nanogpt.data.windows import BatchError
 from nanogpt.sampling import checkpoint_model
-from nanogpt.shard_cache import local_shards
 from nanogpt.tokenizers import TokenizerError, tokenizer_from_dict
-from pipelines.checkpoint_uris import local_checkpoint_dir
+from nanogpt.train.devices import Precision
+from nanogpt.train.evaluation import evaluate_split
+from pipelines.mlflow_adapter.checkpoint_uris import local_checkpoint_dir
 
 log = logging.getLogger("nanogpt.evaluate")
 

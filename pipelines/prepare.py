@@ -23,14 +23,14 @@ How the work is divided, and why the output never depends on it:
      corpus order already has, and each block holding some is rewritten without them: no text reaches the shards
      twice, in one split or in both. The driver sorts the runs by key (the corpus order, whatever the block
      boundaries), applies the split rule, and cuts each split's token stream into shards of `shard_size` tokens:
-     nanogpt/split_plan.py, plain NumPy.
+     nanogpt/data/split_plan.py, plain NumPy.
   4. Tasks write the shards (temp file, fsync, rename) straight from the blocks; the driver writes manifest.json
      last, after removing the old manifest and shards. No token crosses the driver.
 
 The tail split (nanoGPT's Shakespeare rule) cuts the concatenated characters at int(n * (1 - val_fraction)); the one
 document holding that point is tokenized again as two halves, like nanoGPT's `data[:i]` / `data[i:]`. The random
 split (nanoGPT's openwebtext rule) hashes (seed, file, document) per document. On a multi-node cluster --out must
-be a URI (s3://, gs://: each task uploads its shard as one object, nanogpt/shard_prefix.py) or a filesystem every
+be a URI (s3://, gs://: each task uploads its shard as one object, nanogpt/data/shard_prefix.py) or a filesystem every
 node sees (NFS, FSx): shards are written by the tasks. Parallelism is per
 file (a file is read and split into documents by one task), and a Hugging Face dataset goes through
 `ray.data.from_huggingface`, which copies its table from the driver into the object store: for corpora beyond
@@ -66,9 +66,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from nanogpt import shard_prefix
 from nanogpt.config import ConfigError, DataConfig, load_config
-from nanogpt.corpus import (
+from nanogpt.data import shard_prefix
+from nanogpt.data.corpus import (
     CorpusError,
     InputSource,
     fingerprint,
@@ -77,8 +77,8 @@ from nanogpt.corpus import (
     parse_documents,
     resolve_input,
 )
-from nanogpt.shard_dir import check_owned, lock_shard_dir
-from nanogpt.shards import (
+from nanogpt.data.shard_dir import check_owned, lock_shard_dir
+from nanogpt.data.shards import (
     MANIFEST_NAME,
     SHARD_NAME,
     SPLITS,
@@ -96,7 +96,7 @@ from nanogpt.shards import (
     write_manifest,
     write_shard,
 )
-from nanogpt.split_plan import (
+from nanogpt.data.split_plan import (
     DOC_KEY,
     RUN,
     CutHalves,
@@ -116,9 +116,9 @@ from nanogpt.split_plan import (
     tail_cut,
     tail_split_streams,
 )
-from nanogpt.storage import is_uri, join
+from nanogpt.data.storage import is_uri, join
 from nanogpt.tokenizers import CharTokenizer, Tokenizer, TokenizerError, build_tokenizer
-from pipelines.ray_session import init_ray
+from pipelines.ray_adapter.session import init_ray
 
 log = logging.getLogger("nanogpt.prepare")
 
@@ -199,7 +199,7 @@ def prepare(data: DataConfig, out_dir: str | os.PathLike, force: bool = False) -
 
 
 def _locked(out: str):
-    """The output's lock (a directory's flock); object stores have none (nanogpt/shard_prefix.py)."""
+    """The output's lock (a directory's flock); object stores have none (nanogpt/data/shard_prefix.py)."""
     return contextlib.nullcontext() if is_uri(out) else lock_shard_dir(out)
 
 
@@ -413,7 +413,7 @@ def _cached_tokenizer(name: str) -> Tokenizer:
 
 
 # ------------------------------------------------------------------------------------------ 3. runs and splits
-# The planning itself is nanogpt/split_plan.py; here are the tasks that read the blocks for it.
+# The planning itself is nanogpt/data/split_plan.py; here are the tasks that read the blocks for it.
 
 
 def _tokenize_and_plan(

@@ -18,27 +18,27 @@ FSDP run's as model.safetensors + optimizer.pt), --address / --num-cpus (which R
 running cluster, else a local instance). Exit status: 0 done, 2 bad config/data (found before anything starts, or by
 a worker: a shard damaged in the store), 1 training failed.
 
-The job, in order, on the driver: check the config, the run's name and storage (pipelines/runs.py: an ASCII name,
+The job, in order, on the driver: check the config, the run's name and storage (pipelines/ray_adapter/runs.py: an ASCII name,
 an existing bucket that answers), hash the shards in `data.dir` (a damaged shard is an error naming the file) and
 check what the config asks of them (model.vocab_size, block_size, the checkpoint to resume from: its model shape
-and tokenizer, and the batches' memory against this machine's: nanogpt/batch_memory.py), all before Ray starts;
+and tokenizer, and the batches' memory against this machine's: nanogpt/train/batch_memory.py), all before Ray starts;
 start or join Ray (a cluster's nodes: their memory is checked now); prepare the shards from `data.input` with Ray
 Data when `data.dir` holds none yet (once, before any trainer, then checked as above); open the job's MLflow run
-(pipelines/job_tracking.py); fit the TorchTrainer (pipelines/trainer.py); log and register the best checkpoint and
+(pipelines/mlflow_adapter/job_run.py); fit the TorchTrainer (pipelines/ray_adapter/trainer.py); log and register the best checkpoint and
 end the MLflow run.
 
 A run lives in `<run.out_dir>/<run.name>/`: `checkpoint_<step>/` directories (the best `run.num_to_keep` by
 val_loss, plus always the latest), Ray's checkpoint_manager_snapshot.json, and metrics.jsonl (one JSON line per
 logged step, written by rank 0; a step logged twice after a restart: the last line wins). run.out_dir may be a
-cloud URI (s3://, gs://); under `ray job submit` give an absolute path or URI. See pipelines/runs.py for
+cloud URI (s3://, gs://); under `ray job submit` give an absolute path or URI. See pipelines/ray_adapter/runs.py for
 model.init_from=scratch|resume and run.resume_from. Tokens per step (batch_size * block_size *
 gradient_accumulation_steps) do not depend on run.num_workers, so a run resumed on another worker count continues
 the same optimization; the resumed run makes update <checkpoint step> next, on the same batches.
 
 Failures: with run.max_failures > 0 Ray Train restarts the worker group after a worker dies, and every worker
 resumes from the run's latest reported checkpoint (ray.train.get_checkpoint()), bit-exactly on CPU. A worker's
-config or data error (pipelines/user_errors.py) is never retried: the run ends at once and the driver reports it in
-one line, exit status 2 (pipelines/end_on_user_error.py).
+config or data error (pipelines/ray_adapter/user_errors.py) is never retried: the run ends at once and the driver reports it in
+one line, exit status 2 (pipelines/ray_adapter/end_on_user_error.py).
 """
 # ruff: noqa: E402 -- the two sys.path lines below must run before the project imports
 
@@ -59,19 +59,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nanogpt.batch_geometry import micro_steps_per_rank
-from nanogpt.batch_memory import check_batch_memory, machine_memory
 from nanogpt.config import Config, ConfigError, load_config
-from nanogpt.model_fit import check_resumable_dir, check_vocab_size
-from nanogpt.shards import MANIFEST_NAME, Manifest, ShardError, load_manifest, store_error, verify
-from nanogpt.storage import StorageError, exists, is_uri, join, list_names, resolve_local
+from nanogpt.data.shards import MANIFEST_NAME, Manifest, ShardError, load_manifest, store_error, verify
+from nanogpt.data.storage import StorageError, exists, is_uri, join, list_names, resolve_local
+from nanogpt.train.batch_geometry import micro_steps_per_rank
+from nanogpt.train.batch_memory import check_batch_memory, machine_memory
+from nanogpt.train.model_fit import check_resumable_dir, check_vocab_size
 from nanogpt.user_errors import USER_ERRORS  # "fix the config or the data": one line, exit status 2
-from pipelines.checkpoint_uris import local_checkpoint_dir
-from pipelines.runs import RunPlan, check_writable, plan_run
-from pipelines.user_errors import user_error_of
+from pipelines.mlflow_adapter.checkpoint_uris import local_checkpoint_dir
+from pipelines.ray_adapter.runs import RunPlan, check_writable, plan_run
+from pipelines.ray_adapter.user_errors import user_error_of
 
 if TYPE_CHECKING:
-    from nanogpt.train import OnStep
+    from nanogpt.train.loop import OnStep
 
 log = logging.getLogger("nanogpt.pretrain")
 
@@ -108,13 +108,13 @@ def pretrain(config: Config, preset: str | None = None, *, address: str | None =
                             data__dir=resolve_local(config.data.dir))
     manifest, memory = check_before_ray(config, plan, address)
     if config.run.tracker == "mlflow":
-        from pipelines.mlflow_tracking import resolve_tracking_uri
+        from pipelines.mlflow_adapter.tracker import resolve_tracking_uri
 
         # resolved here: the workers have another cwd, and maybe another environment
         config = config.replace(run__tracking_uri=resolve_tracking_uri(config))
     # With the shards there, the MLflow run opens (imports, store set-up: seconds) while Ray starts.
     with _JobRunOpener(config, plan, early=manifest is not None) as opener:
-        from pipelines.ray_session import init_ray
+        from pipelines.ray_adapter.session import init_ray
 
         init_ray(address=address, num_cpus=num_cpus)
         check_with_ray(config, plan, manifest, memory)
@@ -136,7 +136,7 @@ class _JobRunOpener:
             self.future = self.pool.submit(self._open)
 
     def _open(self) -> str | None:
-        from pipelines.job_tracking import open_job_run
+        from pipelines.mlflow_adapter.job_run import open_job_run
 
         return open_job_run(self.config, self.plan)
 
@@ -153,7 +153,7 @@ class _JobRunOpener:
             return
         self.pool.shutdown(wait=True)
         if exc_type is not None and not self.plan.continues_run and self.future.exception() is None:
-            from pipelines.job_tracking import discard_job_run
+            from pipelines.mlflow_adapter.job_run import discard_job_run
 
             discard_job_run(self.config, self.future.result())
 
@@ -165,7 +165,7 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
     run without logging or registering checkpoints (a sweep registers only its best trial's)."""
     import ray.train
 
-    from pipelines.trainer import build_trainer
+    from pipelines.ray_adapter.trainer import build_trainer
 
     trainer = build_trainer(config, plan, tracking_run_id=run_id, on_step=on_step, callbacks=callbacks)
     log.info("run %s -> %s (%d workers)%s", plan.name, plan.run_dir, config.run.num_workers,
@@ -186,7 +186,7 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
         raise KeyboardInterrupt(plan.name) from None
     outcome = _outcome(plan, result)
     if config.run.tracker == "mlflow":
-        from pipelines.job_tracking import finish_job_run
+        from pipelines.mlflow_adapter.job_run import finish_job_run
 
         best, latest = (outcome.best_checkpoint, outcome.latest_checkpoint) if log_checkpoints else (None, None)
         outcome.tracking = finish_job_run(config, plan, run_id, best, latest)
@@ -195,7 +195,7 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
 
 def _end_job_run(config: Config, plan: RunPlan, run_id: str | None, status: str) -> None:
     if config.run.tracker == "mlflow":
-        from pipelines.job_tracking import finish_job_run
+        from pipelines.mlflow_adapter.job_run import finish_job_run
 
         finish_job_run(config, plan, run_id, None, None, status=status)
 
@@ -253,7 +253,7 @@ def _check_data(config: Config) -> Manifest | None:
     data_dir = config.data.dir
     remote = is_uri(data_dir)
     if exists(join(data_dir, MANIFEST_NAME)):
-        # In object storage each node hashes the shards as it downloads them (nanogpt/shard_cache.py).
+        # In object storage each node hashes the shards as it downloads them (nanogpt/data/shard_cache.py).
         manifest = load_manifest(data_dir) if remote else verify(data_dir)  # ShardError names the damaged file
         _check_manifest(config, manifest)
         return manifest
@@ -300,7 +300,7 @@ def worker_memory(config: Config, address: str | None) -> WorkerMemory | None:
     to start a local instance here; None when it is to join a cluster, whose nodes are known once Ray is up."""
     import ray
 
-    from pipelines.ray_session import starts_local_instance
+    from pipelines.ray_adapter.session import starts_local_instance
 
     if ray.is_initialized():
         return cluster_worker_memory(config)
@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _export_and_sample(checkpoint: str, args: argparse.Namespace) -> None:
     """What --export-checkpoint, --export-nanogpt, --export-hf and --sample ask of the best checkpoint."""
-    from nanogpt.checkpoint import consolidate_checkpoint, export_hf_dir, export_nanogpt_ckpt
+    from nanogpt.checkpoint.format import consolidate_checkpoint, export_hf_dir, export_nanogpt_ckpt
     from nanogpt.sampling import generate_from_checkpoint
 
     with local_checkpoint_dir(checkpoint) as ckpt_dir:

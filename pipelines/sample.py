@@ -27,12 +27,12 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from nanogpt.checkpoint_files import CheckpointError
+from nanogpt.checkpoint.files import CheckpointError
 from nanogpt.config import ConfigError
-from nanogpt.devices import resolve_device, resolve_dtype
 from nanogpt.sampling import load_checkpoint_model, load_pretrained_model, read_prompt, sample_text
 from nanogpt.tokenizers import TokenizerError
-from pipelines.checkpoint_uris import local_checkpoint_dir
+from nanogpt.train.devices import resolve_device, resolve_dtype
+from pipelines.mlflow_adapter.checkpoint_uris import local_checkpoint_dir
 
 log = logging.getLogger("nanogpt.sample")
 

@@ -13,7 +13,7 @@
         --data.dir=/abs/shared/shakespeare_char --tracking-uri http://127.0.0.1:5000
 
 Options: --sweep <name in pipelines/configs/sweeps/ | file.yaml>; --sweep.KEY=VALUE changes the sweep file (see
-pipelines/sweep_spec.py); any --section.key=value changes the base config of every trial; --name (the sweep's
+pipelines/sweep/spec.py); any --section.key=value changes the base config of every trial; --name (the sweep's
 directory under run.out_dir; default <sweep>-<time>-<hex>); --resume <sweep dir>; --tracking-uri; --address /
 --num-cpus (which Ray, as pretrain.py). Exit status: 0 done, 2 bad sweep file or config, or a --resume directory that
 holds no sweep Tune can restore (nothing started), 1 no trial finished.
@@ -21,7 +21,7 @@ holds no sweep Tune can restore (nothing started), 1 no trial finished.
 The driver, in order: read and check the sweep file, the base config and every corner trial's config (unknown keys,
 empty search spaces, batch sizes that cannot keep tokens per step: errors naming the key and value), hash the
 shards, all before Ray starts; start or join Ray; prepare the shards once if there are none; open the sweep's
-MLflow parent run; run the Tuner: one trial = one `run_trial` (pipelines/sweep_trial.py) fitting a TorchTrainer,
+MLflow parent run; run the Tuner: one trial = one `run_trial` (pipelines/sweep/trial.py) fitting a TorchTrainer,
 at most as many at once as the cluster holds; then the table of trials, results.csv, val_loss_vs_lr.png, the best
 trial's checkpoint registered, and a pretrain.py command line that trains its settings as a job of its own (the
 preset's resources per worker, registered as `<the sweep's model>-retrain`: the sweep's best stays the latest
@@ -48,8 +48,8 @@ import logging
 from collections.abc import Sequence
 
 from pipelines.pretrain import USER_ERRORS
-from pipelines.sweep_plan import Sweep, load_sweep, plan_sweep
-from pipelines.sweep_report import FINISHED
+from pipelines.sweep.plan import Sweep, load_sweep, plan_sweep
+from pipelines.sweep.report import FINISHED
 
 log = logging.getLogger("nanogpt.tune")
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.resume) if args.resume else plan_sweep(args.sweep, sweep_args, config_args,
                                                                       args.name)
-        from pipelines.sweep_run import run_sweep
+        from pipelines.sweep.run import run_sweep
 
         outcome = run_sweep(sweep, resume=bool(args.resume), address=args.address, num_cpus=args.num_cpus)
     except USER_ERRORS as e:
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_outcome(sweep: Sweep, outcome) -> None:
-    from pipelines.sweep_report import results_table
+    from pipelines.sweep.report import results_table
 
     print(f"\nsweep {sweep.name}: {len(outcome.rows)} trials in {sweep.sweep_dir}")
     print(results_table(outcome.rows))

@@ -108,7 +108,7 @@ def fill(directory: Path) -> None:
 
 HOLD_LOCK = """
 import sys, time
-from nanogpt.shard_dir import lock_shard_dir
+from nanogpt.data.shard_dir import lock_shard_dir
 with lock_shard_dir(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(300)

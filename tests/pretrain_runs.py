@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nanogpt.config import Config, DataConfig, load_config
 from pipelines.pretrain import PRESET_DIR, PretrainOutcome, pretrain
-from pipelines.runs import RAY_SNAPSHOT
+from pipelines.ray_adapter.runs import RAY_SNAPSHOT
 from tests.faults import CopySnapshotAt
 
 # The debug preset, 30 updates with an eval and a checkpoint every 10; 2 micro-batches per step, so 1 or 2 workers.

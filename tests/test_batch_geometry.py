@@ -1,11 +1,16 @@
-"""nanogpt/batch_geometry.py against values worked out by hand."""
+"""nanogpt/train/batch_geometry.py against values worked out by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from nanogpt.batch_geometry import accumulation_for_tokens, rescale_steps, steps_for_tokens, tokens_per_step
 from nanogpt.config import ConfigError
+from nanogpt.train.batch_geometry import (
+    accumulation_for_tokens,
+    rescale_steps,
+    steps_for_tokens,
+    tokens_per_step,
+)
 
 
 @pytest.mark.parametrize("batch_size, block_size, accumulation, expected", [

@@ -1,12 +1,12 @@
-"""The memory bounds on the batch settings (nanogpt/batch_memory.py): real large settings pass, typos do not, and
+"""The memory bounds on the batch settings (nanogpt/train/batch_memory.py): real large settings pass, typos do not, and
 the error names the setting. The driver's use of them: tests/test_pretrain_checks.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from nanogpt.batch_memory import check_batch_memory, micro_batch_bytes
 from nanogpt.config import Config, ConfigError
+from nanogpt.train.batch_memory import check_batch_memory, micro_batch_bytes
 
 GIB = 2**30
 

@@ -1,7 +1,7 @@
 """Training windows are a pure function of (seed, step, global micro-batch); eval windows are a fixed partition.
 
 `make_char_shards` (also used by test_train.py and test_checkpoint.py) writes a real prepared directory, llm.c
-shards and a manifest, through nanogpt.shards, from a few KB of generated text.
+shards and a manifest, through nanogpt.data.shards, from a few KB of generated text.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt import shards
-from nanogpt.batches import BatchError, TokenWindows, global_micro_batch, rank_share, to_device
+from nanogpt.data import shards
+from nanogpt.data.windows import BatchError, TokenWindows, global_micro_batch, rank_share, to_device
 from nanogpt.tokenizers import CharTokenizer
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "

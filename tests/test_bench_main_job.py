@@ -15,7 +15,7 @@ from bench.bench_main_job import ProcUse, _cpu_split, _label, _tree_cpu
 @pytest.mark.parametrize("argv, label", [
     (["ray::RayTrainWorker", ""], "ray::RayTrainWorker"),
     (["ray::TrainController.run", ""], "ray::TrainController"),
-    (["/venv/bin/python", "-m", "pipelines.tracker_process", "7"], "-m pipelines.tracker_process"),
+    (["/venv/bin/python", "-m", "pipelines.mlflow_adapter.tracker_process", "7"], "-m pipelines.mlflow_adapter.tracker_process"),
     (["/venv/bin/python", "-u", "/venv/lib/ray/_private/log_monitor.py", "--x"], "log_monitor.py"),
     (["/venv/lib/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=s"], "raylet"),
 ])
@@ -60,9 +60,9 @@ def test_tree_cpu_follows_children_and_grandchildren():
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_tree_cpu_counts_the_detached_tracking_helper():
-    """pipelines/tracker_process.py starts its helper outside the tree; the job's CPU still includes it."""
+    """pipelines/mlflow_adapter/tracker_process.py starts its helper outside the tree; the job's CPU still includes it."""
     script = ("import time\nfrom nanogpt.tracking import NullTracker\n"
-              "from pipelines.tracker_process import ProcessTracker\n"
+              "from pipelines.mlflow_adapter.tracker_process import ProcessTracker\n"
               "tracker = ProcessTracker(NullTracker)\nprint('started', flush=True)\ntime.sleep(30)")
     repo = Path(__file__).resolve().parents[1]
     job = subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE, text=True,
@@ -70,7 +70,7 @@ def test_tree_cpu_counts_the_detached_tracking_helper():
     try:
         assert job.stdout.readline().strip() == "started"
         tree = _tree_cpu(job.pid)
-        assert [use.label for use in tree.values()].count("-m pipelines.tracker_process") == 1
+        assert [use.label for use in tree.values()].count("-m pipelines.mlflow_adapter.tracker_process") == 1
     finally:
         job.kill()  # the helper reads the end of its socket and exits
         job.wait()

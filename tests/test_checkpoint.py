@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
-from nanogpt import sharded_checkpoint as sharded
-from nanogpt.checkpoint import (
+from nanogpt.checkpoint.files import CheckpointError, checkpoint_dirs, is_checkpoint, latest_checkpoint
+from nanogpt.checkpoint.format import (
     CheckpointRecord,
     LocalReporter,
     consolidate_checkpoint,
@@ -30,12 +30,12 @@ from nanogpt.checkpoint import (
     load_checkpoint,
     load_model,
     save_checkpoint,
+    sharded,
     write_record,
 )
-from nanogpt.checkpoint_files import CheckpointError, checkpoint_dirs, is_checkpoint, latest_checkpoint
 from nanogpt.config import Config
 from nanogpt.model import GPT, GPTConfig, load_nanogpt_ckpt
-from nanogpt.parallel import SingleProcess, unwrap_model
+from nanogpt.train.parallel import SingleProcess, unwrap_model
 
 CONFIG = Config.from_dict({"model": dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)})
 TOKENIZER = {"name": "char", "vocab_size": 3, "chars": ["a", "b", "c"]}
@@ -65,7 +65,7 @@ def save(path: Path, model, optimizer=None, step: int = 7, best: float = 1.25) -
 
 
 def save_sharded(path: Path, model, optimizer, step: int = 7) -> Path:
-    """A sharded checkpoint as FSDP writes it (nanogpt/sharded_checkpoint.py), written by this process alone: DCP
+    """A sharded checkpoint as FSDP writes it (nanogpt/checkpoint/sharded.py), written by this process alone: DCP
     folders of one rank's shards plus the record, with no process group to start."""
     path.mkdir(parents=True)
     with warnings.catch_warnings():  # DCP: "torch.distributed is disabled ... assuming ... a single process"

@@ -1,4 +1,4 @@
-"""A node's shared copy of a checkpoint in object storage (nanogpt/checkpoint_copy.py), against a real S3 API on
+"""A node's shared copy of a checkpoint in object storage (nanogpt/checkpoint/node_copy.py), against a real S3 API on
 127.0.0.1: the ranks of a node that resume together download it once and no rank rewrites files another reads
 (Ray's Checkpoint.as_directory did: a late rank downloaded again over a copy being read)."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt import storage
-from nanogpt.checkpoint_copy import READER_MARK, node_copy
-from nanogpt.storage import StorageError
+from nanogpt.checkpoint.node_copy import READER_MARK, node_copy
+from nanogpt.data import storage
+from nanogpt.data.storage import StorageError
 
 pytest_plugins = ("tests.s3_server",)
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ FILES = {"model.safetensors": os.urandom(300_000), "optimizer.pt": os.urandom(50
 
 HOLD = """
 import sys
-from nanogpt.checkpoint_copy import node_copy
+from nanogpt.checkpoint.node_copy import node_copy
 with node_copy(sys.argv[1], sys.argv[2]) as d:
     print(d, flush=True)
     sys.stdin.readline()

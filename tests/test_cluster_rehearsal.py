@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nanogpt import storage
+from nanogpt.data import storage
 from tests.local_cluster import (
     cluster_env,
     dashboard_get,

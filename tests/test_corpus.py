@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanogpt import corpus
-from nanogpt.corpus import (
+from nanogpt.data import corpus
+from nanogpt.data.corpus import (
     NAMED_CORPORA,
     CorpusError,
     decode_text,

@@ -1,7 +1,7 @@
-"""The trainer of a job's own Ray instance runs Ray Train's controller in the driver (pipelines/driver_controller.py):
+"""The trainer of a job's own Ray instance runs Ray Train's controller in the driver (pipelines/ray_adapter/lean/driver_controller.py):
 on a real Ray local cluster, with a real worker killed by SIGKILL, it restarts the worker group under FailureConfig,
 hands the restarted worker the last checkpoint, and returns the run's Result, with no controller actor and, for one
-worker, no synchronization actor started (pipelines/lone_worker_sync.py); two workers meet at Ray's synchronization
+worker, no synchronization actor started (pipelines/ray_adapter/lean/lone_worker_sync.py); two workers meet at Ray's synchronization
 actor; and where the driver's thread already runs an event loop (a notebook), the trainer still runs, on Ray's
 controller actor."""
 
@@ -19,7 +19,7 @@ import psutil
 import pytest
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 
-from pipelines.lean_trainer import PrivateInstanceTorchTrainer, backend_config
+from pipelines.ray_adapter.lean.trainer import PrivateInstanceTorchTrainer, backend_config
 
 CONTROLLER, SYNC = "ray::TrainController", "ray::SynchronizationActor"
 

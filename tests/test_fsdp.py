@@ -22,9 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanogpt import shards
-from nanogpt.batches import TokenWindows
-from nanogpt.checkpoint import (
+from nanogpt.checkpoint.files import checkpoint_dirs, is_checkpoint, is_sharded_checkpoint
+from nanogpt.checkpoint.format import (
     LocalReporter,
     consolidate_checkpoint,
     export_hf_dir,
@@ -33,14 +32,15 @@ from nanogpt.checkpoint import (
     load_checkpoint,
     load_model,
 )
-from nanogpt.checkpoint_files import checkpoint_dirs, is_checkpoint, is_sharded_checkpoint
 from nanogpt.config import ConfigError
-from nanogpt.devices import Precision
-from nanogpt.evaluation import evaluate_windows
+from nanogpt.data import shards
+from nanogpt.data.windows import TokenWindows
 from nanogpt.model import GPT, GPTConfig, load_nanogpt_ckpt
 from nanogpt.sampling import generate_from_checkpoint
 from nanogpt.tracking import JsonlTracker
-from nanogpt.train import TrainContext, train
+from nanogpt.train.devices import Precision
+from nanogpt.train.evaluation import evaluate_windows
+from nanogpt.train.loop import TrainContext, train
 from tests.test_batches import make_char_shards
 from tests.test_train import tiny_config
 
@@ -77,7 +77,7 @@ def _init(rank: int, world_size: int, store: str) -> None:
 def _padded_eval(rank: int, world_size: int, data: str) -> dict[str, float]:
     """evaluate_windows on a sharded model with shares of unequal batch counts (3 windows in batches of 1 over 2
     ranks: 2 and 1) and with an empty share (1 window), against the same model whole on this rank."""
-    from nanogpt.fsdp import FullySharded
+    from nanogpt.train.fsdp import FullySharded
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64))
@@ -240,7 +240,7 @@ def test_genuine_sharded_checkpoints_read_through_the_safe_reader(runs):
     files of this test's own run: trusted), and sample.py samples from it."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from nanogpt.dcp_reader import SafeFileSystemReader
+    from nanogpt.checkpoint.dcp_reader import SafeFileSystemReader
     from pipelines import sample
 
     ckpt = runs / "fsdp" / "checkpoint_000006"
@@ -261,7 +261,7 @@ def test_fsdp_without_a_process_group_is_a_config_error(data_dir, tmp_path):
 def test_mlflow_registers_a_sharded_checkpoint_unsharded(runs, tmp_path):
     pytest.importorskip("mlflow")
     from nanogpt.config import Config
-    from pipelines.mlflow_tracking import make_mlflow_tracker, resolve_checkpoint_uri
+    from pipelines.mlflow_adapter.tracker import make_mlflow_tracker, resolve_checkpoint_uri
 
     ckpt = runs / "fsdp" / "checkpoint_000006"
     config = Config().replace(run__out_dir=str(tmp_path), run__name="fsdp", run__experiment="fsdp-test")

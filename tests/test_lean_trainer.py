@@ -1,4 +1,4 @@
-"""The trainers of pipelines/lean_trainer.py are Ray's TorchTrainer less exactly the default callbacks they name:
+"""The trainers of pipelines/ray_adapter/lean/trainer.py are Ray's TorchTrainer less exactly the default callbacks they name:
 Ray Data's datasets callback always, and the placement-group cleaner where the Ray has no State API (a job's own
 local instance), where a fixed-size worker group also sends no resource requests to an autoscaler; a cluster's or a
 sweep's trainer keeps both. A lone worker that replicates the model gets no torch process group, and neither the
@@ -18,10 +18,10 @@ from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
-from pipelines import lean_trainer
-from pipelines.end_on_user_error import EndRunOnUserError
-from pipelines.lean_controller import FixedScalingOnFixedCluster, SingleProcessConfig
-from pipelines.lean_trainer import (
+from pipelines.ray_adapter.end_on_user_error import EndRunOnUserError
+from pipelines.ray_adapter.lean import trainer as lean_trainer
+from pipelines.ray_adapter.lean.controller import FixedScalingOnFixedCluster, SingleProcessConfig
+from pipelines.ray_adapter.lean.trainer import (
     PrivateInstanceTorchTrainer,
     ShardsTorchTrainer,
     backend_config,
@@ -126,8 +126,8 @@ def test_what_the_controller_unpickles_imports_no_torch():
 _BUILD_IN_A_FRESH_DRIVER = """
 import sys
 from nanogpt.config import load_config
-from pipelines.runs import plan_run
-from pipelines.trainer import build_trainer
+from pipelines.ray_adapter.runs import plan_run
+from pipelines.ray_adapter.trainer import build_trainer
 
 config = load_config("debug", sys.argv[2:], search_dirs=[sys.argv[1]])
 build_trainer(config, plan_run(config))

@@ -1,4 +1,4 @@
-"""pipelines/lone_worker_sync.py on a real Ray local cluster: a LoneSync answers Ray Train's calls as its
+"""pipelines/ray_adapter/lean/lone_worker_sync.py on a real Ray local cluster: a LoneSync answers Ray Train's calls as its
 synchronization actor would for a group of one worker, refuses a larger group, and the block leaves Ray's classes
 as it found them."""
 
@@ -8,7 +8,7 @@ import pytest
 import ray
 from ray.train.v2._internal.execution.worker_group import state, worker_group
 
-from pipelines.lone_worker_sync import LoneSync, lone_worker_sync
+from pipelines.ray_adapter.lean.lone_worker_sync import LoneSync, lone_worker_sync
 
 
 def test_a_lone_sync_answers_as_the_actor_would_for_one_worker(ray_local):

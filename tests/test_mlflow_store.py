@@ -1,4 +1,4 @@
-"""A new local MLflow store starts as a copy of a migrated empty one (pipelines/mlflow_store.py): real MLflow, real
+"""A new local MLflow store starts as a copy of a migrated empty one (pipelines/mlflow_adapter/store.py): real MLflow, real
 sqlite files. The copy is the store MLflow would have made (same tables, same schema revision, MLflow adds its
 default experiment the same way), it never replaces a store that exists, where the copy cannot be made MLflow
 makes the store itself, and either way the store is its owner's alone."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.mlflow_store import CACHE_DIR_NAME, seed_sqlite_store
+from pipelines.mlflow_adapter.store import CACHE_DIR_NAME, seed_sqlite_store
 
 
 @pytest.fixture

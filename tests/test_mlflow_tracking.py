@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
 from nanogpt.config import Config
-from pipelines.mlflow_tracking import (
+from pipelines.mlflow_adapter.tracker import (
     MlflowTracker,
     make_mlflow_tracker,
     manifest_fingerprint,
@@ -299,7 +299,7 @@ def test_server_round_trip_resume_and_alias(mlflow_server, tmp_path):
 
 @pytest.mark.slow
 def test_server_dying_mid_run_never_stalls_training_and_buffered_metrics_arrive(mlflow_server, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="pipelines.mlflow_tracking")
+    caplog.set_level(logging.WARNING, logger="pipelines.mlflow_adapter.tracker")
     config = make_config(tmp_path / "out", "outage", "outage-exp", tracking_uri=mlflow_server.uri)
     tracker = make_mlflow_tracker(config, system_metrics=False, retry_interval_s=1.0)
     for step in range(3):

@@ -1,5 +1,5 @@
 """Shards in object storage, against a real S3 API on 127.0.0.1 (moto's server): the store operations, prepare's
-output at a prefix (nanogpt/shard_prefix.py), and a node's verified local copy (nanogpt/shard_cache.py)."""
+output at a prefix (nanogpt/data/shard_prefix.py), and a node's verified local copy (nanogpt/data/shard_cache.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt import shard_prefix, storage
 from nanogpt.config import Config, ConfigError
-from nanogpt.shard_cache import fetch_shards, local_shards
-from nanogpt.shards import (
+from nanogpt.data import shard_prefix, storage
+from nanogpt.data.shard_cache import fetch_shards, local_shards
+from nanogpt.data.shards import (
     MANIFEST_NAME,
     Manifest,
     ShardError,
@@ -25,7 +25,7 @@ from nanogpt.shards import (
     load_split,
     write_shard,
 )
-from pipelines.runs import plan_run
+from pipelines.ray_adapter.runs import plan_run
 from tests.mlflow_server import free_port
 
 pytest_plugins = ("tests.s3_server",)
@@ -139,7 +139,7 @@ def test_a_cache_that_would_fill_the_disk_is_an_error_before_any_download(publis
 
 FETCH = """
 import sys
-from nanogpt.shard_cache import fetch_shards
+from nanogpt.data.shard_cache import fetch_shards
 print(fetch_shards(sys.argv[1], sys.argv[2]).downloaded)
 """
 

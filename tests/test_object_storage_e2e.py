@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt import storage
-from nanogpt.shards import load_manifest
+from nanogpt.data import storage
+from nanogpt.data.shards import load_manifest
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ("tests.s3_server",)

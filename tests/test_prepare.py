@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanogpt.config import ConfigError, DataConfig, load_config
-from nanogpt.corpus import CorpusError, fingerprint, is_val_document, resolve_input
-from nanogpt.shards import MANIFEST_NAME, load_split, read_shard, verify
+from nanogpt.data.corpus import CorpusError, fingerprint, is_val_document, resolve_input
+from nanogpt.data.shards import MANIFEST_NAME, load_split, read_shard, verify
 from nanogpt.tokenizers import tokenizer_from_dict
 from pipelines.prepare import PRESET_DIR, main, pipeline_settings, prepare
 from tests.conftest import hold_lock

@@ -18,7 +18,7 @@ import pytest
 
 from nanogpt.config import ConfigError
 from pipelines.pretrain import main, pretrain
-from pipelines.runs import RAY_SNAPSHOT, plan_run
+from pipelines.ray_adapter.runs import RAY_SNAPSHOT, plan_run
 from tests.faults import KillRankAt
 from tests.pretrain_runs import (
     TOKENS_PER_STEP,

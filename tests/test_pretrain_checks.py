@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt.checkpoint import LocalReporter
+from nanogpt.checkpoint.format import LocalReporter
 from nanogpt.config import load_config
-from nanogpt.train import TrainContext, train
-from pipelines import ray_session
+from nanogpt.train.loop import TrainContext, train
 from pipelines.pretrain import PRESET_DIR, main
+from pipelines.ray_adapter import session as ray_session
 from tests.test_batches import make_char_shards, tiny_text
 
 pytest_plugins = ("tests.s3_server",)

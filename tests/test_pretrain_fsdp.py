@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt.checkpoint import load_checkpoint
-from nanogpt.checkpoint_files import is_checkpoint
+from nanogpt.checkpoint.files import is_checkpoint
+from nanogpt.checkpoint.format import load_checkpoint
 from pipelines.pretrain import main, pretrain
 from tests.faults import KillRankAt
 from tests.pretrain_runs import (
@@ -114,7 +114,7 @@ def test_export_of_the_best_sharded_checkpoint_loads_in_transformers(ray_local, 
     assert sharded.sharded and not whole.sharded and whole.step == 10
     assert all(torch.equal(whole.model_state[k], sharded.model_state[k]) for k in whole.model_state)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
-    from nanogpt.checkpoint import build_model
+    from nanogpt.checkpoint.format import build_model
 
     model = build_model(whole).eval()
     idx = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -170,10 +170,10 @@ def test_mlflow_server_dying_midrun_does_not_stop_training(shards, tmp_path):
 OPEN_WHILE_RAY_STARTS = """
 import sys
 from nanogpt.config import load_config
-from pipelines.mlflow_tracking import resolve_tracking_uri
+from pipelines.mlflow_adapter.tracker import resolve_tracking_uri
 from pipelines.pretrain import PRESET_DIR, _JobRunOpener
-from pipelines.ray_session import init_ray
-from pipelines.runs import plan_run
+from pipelines.ray_adapter.session import init_ray
+from pipelines.ray_adapter.runs import plan_run
 config = load_config("debug", [f"--data.dir={sys.argv[1]}", f"--run.out_dir={sys.argv[2]}"], search_dirs=[PRESET_DIR])
 plan = plan_run(config, "debug")
 config = config.replace(run__tracking_uri=resolve_tracking_uri(config))
@@ -213,7 +213,7 @@ def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
 
     import psutil
 
-    from nanogpt.checkpoint import load_checkpoint
+    from nanogpt.checkpoint.format import load_checkpoint
 
     out, repo = tmp_path / "runs", Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}

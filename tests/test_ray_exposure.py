@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = f"""
 import json, os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from pipelines.ray_session import init_ray, serves_state_api
+from pipelines.ray_adapter.session import init_ray, serves_state_api
 init_ray(address="local", num_cpus=1, state_api=sys.argv[1] == "state_api")
 import ray
 

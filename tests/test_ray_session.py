@@ -9,7 +9,7 @@ import os
 import pytest
 import ray
 
-from pipelines.ray_session import LOCAL_INSTANCE_ENV, _head_without_extras, _prepare_local_instance
+from pipelines.ray_adapter.session import LOCAL_INSTANCE_ENV, _head_without_extras, _prepare_local_instance
 
 
 def test_only_a_sweep_asks_its_local_instance_for_the_dashboard(monkeypatch):

@@ -1,4 +1,4 @@
-"""Rank 0's records of a run in object storage (pipelines/run_records.py) against a real S3 API (moto's server on
+"""Rank 0's records of a run in object storage (pipelines/ray_adapter/run_records.py) against a real S3 API (moto's server on
 127.0.0.1), without Ray: each checkpoint carries them, and a rank 0 whose node was lost (its local files gone, never
 closed) continues from the copy in the checkpoint it resumes from, so that every step is in the history once.
 tests/test_cluster_rehearsal.py loses rank 0's node in a real multi-node run."""
@@ -10,15 +10,15 @@ import os
 import shutil
 from pathlib import Path
 
-from nanogpt import storage
+from nanogpt.data import storage
 from nanogpt.tracking import JsonlTracker, MultiTracker
-from pipelines.run_records import RECORDS_DIR, StoredRecords
+from pipelines.ray_adapter.run_records import RECORDS_DIR, StoredRecords
 
 pytest_plugins = ("tests.s3_server",)
 
 
 def _tracker(records: StoredRecords) -> MultiTracker:
-    """Rank 0's, as pipelines/trainer.py makes it (the JSON lines in the records' directory, the records last)."""
+    """Rank 0's, as pipelines/ray_adapter/trainer.py makes it (the JSON lines in the records' directory, the records last)."""
     return MultiTracker(JsonlTracker(os.path.join(records.local_dir, "metrics.jsonl")), records)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from nanogpt.config import Config, ConfigError
-from pipelines.runs import RAY_SNAPSHOT, check_run_name, newer_checkpoint, plan_run, unique_name
-from pipelines.trainer import committed_or_newest
+from pipelines.ray_adapter.runs import RAY_SNAPSHOT, check_run_name, newer_checkpoint, plan_run, unique_name
+from pipelines.ray_adapter.trainer import committed_or_newest
 from tests.test_checkpoint import save, trained_model
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogpt.checkpoint import export_nanogpt_ckpt
-from nanogpt.checkpoint_files import CheckpointError
+from nanogpt.checkpoint.files import CheckpointError
+from nanogpt.checkpoint.format import export_nanogpt_ckpt
 from pipelines import sample
 from tests.test_checkpoint import RunsCode, restamp, save, save_sharded, trained_model
 

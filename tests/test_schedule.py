@@ -12,7 +12,7 @@ import math
 import pytest
 
 from nanogpt.config import OptimConfig, TrainConfig
-from nanogpt.schedule import lr_at, should_eval, should_save
+from nanogpt.train.schedule import lr_at, should_eval, should_save
 
 C = math.cos(math.pi / 4)  # sqrt(2)/2
 SCHEDULE = OptimConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, lr_decay_iters=8)

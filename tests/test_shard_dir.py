@@ -10,8 +10,8 @@ import socket
 import numpy as np
 import pytest
 
-from nanogpt.shard_dir import LOCK_NAME, check_owned, lock_shard_dir
-from nanogpt.shards import ShardError, load_split, write_shard
+from nanogpt.data.shard_dir import LOCK_NAME, check_owned, lock_shard_dir
+from nanogpt.data.shards import ShardError, load_split, write_shard
 from tests.conftest import hold_lock
 
 

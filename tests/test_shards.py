@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt.shards import (
+from nanogpt.data.shards import (
     HEADER_BYTES,
     MANIFEST_NAME,
     Manifest,

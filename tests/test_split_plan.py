@@ -1,4 +1,4 @@
-"""nanogpt/split_plan.py against small corpora worked out by hand (no Ray, no tokens on disk).
+"""nanogpt/data/split_plan.py against small corpora worked out by hand (no Ray, no tokens on disk).
 
 The corpus of most tests: five documents of two files, tokenized into two blocks that hold them out of order.
 Tokens are the characters themselves (char-level), so every stream can be checked against the text:
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nanogpt.split_plan import (
+from nanogpt.data.split_plan import (
     DOC_KEY,
     RUN,
     TRAIN,

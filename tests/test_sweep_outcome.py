@@ -1,4 +1,4 @@
-"""A trial's durable record (pipelines/sweep_outcome.py): who may replace whose, and what it points at. No Ray; the
+"""A trial's durable record (pipelines/sweep/outcome.py): who may replace whose, and what it points at. No Ray; the
 end-to-end case (a driver killed right after a trial ends) is tests/test_tune.py."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.sweep_outcome import (
+from pipelines.sweep.outcome import (
     OUTCOME_FILE,
     TrialOutcome,
     best_checkpoint_until,
@@ -14,7 +14,7 @@ from pipelines.sweep_outcome import (
     reports_of,
     write_outcome,
 )
-from pipelines.sweep_report import FINISHED, STOPPED
+from pipelines.sweep.report import FINISHED, STOPPED
 
 
 def outcome(status: str, step: int = 40) -> TrialOutcome:

@@ -1,4 +1,4 @@
-"""Sweep files, trial configs and the sweep report: no Ray (pipelines/sweep_spec.py, sweep_plan.py, sweep_report.py).
+"""Sweep files, trial configs and the sweep report: no Ray (pipelines/sweep/spec.py, sweep_plan.py, sweep_report.py).
 Bad sweep files fail through `pipelines/tune.py`'s main with exit status 2 before Ray starts."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import yaml
 
 from nanogpt.config import ConfigError, load_config
 from pipelines import tune
-from pipelines.sweep_plan import plan_sweep
-from pipelines.sweep_report import (
+from pipelines.sweep.plan import plan_sweep
+from pipelines.sweep.report import (
     FINISHED,
     STOPPED,
     TrialRow,
@@ -25,7 +25,7 @@ from pipelines.sweep_report import (
     retrain_config,
     trial_status,
 )
-from pipelines.sweep_spec import (
+from pipelines.sweep.spec import (
     PRESET_DIR,
     SWEEP_DIR,
     base_config,
@@ -150,7 +150,7 @@ def test_bad_sweep_fails_before_ray_naming_key_and_value(tmp_path, caplog, monke
     def no_ray(**kwargs):
         raise AssertionError("the sweep passed every check: Ray would start")
 
-    monkeypatch.setattr("pipelines.ray_session.init_ray", no_ray)  # fails the test if the sweep got that far
+    monkeypatch.setattr("pipelines.ray_adapter.session.init_ray", no_ray)  # fails the test if the sweep got that far
     sweep = write(tmp_path, with_(**changes))
     with caplog.at_level(logging.ERROR, logger="nanogpt.tune"):
         status = tune.main(["--sweep", sweep, f"--run.out_dir={tmp_path / 'out'}", *args])
@@ -170,7 +170,7 @@ def test_resume_of_a_damaged_sweep_fails_before_ray_naming_the_file(tmp_path, ca
     def no_ray(**kwargs):
         raise AssertionError("the resume passed every check: Ray would start")
 
-    monkeypatch.setattr("pipelines.ray_session.init_ray", no_ray)
+    monkeypatch.setattr("pipelines.ray_adapter.session.init_ray", no_ray)
     sweep = plan_sweep(write(tmp_path, TINY), [], [f"--run.out_dir={tmp_path}/out"], "s1")
     if state is not None:
         Path(sweep.sweep_dir, "sweep.yaml").write_text(state)

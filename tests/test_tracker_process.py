@@ -20,8 +20,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from nanogpt.tracking import JsonlTracker
-from pipelines.mlflow_tracking import tracking_uri_for
-from pipelines.tracker_process import ProcessTracker
+from pipelines.mlflow_adapter.tracker import tracking_uri_for
+from pipelines.mlflow_adapter.tracker_process import ProcessTracker
 from tests.test_mlflow_tracking import make_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def ended(pid: int, within: float) -> bool:
 
 def test_a_helper_that_cannot_start_costs_a_warning_not_the_run(caplog):
     tracker = ProcessTracker(failing_factory)
-    with caplog.at_level(logging.WARNING, logger="pipelines.tracker_process"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.mlflow_adapter.tracker_process"):
         deadline = time.monotonic() + 60
         while "is gone" not in caplog.text and time.monotonic() < deadline:
             tracker.log_metrics({"loss": 1.0}, 0)  # each call returns; the first after the helper died warns
@@ -96,8 +96,8 @@ def test_a_helper_that_cannot_start_costs_a_warning_not_the_run(caplog):
 TRAINING_PROCESS = textwrap.dedent("""
     import functools, json, sys, time
     from nanogpt.config import Config
-    from pipelines.job_tracking import start_worker_tracker
-    from pipelines.tracker_process import ProcessTracker
+    from pipelines.mlflow_adapter.job_run import start_worker_tracker
+    from pipelines.mlflow_adapter.tracker_process import ProcessTracker
 
     config = Config.from_dict(json.loads(sys.argv[1]))
     tracker = ProcessTracker(functools.partial(start_worker_tracker, config, sys.argv[2], sys.argv[3]))

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogpt import shards
-from nanogpt.batch_geometry import micro_steps_per_rank
-from nanogpt.checkpoint import LocalReporter, load_checkpoint
-from nanogpt.checkpoint_files import checkpoint_dirs
+from nanogpt.checkpoint.files import checkpoint_dirs
+from nanogpt.checkpoint.format import LocalReporter, load_checkpoint
 from nanogpt.config import Config, ConfigError
-from nanogpt.devices import resolve_dtype
+from nanogpt.data import shards
 from nanogpt.model import GPT
-from nanogpt.model_fit import default_vocab_size
-from nanogpt.step import NonFiniteError
 from nanogpt.tracking import JsonlTracker
-from nanogpt.train import TrainContext, train
+from nanogpt.train.batch_geometry import micro_steps_per_rank
+from nanogpt.train.devices import resolve_dtype
+from nanogpt.train.loop import TrainContext, train
+from nanogpt.train.model_fit import default_vocab_size
+from nanogpt.train.step import NonFiniteError
 from tests.test_batches import make_char_shards
 
 TINY = {

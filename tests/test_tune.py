@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import tune
-from pipelines.sweep_report import FINISHED, STOPPED
+from pipelines.sweep.report import FINISHED, STOPPED
 from tests.faults import ctrl_c_when
 from tests.pretrain_runs import char_shards, eval_records, records, shared_root
 

@@ -1,0 +1,114 @@
+"""One trial of a sweep: the Ray Train V2 driver function that Ray Tune runs per sampled configuration.
+
+    tuner = Tuner(tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0.01}), ...)
+
+The trial builds its config (pipelines/sweep/spec.py), plans its run as `<sweep dir>/trials/trial-<trial id>`
+(a name that stays the same when Tune restarts the trial or a resumed sweep runs it again, so the TorchTrainer
+continues its own checkpoints), opens its MLflow run nested under the sweep's, and fits the same TorchTrainer as
+pipelines/pretrain.py (build_trainer) with a TuneReportCallback. Worker failures are Ray Train's to handle
+(run.max_failures), exactly as in pretrain.py. Its last act is its record, `outcome.json` in its run directory
+(pipelines/sweep/outcome.py): a trial run again after it ended reports that record again and trains nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nanogpt.config import Config
+from nanogpt.train.loop import OnStep
+from pipelines.sweep.outcome import (
+    OUTCOME_FILE,
+    TrialOutcome,
+    outcome_of,
+    read_outcome,
+    reports_of,
+    write_outcome,
+)
+from pipelines.sweep.report import FAILED, trial_status
+from pipelines.sweep.spec import SweepSpec, base_tokens_per_step, trial_config
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial needs from the sweep driver (pickled once into the object store)."""
+
+    spec: SweepSpec
+    base: Config
+    """The base config, resolved by the driver (absolute data.dir, tracking URI)."""
+    trials_dir: str
+    """Ray Train's storage_path for the trials' runs."""
+    parent_run_id: str | None
+    """The sweep's MLflow run; None with run.tracker=none or while the store is unreachable."""
+    on_step: tuple[OnStep, ...] = ()
+    """Hooks run on every worker after each update (benchmarks, tests' faults)."""
+
+
+def trial_run_name(trial_id: str) -> str:
+    return f"trial-{trial_id}"
+
+
+def trial_params(tune_config: Mapping[str, Any], spec: SweepSpec) -> dict[str, Any]:
+    """The swept values of a Tune trial's config, by config key."""
+    return {key: tune_config[key] for key in spec.keys if key in tune_config}
+
+
+def run_trial(tune_config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trainable. Reports reach Tune through TuneReportCallback: it forwards rank 0's metrics only, which
+    is enough here because the loop all-reduces val_loss over every rank before reporting it (nanogpt/train/loop.py),
+    so rank 0's val_loss is the whole model's on the whole fixed eval set, the same number on every rank.
+
+    A trial that has a record (pipelines/sweep/outcome.py) ended before: Tune runs it again because the driver died
+    before Tune saved that. It reports its outcome again and trains nothing. Otherwise it trains, and records that
+    it finished as its last act."""
+    import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_dir = os.path.join(setup.trials_dir, trial_run_name(trial_id))
+    recorded = read_outcome(run_dir)
+    if recorded is not None:
+        report_again(recorded, run_dir)
+        return
+    params = trial_params(tune_config, setup.spec)
+    config = trial_config(setup.spec, setup.base, params)
+    summary = _fit(config.replace(run__name=trial_run_name(trial_id), run__out_dir=setup.trials_dir), setup)
+    step = int(summary.get("step") or 0)
+    metrics = {**summary, "step": step, "tokens": step * base_tokens_per_step(config)}
+    outcome = outcome_of(trial_id, trial_status(False, step, config.train.max_iters), params, metrics, run_dir)
+    write_outcome(run_dir, outcome)
+    if summary.get("start_step", 0) >= step:  # continued at its end (its record was lost): it reported nothing
+        report_again(outcome, run_dir)
+
+
+def report_again(outcome: TrialOutcome, run_dir: str) -> None:
+    """Report a trial that ended before to Tune again (its scheduler and searcher learn it anew) and train nothing;
+    a trial that failed fails again (a resumed sweep does not retry failed trials)."""
+    import ray.tune
+
+    if outcome.status == FAILED:
+        raise RuntimeError(f"{run_dir}: this trial failed before the sweep was resumed ({OUTCOME_FILE}); failed "
+                           "trials are not retried")
+    for metrics in reports_of(outcome, run_dir):
+        ray.tune.report(metrics)
+
+
+def _fit(config: Config, setup: TrialSetup) -> dict[str, Any]:
+    """Fit the trial's TorchTrainer (continuing its own run, if it has one); rank 0's summary (step, start_step,
+    best_val_loss, val_loss)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.pretrain import fit
+    from pipelines.ray_adapter.runs import plan_trial_run
+
+    plan = plan_trial_run(config)
+    run_id = None
+    if config.run.tracker == "mlflow":
+        from pipelines.mlflow_adapter.job_run import open_job_run
+
+        run_id = open_job_run(config, plan, parent_run_id=setup.parent_run_id)
+    # the trial's own MLflow run ends here (FINISHED, or FAILED when Train gives up); the sweep driver marks the
+    # runs of trials its scheduler stopped, and logs and registers the best trial's checkpoint
+    outcome = fit(config, plan, run_id, setup.on_step, callbacks=[TuneReportCallback()], log_checkpoints=False)
+    return outcome.summary
