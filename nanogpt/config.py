@@ -7,7 +7,8 @@ Precedence is CLI > file > defaults. A preset is a YAML file of sections:
 
 and overrides are `--section.key=value` strings (nanoGPT's flat `--key=value` works where the key names one field
 in exactly one section). Values are parsed as YAML scalars and type-checked against the field; unknown keys and
-wrong types raise `ConfigError` naming the key (and the nearest valid key). Nothing is exec'd or eval'd.
+wrong types raise `ConfigError` naming the key (and the nearest valid key): nanogpt/typed_loader.py, the loader that
+sweep files go through too. Nothing is exec'd or eval'd.
 
     cfg = load_config("shakespeare_char_cpu", ["--train.max_iters=100", "--dropout=0.1"], search_dirs=[...])
     cfg.to_flat()  # {"model.n_layer": 4, ...}: the same dict feeds YAML, the CLI, Tune and MLflow params
@@ -16,9 +17,6 @@ wrong types raise `ConfigError` naming the key (and the nearest valid key). Noth
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +24,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message says which and why."""
+from nanogpt.typed_loader import ConfigError, check_known, load_fields, nearest
 
 
 @dataclass(frozen=True)
@@ -284,7 +280,7 @@ def find_preset(name_or_path: str | Path, search_dirs: typing.Sequence[str | Pat
         if c.is_file():
             return c
     known = sorted({p.stem for d in search_dirs if Path(d).is_dir() for p in Path(d).glob("*.yaml")})
-    hint = _nearest(str(name_or_path), known)
+    hint = nearest(str(name_or_path), known)
     raise ConfigError(
         f"no preset named {name_or_path!r} (looked in {', '.join(str(d) for d in search_dirs) or 'nowhere'})"
         + (f"; did you mean {hint!r}?" if hint else "")
@@ -309,13 +305,9 @@ def resolve_key(key: str) -> tuple[str, str]:
     if "." in key:
         section, name = key.split(".", 1)
         if section not in SECTIONS:
-            hint = _nearest(section, list(SECTIONS))
+            hint = nearest(section, list(SECTIONS))
             raise ConfigError(f"unknown config section {section!r} in {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
-        if name not in field_names(section):
-            hint = _nearest(name, field_names(section))
-            raise ConfigError(
-                f"unknown config key {key!r}" + (f"; did you mean '{section}.{hint}'?" if hint else "")
-            )
+        check_known([name], field_names(section), "config key", prefix=f"{section}.")
         return section, name
     owners = [s for s in SECTIONS if key in field_names(s)]
     if len(owners) == 1:
@@ -323,7 +315,7 @@ def resolve_key(key: str) -> tuple[str, str]:
     if len(owners) > 1:
         raise ConfigError(f"config key {key!r} is ambiguous: use one of {', '.join(f'{s}.{key}' for s in owners)}")
     every = [f"{s}.{n}" for s in SECTIONS for n in field_names(s)]
-    hint = _nearest(key, every) or _nearest(key, [n for s in SECTIONS for n in field_names(s)])
+    hint = nearest(key, every) or nearest(key, [n for s in SECTIONS for n in field_names(s)])
     raise ConfigError(f"unknown config key {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
 
 
@@ -351,8 +343,7 @@ def _nest(d: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
                 continue
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: section {key!r} must be a mapping, got {type(value).__name__}")
-            for k, v in value.items():
-                out.setdefault(key, {})[_checked_name(key, k, source)] = v
+            out.setdefault(key, {}).update(value)  # its keys are checked as the section loads
         else:
             try:
                 section, name = resolve_key(str(key))
@@ -362,61 +353,12 @@ def _nest(d: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _checked_name(section: str, name: str, source: str) -> str:
-    if name not in field_names(section):
-        hint = _nearest(str(name), field_names(section))
-        raise ConfigError(
-            f"{source}: unknown config key '{section}.{name}'" + (f"; did you mean '{section}.{hint}'?" if hint else "")
-        )
-    return name
-
-
 def _apply(cfg: Config, changes: dict[str, dict[str, Any]], source: str) -> Config:
-    sections = {}
-    for section, values in changes.items():
-        cls = SECTIONS[section]
-        hints = typing.get_type_hints(cls)
-        current = getattr(cfg, section)
-        checked = {k: _coerce(v, hints[k], f"{section}.{k}", source) for k, v in values.items()}
-        try:
-            sections[section] = dataclasses.replace(current, **checked)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+    sections = {
+        section: load_fields(getattr(cfg, section), values, source, prefix=f"{section}.", noun="config key")
+        for section, values in changes.items()
+    }
     return dataclasses.replace(cfg, **sections)
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check `value` against the field type; ints widen to floats, and '1e-3' is a float."""
-    allowed = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
-    if value is None:
-        if type(None) in allowed:
-            return None
-    for t in allowed:
-        if t is type(None):
-            continue
-        if t is bool and isinstance(value, bool):
-            return value
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _finite(float(value), key, source)
-        if t is float and isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-                number = float(value)
-            except ValueError:
-                continue
-            return _finite(number, key, source)
-        if t is str and isinstance(value, str):
-            return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise ConfigError(f"{source}: {key} must be {names}, got {value!r} ({type(value).__name__})")
-
-
-def _finite(value: float, key: str, source: str) -> float:
-    """No config number is meant to be inf or nan (a learning rate of nan would train nothing, silently)."""
-    if not math.isfinite(value):
-        raise ConfigError(f"{source}: {key} must be a finite number, got {value}")
-    return value
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -428,11 +370,6 @@ def _parse_scalar(raw: str) -> Any:
     if isinstance(value, str) or value is None or isinstance(value, (bool, int, float)):
         return value
     return raw  # lists/maps are not config values: keep the text, the type check will name the key
-
-
-def _nearest(word: str, choices: typing.Sequence[str]) -> str | None:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return close[0] if close else None
 
 
 def _positive(obj: Any, *names: str) -> None:

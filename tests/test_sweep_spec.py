@@ -1,4 +1,4 @@
-"""Sweep files, trial configs and the sweep report: no Ray (pipelines/sweep/spec.py, sweep_plan.py, sweep_report.py).
+"""Sweep files, trial configs and the sweep report: no Ray (pipelines/sweep/spec.py, plan.py, report.py).
 Bad sweep files fail through `pipelines/tune.py`'s main with exit status 2 before Ray starts."""
 
 from __future__ import annotations

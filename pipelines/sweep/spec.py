@@ -27,11 +27,9 @@ The arithmetic is nanogpt/train/batch_geometry.py. Everything here raises Config
 
 from __future__ import annotations
 
-import difflib
 import itertools
-import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +43,21 @@ from nanogpt.train.batch_geometry import (
     steps_for_tokens,
     tokens_per_step,
 )
+from nanogpt.typed_loader import (
+    checked,
+    fraction,
+    integer_at_least,
+    is_finite_number,
+    load_fields,
+    one_of,
+    optional,
+    positive_number,
+)
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 SWEEP_DIR = PRESET_DIR / "sweeps"
 METRIC, MODE = "val_loss", "min"  # all-reduced over ranks by the loop (nanogpt/train/loop.py)
 
-KEYS = ("base", "overrides", "search", "algorithm", "num_samples", "scheduler", "batch", "min_lr_ratio",
-        "max_concurrent_trials", "time_budget_s")
 ALGORITHMS = ("grid", "random", "optuna")
 DISTRIBUTIONS = ("values", "loguniform", "uniform")
 SCHEDULER_KEYS = {"asha": ("name", "time_attr", "grace_period", "reduction_factor"), "fifo": ("name",)}
@@ -60,6 +66,15 @@ BATCH_KEYS = {"tokens_per_step": ("keep", "tokens_per_step"), "token_budget": ("
 # what a trial may not sweep: where it lives and its data (prepared once, by the driver, for every trial)
 FIXED_SECTIONS = ("run", "data")
 SCHEDULE_STEPS = ("optim.warmup_iters", "optim.lr_decay_iters", "train.eval_interval", "train.checkpoint_interval")
+
+
+# ------------------------------------------------------------------------------------------ the spec
+
+
+def _mapping(value: Any, key: str, example: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}={value!r} must be a mapping, e.g. {example}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -75,37 +90,95 @@ class Dimension:
 @dataclass(frozen=True)
 class Scheduler:
     name: str = "fifo"
-    time_attr: str = "tokens"
-    grace_period: int | None = None
+    time_attr: str = checked(one_of(TIME_ATTRS), "tokens")
+    grace_period: int | None = checked(optional(integer_at_least(1)), None)
     """In time_attr units; None: max_t / reduction_factor**3 (three rungs)."""
-    reduction_factor: int = 2
+    reduction_factor: int = checked(integer_at_least(2), 2)
 
 
 @dataclass(frozen=True)
 class BatchRule:
     keep: str
     """tokens_per_step | token_budget"""
-    amount: int | None = None
-    """tokens_per_step or token_budget; None: the base config's."""
+    tokens_per_step: int | None = checked(optional(integer_at_least(1)), None)
+    token_budget: int | None = checked(optional(integer_at_least(1)), None)
+
+    @property
+    def amount(self) -> int | None:
+        """The kept quantity (tokens_per_step or token_budget); None: the base config's."""
+        return self.tokens_per_step if self.keep == "tokens_per_step" else self.token_budget
+
+
+def _scheduler(value: Any, key: str) -> Scheduler:
+    value = _mapping(value or {"name": "fifo"}, key, "{name: asha}")
+    name = one_of(tuple(SCHEDULER_KEYS))(value.get("name"), f"{key}.name")
+    return load_fields(Scheduler, value, f"{key} ({name})", known=SCHEDULER_KEYS[name])
+
+
+def _batch_rule(value: Any, key: str) -> BatchRule:
+    value = _mapping(value, key, "{keep: tokens_per_step}")
+    keep = one_of(tuple(BATCH_KEYS))(value.get("keep"), f"{key}.keep")
+    return load_fields(BatchRule, value, f"{key} (keep: {keep})", known=BATCH_KEYS[keep])
+
+
+def _base(value: Any, key: str) -> str:
+    if not value:
+        raise ConfigError(f"{key} is missing: the training preset every trial starts from, e.g. "
+                          f"{key}: shakespeare_char_cpu")
+    return str(value)
+
+
+def _search(value: Any, key: str) -> tuple[Dimension, ...]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{key}={value!r}: the search space is empty; give at least one config key, "
+                          "e.g. search: {optim.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}}")
+    return tuple(_dimension(k, v, f"{key}.{k}") for k, v in value.items())
+
+
+def _flat_overrides(value: Any, key: str) -> dict[str, Any]:
+    """Flat `section.key` -> value, from sections ({train: {max_iters: 5}}) or flat keys; checked when applied."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r} must be a mapping of config sections or section.key")
+    flat: dict[str, Any] = {}
+    for section, item in value.items():
+        if isinstance(item, dict):
+            flat.update({f"{section}.{k}": v for k, v in item.items()})
+        else:
+            flat[str(section)] = item
+    return flat
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    base: str
-    overrides: dict[str, Any]
+    """A sweep file, typed: every field is checked as nanogpt/typed_loader.py reads the file (`parse_sweep`)."""
+
+    base: str = checked(_base)
+    search: tuple[Dimension, ...] = checked(_search)
+    overrides: dict[str, Any] = checked(_flat_overrides, default_factory=dict)
     """Flat `section.key` -> value, applied to the base preset."""
-    search: tuple[Dimension, ...]
-    algorithm: str = "random"
-    num_samples: int = 1
-    scheduler: Scheduler = Scheduler()
-    batch: BatchRule | None = None
-    min_lr_ratio: float | None = None
-    max_concurrent_trials: int | None = None
-    time_budget_s: float | None = None
+    algorithm: str = checked(one_of(ALGORITHMS), "random")
+    num_samples: int = checked(integer_at_least(1), 1)
+    scheduler: Scheduler = checked(_scheduler, Scheduler())
+    batch: BatchRule | None = checked(optional(_batch_rule), None)
+    min_lr_ratio: float | None = checked(optional(fraction), None)
+    max_concurrent_trials: int | None = checked(optional(integer_at_least(1)), None)
+    time_budget_s: float | None = checked(optional(positive_number), None)
+
+    def __post_init__(self) -> None:
+        if self.algorithm == "grid":
+            for d in self.search:
+                if d.kind != "values":
+                    raise ConfigError(f"search.{d.key}: algorithm grid needs a list of values ({{values: [...]}}), "
+                                      f"got {d.kind}; use algorithm: random or optuna to sample it")
 
     @property
     def keys(self) -> list[str]:
         return [d.key for d in self.search]
+
+
+KEYS = tuple(f.name for f in fields(SweepSpec))
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -144,37 +217,10 @@ def _apply_cli(data: dict[str, Any], arg: str) -> None:
 
 def parse_sweep(data: Mapping[str, Any], source: str = "sweep file") -> SweepSpec:
     """The typed spec of a sweep file's data; unknown keys, empty search spaces and bad values are errors."""
-    _known(data, KEYS, source)
-    if not data.get("base"):
-        raise ConfigError(f"{source}: base is missing: the training preset every trial starts from, e.g. "
-                          "base: shakespeare_char_cpu")
-    search = data.get("search")
-    if not isinstance(search, dict) or not search:
-        raise ConfigError(f"{source}: search={search!r}: the search space is empty; give at least one config key, "
-                          "e.g. search: {optim.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}}")
-    spec = SweepSpec(
-        base=str(data["base"]),
-        overrides=_flat_overrides(data.get("overrides") or {}, source),
-        search=tuple(_dimension(k, v, source) for k, v in search.items()),
-        algorithm=_one_of(data.get("algorithm", "random"), ALGORITHMS, f"{source}: algorithm"),
-        num_samples=_positive_int(data.get("num_samples", 1), f"{source}: num_samples"),
-        scheduler=_scheduler(data.get("scheduler") or {"name": "fifo"}, source),
-        batch=_batch_rule(data["batch"], source) if data.get("batch") is not None else None,
-        min_lr_ratio=_ratio(data.get("min_lr_ratio"), source),
-        max_concurrent_trials=_optional(data.get("max_concurrent_trials"), _positive_int,
-                                        f"{source}: max_concurrent_trials"),
-        time_budget_s=_optional(data.get("time_budget_s"), _positive_number, f"{source}: time_budget_s"),
-    )
-    if spec.algorithm == "grid":
-        for d in spec.search:
-            if d.kind != "values":
-                raise ConfigError(f"{source}: search.{d.key}: algorithm grid needs a list of values "
-                                  f"({{values: [...]}}), got {d.kind}; use algorithm: random or optuna to sample it")
-    return spec
+    return load_fields(SweepSpec, data, source)
 
 
-def _dimension(key: str, value: Any, source: str) -> Dimension:
-    where = f"{source}: search.{key}"
+def _dimension(key: str, value: Any, where: str) -> Dimension:
     try:
         section, name = resolve_key(str(key))
     except ConfigError as e:
@@ -189,34 +235,12 @@ def _dimension(key: str, value: Any, source: str) -> Dimension:
     if not isinstance(args, list) or not args:
         raise ConfigError(f"{where}.{kind}={args!r} must be a non-empty list")
     if kind != "values":
-        if len(args) != 2 or not all(_is_number(a) for a in args) or not float(args[0]) < float(args[1]):
+        if len(args) != 2 or not all(is_finite_number(a) for a in args) or not float(args[0]) < float(args[1]):
             raise ConfigError(f"{where}.{kind}={args!r} must be [low, high]: finite numbers with low < high")
         if kind == "loguniform" and float(args[0]) <= 0:
             raise ConfigError(f"{where}.loguniform={args!r}: the low end must be positive")
         args = [float(a) for a in args]
     return Dimension(f"{section}.{name}", kind, tuple(args))
-
-
-def _scheduler(value: Any, source: str) -> Scheduler:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: scheduler={value!r} must be a mapping, e.g. {{name: asha}}")
-    name = _one_of(value.get("name"), tuple(SCHEDULER_KEYS), f"{source}: scheduler.name")
-    _known(value, SCHEDULER_KEYS[name], f"{source}: scheduler ({name})")
-    return Scheduler(
-        name=name,
-        time_attr=_one_of(value.get("time_attr", "tokens"), TIME_ATTRS, f"{source}: scheduler.time_attr"),
-        grace_period=_optional(value.get("grace_period"), _positive_int, f"{source}: scheduler.grace_period"),
-        reduction_factor=_positive_int(value.get("reduction_factor", 2), f"{source}: scheduler.reduction_factor",
-                                       minimum=2),
-    )
-
-
-def _batch_rule(value: Any, source: str) -> BatchRule:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: batch={value!r} must be a mapping, e.g. {{keep: tokens_per_step}}")
-    keep = _one_of(value.get("keep"), tuple(BATCH_KEYS), f"{source}: batch.keep")
-    _known(value, BATCH_KEYS[keep], f"{source}: batch (keep: {keep})")
-    return BatchRule(keep, _optional(value.get(keep), _positive_int, f"{source}: batch.{keep}"))
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -318,66 +342,3 @@ def max_time(spec: SweepSpec, configs: Sequence[Config]) -> int:
     if spec.scheduler.time_attr == "step":
         return max(c.train.max_iters for c in configs)
     return max(c.train.max_iters * base_tokens_per_step(c) for c in configs)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def _flat_overrides(value: Any, source: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: overrides={value!r} must be a mapping of config sections or section.key")
-    flat: dict[str, Any] = {}
-    for key, item in value.items():
-        if isinstance(item, dict):
-            flat.update({f"{key}.{k}": v for k, v in item.items()})
-        else:
-            flat[str(key)] = item
-    return flat
-
-
-def _known(value: Mapping[str, Any], known: Sequence[str], where: str) -> None:
-    for key in value:
-        if key not in known:
-            hint = difflib.get_close_matches(str(key), known, n=1)
-            raise ConfigError(f"{where}: unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                              + f" (known: {', '.join(known)})")
-
-
-def _one_of(value: Any, allowed: Sequence[str], where: str) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{where}={value!r} must be one of {', '.join(allowed)}")
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    """A finite number (YAML's .nan and .inf are floats, and would pass every comparison check unnoticed)."""
-    if isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))  # YAML reads 1e-4 (no dot) as a string
-    except (TypeError, ValueError):
-        return False
-
-
-def _positive_int(value: Any, where: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}={value!r} must be an integer >= {minimum}")
-    return value
-
-
-def _positive_number(value: Any, where: str) -> float:
-    if not _is_number(value) or float(value) <= 0:
-        raise ConfigError(f"{where}={value!r} must be a positive finite number")
-    return float(value)
-
-
-def _ratio(value: Any, source: str) -> float | None:
-    if value is None:
-        return None
-    if not _is_number(value) or not 0 <= float(value) <= 1:
-        raise ConfigError(f"{source}: min_lr_ratio={value!r} must be a number in [0, 1]")
-    return float(value)
-
-
-def _optional(value: Any, check, where: str):
-    return None if value is None else check(value, where)
