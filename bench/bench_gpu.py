@@ -82,12 +82,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 bench/bench_gpu.py` from the repo root
 
 from nanogpt import metrics  # noqa: E402
-from nanogpt.checkpoint.format import LocalReporter  # noqa: E402
 from nanogpt.config import Config, OptimConfig  # noqa: E402
 from nanogpt.data import shards  # noqa: E402
 from nanogpt.data.windows import TokenWindows  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
 from nanogpt.train.devices import Precision  # noqa: E402
+from nanogpt.train.local_reporter import LocalReporter  # noqa: E402
 from nanogpt.train.loop import TrainContext, train  # noqa: E402
 from nanogpt.train.parallel import SingleProcess  # noqa: E402
 from nanogpt.train.schedule import lr_at  # noqa: E402

@@ -6,7 +6,8 @@ One file, top to bottom, torch only:
 2) huggingface/transformers PyTorch implementation:
    https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
 3) karpathy/nanoGPT model.py, whose module names, state-dict keys, init and RNG order this file keeps, so that a
-   nanoGPT `ckpt.pt` loads here (`load_nanogpt_ckpt`) and our weights load in nanoGPT with strict loading.
+   nanoGPT `ckpt.pt` loads here and our weights load in nanoGPT with strict loading
+   (nanogpt/checkpoint/nanogpt_ckpt.py converts both ways).
 
     from nanogpt.model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65))
@@ -14,9 +15,9 @@ One file, top to bottom, torch only:
     out = model.eval().generate(idx, 100, temperature=0.8, top_k=200)   # KV-cached, same tokens as uncached
     model = nanogpt.hf.from_pretrained("gpt2")     # or a local Hugging Face GPT-2 directory
 
-Nothing here knows about devices, DDP or the training loop: wrap the model from outside
+Nothing here knows about devices, DDP, files or the training loop: wrap the model from outside
 (`torch.compile(model)`, `DistributedDataParallel(model)`), and strip the wrappers' key prefixes with
-`clean_state_dict` when loading what they saved.
+nanogpt/checkpoint/state_dict_keys.py when loading what they saved.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -477,61 +477,3 @@ def sample_next_token(
     probs = F.softmax(logits, dim=-1)
     # sample from the distribution
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# Wrappers that prefix state-dict keys: torch.compile (`_orig_mod.`) and DDP/DataParallel (`module.`).
-_WRAPPER_PREFIXES = ("_orig_mod", "module")
-
-
-def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A nanoGPT-layout state dict without wrapper prefixes or causal-mask buffers, ready for
-    `model.load_state_dict(clean_state_dict(sd))` (strict) here or in nanoGPT's flash-attention model.
-
-    Strips any leading run of `_orig_mod.` / `module.` in any order (compile of DDP, DDP of compile, ...) and
-    `_orig_mod.` anywhere (blocks compiled one by one), and drops the `.attn.bias` causal-mask buffers that
-    nanoGPT registers on its non-flash path (constants, not weights; our load_state_dict skips them anyway,
-    but nanoGPT's flash model would refuse them)."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        while parts and parts[0] in _WRAPPER_PREFIXES:
-            parts = parts[1:]
-        parts = [p for p in parts if p != "_orig_mod"]
-        key = ".".join(parts)
-        if key.endswith(".attn.bias"):  # not ".attn.c_attn.bias": those are weights
-            continue
-        cleaned[key] = value
-    return cleaned
-
-
-def build_from_nanogpt_ckpt(checkpoint: dict[str, Any]) -> GPT:
-    """A GPT from a loaded nanoGPT checkpoint dict ({model, model_args, ...}), weights loaded strictly."""
-    model_args = dict(checkpoint["model_args"])
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(model_args) - known)
-    if unknown:
-        raise ValueError(f"checkpoint model_args has unknown key(s) {unknown}; GPTConfig fields are {sorted(known)}")
-    model = GPT(GPTConfig(**model_args))
-    model.load_state_dict(clean_state_dict(checkpoint["model"]))
-    return model
-
-
-def load_nanogpt_ckpt(path: str | os.PathLike[str]) -> GPT:
-    """A GPT from a nanoGPT `ckpt.pt` ({model, optimizer, model_args, iter_num, best_val_loss, config}).
-
-    Loaded on the CPU with weights_only=True: nanoGPT's checkpoints hold only tensors and plain Python values.
-    The model is returned in train mode, on the CPU, like a freshly built one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, with the offending global in its message
-        raise RuntimeError(
-            f"could not load {path} with torch.load(weights_only=True): {e}\n"
-            "nanoGPT's ckpt.pt holds only tensors and plain values (its 'config' is a dict of str/int/float/bool); "
-            "a checkpoint with other objects (e.g. a custom class in 'config') is refused for safety. If you trust "
-            "the file, unpickle it yourself (at your own risk) and pass the dict to "
-            "nanogpt.model.build_from_nanogpt_ckpt."
-        ) from e
-    for key in ("model", "model_args"):
-        if key not in checkpoint:
-            raise ValueError(f"{path} is not a nanoGPT checkpoint: no {key!r} entry (has {sorted(checkpoint)})")
-    return build_from_nanogpt_ckpt(checkpoint)

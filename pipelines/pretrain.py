@@ -398,7 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _export_and_sample(checkpoint: str, args: argparse.Namespace) -> None:
     """What --export-checkpoint, --export-nanogpt, --export-hf and --sample ask of the best checkpoint."""
-    from nanogpt.checkpoint.format import consolidate_checkpoint, export_hf_dir, export_nanogpt_ckpt
+    from nanogpt.checkpoint.format import consolidate_checkpoint
+    from nanogpt.checkpoint.hf_dir import export_hf_dir
+    from nanogpt.checkpoint.nanogpt_ckpt import export_nanogpt_ckpt
     from nanogpt.sampling import generate_from_checkpoint
 
     with local_checkpoint_dir(checkpoint) as ckpt_dir:

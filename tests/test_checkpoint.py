@@ -22,10 +22,7 @@ from safetensors import safe_open
 from nanogpt.checkpoint.files import CheckpointError, checkpoint_dirs, is_checkpoint, latest_checkpoint
 from nanogpt.checkpoint.format import (
     CheckpointRecord,
-    LocalReporter,
     consolidate_checkpoint,
-    export_hf_dir,
-    export_nanogpt_ckpt,
     full_optimizer_state,
     load_checkpoint,
     load_model,
@@ -33,8 +30,11 @@ from nanogpt.checkpoint.format import (
     sharded,
     write_record,
 )
+from nanogpt.checkpoint.hf_dir import export_hf_dir
+from nanogpt.checkpoint.nanogpt_ckpt import export_nanogpt_ckpt
 from nanogpt.config import Config
-from nanogpt.model import GPT, GPTConfig, load_nanogpt_ckpt
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.train.local_reporter import LocalReporter
 from nanogpt.train.parallel import SingleProcess, unwrap_model
 
 CONFIG = Config.from_dict({"model": dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)})
@@ -205,26 +205,6 @@ def test_saving_over_an_existing_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         save(path, model)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left behind
-
-
-def test_export_nanogpt_ckpt_loads_with_weights_only(tmp_path):
-    model, optimizer = trained_model()
-    path = save(tmp_path / "c", model, optimizer)
-    out = export_nanogpt_ckpt(path, tmp_path / "ckpt.pt")
-    ckpt = torch.load(out, map_location="cpu", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
-    assert ckpt["iter_num"] == 7 and ckpt["best_val_loss"] == 1.25
-    assert ckpt["config"]["model.n_layer"] == 2 and ckpt["config"]["n_layer"] == 2
-    assert "seed" not in ckpt["config"]  # data.seed and train.seed: ambiguous without a section
-    assert all(v is None or isinstance(v, (str, int, float, bool)) for v in ckpt["config"].values())
-    # nanoGPT's sample.py: GPTConfig(**model_args), then a strict load_state_dict
-    fresh = GPT(GPTConfig(**ckpt["model_args"]))
-    fresh.load_state_dict(ckpt["model"], strict=True)
-    idx = torch.randint(0, 64, (2, 16))
-    assert torch.equal(fresh.eval()(idx)[0], model.eval()(idx)[0])
-    assert torch.equal(load_nanogpt_ckpt(out).eval()(idx)[0], model(idx)[0])
-    # nanoGPT's optimizer (same two groups, same parameter order) takes the state
-    fresh.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").load_state_dict(ckpt["optimizer"])
 
 
 def test_export_hf_dir_loads_in_transformers(tmp_path):

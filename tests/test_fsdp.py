@@ -24,22 +24,22 @@ import torch.distributed as dist
 
 from nanogpt.checkpoint.files import checkpoint_dirs, is_checkpoint, is_sharded_checkpoint
 from nanogpt.checkpoint.format import (
-    LocalReporter,
     consolidate_checkpoint,
-    export_hf_dir,
-    export_nanogpt_ckpt,
     full_optimizer_state,
     load_checkpoint,
     load_model,
 )
+from nanogpt.checkpoint.hf_dir import export_hf_dir
+from nanogpt.checkpoint.nanogpt_ckpt import export_nanogpt_ckpt, load_nanogpt_ckpt
 from nanogpt.config import ConfigError
 from nanogpt.data import shards
 from nanogpt.data.windows import TokenWindows
-from nanogpt.model import GPT, GPTConfig, load_nanogpt_ckpt
+from nanogpt.model import GPT, GPTConfig
 from nanogpt.sampling import generate_from_checkpoint
 from nanogpt.tracking import JsonlTracker
 from nanogpt.train.devices import Precision
 from nanogpt.train.evaluation import evaluate_windows
+from nanogpt.train.local_reporter import LocalReporter
 from nanogpt.train.loop import TrainContext, train
 from tests.test_batches import make_char_shards
 from tests.test_train import tiny_config

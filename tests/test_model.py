@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from nanogpt.model import GPT, GPTConfig, KVCache, clean_state_dict, load_nanogpt_ckpt
+import nanogpt.model
+from nanogpt.model import GPT, GPTConfig, KVCache
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
@@ -233,25 +235,6 @@ def test_state_dict_keys_are_nanogpts():
     assert list(model.state_dict()) == NANOGPT_KEYS_1_LAYER
 
 
-def test_clean_state_dict_strips_prefixes_and_mask_buffers():
-    w = torch.zeros(1)
-    sd = {
-        "_orig_mod.transformer.wte.weight": w,
-        "module.transformer.wpe.weight": w,
-        "module._orig_mod.transformer.h.0.attn.c_attn.bias": w,
-        "_orig_mod.module.transformer.h.0.attn.bias": w,  # nanoGPT's non-flash causal mask: dropped
-        "transformer.h.0._orig_mod.mlp.c_fc.weight": w,
-        "lm_head.weight": w,
-    }
-    assert list(clean_state_dict(sd)) == [
-        "transformer.wte.weight",
-        "transformer.wpe.weight",
-        "transformer.h.0.attn.c_attn.bias",
-        "transformer.h.0.mlp.c_fc.weight",
-        "lm_head.weight",
-    ]
-
-
 def test_nanogpt_non_flash_state_dict_loads_directly():
     # nanoGPT without flash attention saves transformer.h.{i}.attn.bias (the causal mask); plain strict
     # load_state_dict skips it, while a genuinely unexpected key is still an error
@@ -266,58 +249,21 @@ def test_nanogpt_non_flash_state_dict_loads_directly():
         target.load_state_dict({**sd, "transformer.h.0.attn.scale": torch.ones(1)})
 
 
-def _nanogpt_ckpt(model: GPT, prefix: str, with_mask_buffers: bool = False) -> dict:
-    """A checkpoint dict laid out as nanoGPT's train.py saves it."""
-    sd = dict(model.state_dict())
-    if with_mask_buffers:  # what nanoGPT's non-flash path registers: (1, 1, T, T) lower-triangular ones
-        T = model.config.block_size
-        for i in range(model.config.n_layer):
-            sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
-    c = model.config
-    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
-                      bias=c.bias, vocab_size=c.vocab_size, dropout=c.dropout)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    return {
-        "model": {prefix + k: v for k, v in sd.items()},
-        "optimizer": optimizer.state_dict(),
-        "model_args": model_args,
-        "iter_num": 250,
-        "best_val_loss": torch.tensor(1.4697),  # nanoGPT stores the estimate_loss() tensor
-        "config": {"out_dir": "out", "batch_size": 12, "learning_rate": 1e-3, "compile": True, "dtype": "bfloat16"},
-    }
-
-
-@pytest.mark.parametrize("prefix", ["", "_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."])
-def test_load_nanogpt_ckpt(tmp_path, prefix):
-    model = tiny()
-    path = tmp_path / "ckpt.pt"
-    torch.save(_nanogpt_ckpt(model, prefix, with_mask_buffers=prefix == "module."), path)
-    loaded = load_nanogpt_ckpt(path)
-    assert loaded.config == model.config
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
-    assert loaded.transformer.wte.weight is loaded.lm_head.weight  # tying survives loading
-
-
-def test_load_nanogpt_ckpt_explains_unsafe_pickles(tmp_path):
-    ckpt = _nanogpt_ckpt(tiny(), "")
-    ckpt["config"] = {"scheduler": KVCache(1, 1)}  # an arbitrary object: refused by weights_only=True
-    path = tmp_path / "ckpt.pt"
-    torch.save(ckpt, path)
-    with pytest.raises(RuntimeError, match="(?s)weights_only=True.*build_from_nanogpt_ckpt"):
-        load_nanogpt_ckpt(path)
-
-
-def test_load_nanogpt_ckpt_rejects_unknown_model_args(tmp_path):
-    ckpt = _nanogpt_ckpt(tiny(), "")
-    ckpt["model_args"]["n_kv_head"] = 2
-    path = tmp_path / "ckpt.pt"
-    torch.save(ckpt, path)
-    with pytest.raises(ValueError, match="n_kv_head"):
-        load_nanogpt_ckpt(path)
-
-
 def test_import_does_not_pull_ray_or_mlflow():
     code = "import sys, nanogpt.model, nanogpt.hf, nanogpt.metrics; print(sorted({'ray', 'mlflow'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_model_file_holds_the_architecture_only():
+    """nanoGPT's readability: model.py imports torch and the standard library (and the MFU table), and reads or
+    writes no files; loading and saving checkpoints, nanoGPT's ckpt.pt included, is nanogpt/checkpoint/'s job."""
+    import ast
+
+    tree = ast.parse(Path(nanogpt.model.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert imported <= {"__future__", "inspect", "logging", "math", "dataclasses", "typing", "torch", "torch.nn",
+                        "nanogpt"}, imported
+    calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert not {c for c in calls if c.startswith(("torch.load", "torch.save", "open", "os."))}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt.checkpoint.format import LocalReporter
 from nanogpt.config import load_config
+from nanogpt.train.local_reporter import LocalReporter
 from nanogpt.train.loop import TrainContext, train
 from pipelines.pretrain import PRESET_DIR, main
 from pipelines.ray_adapter import session as ray_session

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nanogpt.checkpoint.files import CheckpointError
-from nanogpt.checkpoint.format import export_nanogpt_ckpt
+from nanogpt.checkpoint.nanogpt_ckpt import export_nanogpt_ckpt
 from pipelines import sample
 from tests.test_checkpoint import RunsCode, restamp, save, save_sharded, trained_model
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from nanogpt.checkpoint.files import checkpoint_dirs
-from nanogpt.checkpoint.format import LocalReporter, load_checkpoint
+from nanogpt.checkpoint.format import load_checkpoint
 from nanogpt.config import Config, ConfigError
 from nanogpt.data import shards
 from nanogpt.model import GPT
 from nanogpt.tracking import JsonlTracker
 from nanogpt.train.batch_geometry import micro_steps_per_rank
 from nanogpt.train.devices import resolve_dtype
+from nanogpt.train.local_reporter import LocalReporter
 from nanogpt.train.loop import TrainContext, train
 from nanogpt.train.model_fit import default_vocab_size
 from nanogpt.train.step import NonFiniteError

@@ -25,7 +25,7 @@ SCALER_FILE = "scaler.pt"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
-METRICS_FILE = "metrics.json"  # LocalReporter's record of what was reported with the checkpoint
+METRICS_FILE = "metrics.json"  # nanogpt/train/local_reporter.py's record of what was reported with the checkpoint
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")
 # an FSDP run's sharded checkpoint (nanogpt/checkpoint/sharded.py): torch.distributed.checkpoint folders
 MODEL_DIR = "model"

@@ -13,7 +13,7 @@
 An FSDP run writes a sharded checkpoint instead (nanogpt/checkpoint/sharded.py): `model/` and `optimizer/`
 folders of torch.distributed.checkpoint shards in place of model.safetensors and optimizer.pt, one file per rank in
 each, the rest as above. `is_checkpoint`, `load_checkpoint` (the weights read whole), `load_model` and the exports
-take either kind. The file names and the completeness checks (`is_checkpoint`, `check_committed`,
+(nanogpt/checkpoint/nanogpt_ckpt.py, hf_dir.py) take either kind. The file names and the completeness checks (`is_checkpoint`, `check_committed`,
 `latest_checkpoint`) live in nanogpt/checkpoint/files.py, which needs no torch.
 
 The directory is built under a temporary sibling name and renamed into place once state.json is in it. A copy of
@@ -26,13 +26,7 @@ the weights have had: training resumed from it makes update `step` next, exactly
                     best_val_loss=1.9, config=cfg)
     ckpt = load_checkpoint("out/checkpoint_000250")          # Checkpoint(model_state=..., step=250, ...)
     model, config = load_model("out/checkpoint_000250")      # a GPT in eval mode, and the run's Config
-    export_nanogpt_ckpt("out/checkpoint_000250", "ckpt.pt")  # nanoGPT's sample.py loads it
     consolidate_checkpoint("out/checkpoint_000250", "out/whole_000250")   # a sharded checkpoint, unsharded
-    export_hf_dir("out/checkpoint_000250", "hf/")            # transformers.GPT2LMHeadModel.from_pretrained("hf/")
-
-`LocalReporter` is the plain-process `Reporter` for `nanogpt.train.loop.train`: it moves each reported checkpoint into
-`out_dir/checkpoint_<step:06d>` (merging the ranks' parts of a sharded one) and keeps the best (by val_loss) plus
-the latest `num_to_keep`.
 """
 
 from __future__ import annotations
@@ -49,14 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from nanogpt.checkpoint import sharded
 from nanogpt.checkpoint.files import (
     CONFIG_FILE,
     MANIFEST_FILE,
-    METRICS_FILE,
     MODEL_DIR,
     MODEL_FILE,
     OPTIMIZER_DIR,
@@ -66,19 +58,21 @@ from nanogpt.checkpoint.files import (
     TOKENIZER_FILE,
     CheckpointError,
     check_committed,
-    checkpoint_dirs,
     has_optimizer_shards,
     is_sharded,
     read_file,
 )
+from nanogpt.checkpoint.state_dict_keys import clean_state_dict
 from nanogpt.checkpoint.weight_shapes import first_mismatch, meta_state_dict
 from nanogpt.config import Config
 from nanogpt.data.shards import fsync_dir  # files and directories alike
-from nanogpt.model import GPT, MODEL_ARGS, GPTConfig, clean_state_dict
+from nanogpt.model import GPT, MODEL_ARGS, GPTConfig
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -344,135 +338,7 @@ def consolidate_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     )
 
 
-def export_nanogpt_ckpt(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write nanoGPT's `ckpt.pt` ({model, optimizer, model_args, iter_num, best_val_loss, config}) from a checkpoint,
-    sharded or not (a sharded one's weights and AdamW state are read whole).
-
-    Plain types only (config is a flat dict of str/int/float/bool/None), so nanoGPT's sample.py and
-    `torch.load(weights_only=True)` read it. Written to a temporary name and renamed (nanoGPT overwrites in place).
-    """
-    ckpt = load_checkpoint(ckpt_dir, map_location="cpu")
-    flat = ckpt.config.to_flat()
-    bare: dict[str, Any] = {}
-    for key, value in flat.items():  # nanoGPT's config keys have no section: add the unambiguous bare names
-        name = key.split(".", 1)[1]
-        bare[name] = value if name not in bare else _AMBIGUOUS
-    config = {**{k: v for k, v in bare.items() if v is not _AMBIGUOUS}, **flat}
-    payload = {
-        "model": ckpt.model_state,
-        "optimizer": full_optimizer_state(ckpt),
-        "model_args": {k: ckpt.model_args[k] for k in MODEL_ARGS},
-        "iter_num": ckpt.step,
-        "best_val_loss": ckpt.best_val_loss,
-        "config": config,
-    }
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def export_hf_dir(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, vocab_size: int | None = None) -> Path:
-    """A Hugging Face GPT-2 directory (config.json + model.safetensors) from a checkpoint (nanogpt.hf.export_hf).
-    vocab_size cuts a padded vocabulary back to the tokenizer's (50304 -> 50257)."""
-    from nanogpt.hf import export_hf
-
-    model, _ = load_model(ckpt_dir)
-    return export_hf(model, out_dir, vocab_size=vocab_size)
-
-
-# ------------------------------------------------------------------------------------------ plain-process reporter
-
-
-class LocalReporter:
-    """The `Reporter` of a plain process: each reported checkpoint is moved to out_dir/checkpoint_<step:06d>
-    (copied under a temporary name and renamed when the source is on another filesystem), with the reported
-    metrics beside it in metrics.json. Kept: the latest `num_to_keep` (None: all) and the best by val_loss among
-    checkpoints evaluated at their own step. Every report's metrics are appended to `history`.
-
-    Several processes on one machine (torch.distributed initialized: mp.spawn, torchrun) each report, at the same
-    steps: the ranks' parts of a checkpoint (every rank's shards under FSDP, rank 0's whole checkpoint under DDP)
-    are moved into one directory, and rank 0 puts it in place once every rank is done (a collective); no rank returns
-    before it is in place."""
-
-    def __init__(self, out_dir: str | os.PathLike, num_to_keep: int | None = None) -> None:
-        if num_to_keep is not None and num_to_keep < 1:
-            raise ValueError(f"num_to_keep must be >= 1 or None, got {num_to_keep}")
-        self.out_dir = Path(out_dir)
-        self.num_to_keep = num_to_keep
-        self.history: list[dict[str, float]] = []
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        self.history.append(dict(metrics))
-        step = int(metrics["step"])
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            self._put_in_place(step, metrics, checkpoint_dir)
-            return
-        merged = self._merge_parts(step, checkpoint_dir)  # rank 0's; None on the others
-        try:
-            self._put_in_place(step, metrics, merged)
-        finally:
-            dist.barrier()  # no rank goes on (to resume from it, to read the latest) before it is in place
-
-    def _put_in_place(self, step: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is None:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.out_dir / f"checkpoint_{step:06d}"
-        staging = self.out_dir / f".{dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            try:
-                os.rename(checkpoint_dir, staging)  # same filesystem: instant
-            except OSError:
-                shutil.copytree(checkpoint_dir, staging)
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
-            (staging / METRICS_FILE).write_text(json.dumps({k: _json_number(v) for k, v in metrics.items()}) + "\n")
-            if dest.exists():  # a rerun reaching the same step: the new checkpoint wins
-                trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-                os.rename(dest, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(staging, dest)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        log.info("saved checkpoint %s", dest)
-        self._prune()
-
-    def _merge_parts(self, step: int, part: str | None) -> str | None:
-        """Collective: every rank moves its part (if any) into one directory; rank 0 gets it (None if empty)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        token = [uuid.uuid4().hex[:8]]
-        dist.broadcast_object_list(token, src=0)  # one fresh directory name for all ranks
-        merged = self.out_dir / f".checkpoint_{step:06d}.parts-{token[0]}"
-        if part is not None:
-            _move_files(Path(part), merged)
-        dist.barrier()  # every part is in
-        if dist.get_rank() != 0:
-            return None
-        return str(merged) if merged.exists() else None
-
-    def _prune(self) -> None:
-        if self.num_to_keep is None:
-            return
-        found = checkpoint_dirs(self.out_dir)
-        keep = {p for _, p in found[-self.num_to_keep:]}
-        scored = [(m["val_loss"], s, p) for s, p in found if (m := _read_metrics(p)) is not None
-                  and m.get("val_loss") is not None and m.get("val_loss_step", s) == s]
-        if scored:
-            keep.add(min(scored)[2])
-        for _, p in found:
-            if p not in keep:
-                shutil.rmtree(p, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------ helpers
-
-_AMBIGUOUS = object()
 
 
 def _dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -488,28 +354,3 @@ def _dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         seen[ident] = key
         tensors[key] = t.detach().cpu().contiguous()
     return tensors, tied
-
-
-def _move_files(src: Path, dest: Path) -> None:
-    """Every file under src to the same relative path under dest (folders merged), then src removed."""
-    for file in sorted(p for p in src.rglob("*") if p.is_file()):
-        target = dest / file.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(file), str(target))  # a rename on one filesystem, a copy across
-    shutil.rmtree(src, ignore_errors=True)
-
-
-def _read_metrics(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((path / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _json_number(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-

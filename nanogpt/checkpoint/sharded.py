@@ -10,7 +10,7 @@ inside a checkpoint directory, and the readers that turn them back into whole te
         config.yaml, tokenizer.json, manifest.json, state.json   as in nanogpt/checkpoint/format.py (rank 0's part)
 
 Every rank writes its own part (`write_shards`) into a directory of its own; the reporter merges the parts (Ray
-Train uploads every rank's directory into one checkpoint; checkpoint.LocalReporter moves them into one). DCP
+Train uploads every rank's directory into one checkpoint; nanogpt/train/local_reporter.py moves them into one). DCP
 reshards on load: a checkpoint written by N ranks loads on M (`load_optimizer_shards`), and `read_full` reads it
 whole in a plain process with no process group (export, sampling, a DDP or 1-process resume). Both read through
 nanogpt/checkpoint/dcp_reader.py, which runs no pickle from the folder and allocates nothing its metadata merely declares.

@@ -3,7 +3,7 @@ and inside a Ray Train worker. What differs between those (rank, world size, dev
 checkpoints go) is passed in as a `TrainContext` and a `Reporter`.
 
     from nanogpt.config import load_config
-    from nanogpt.checkpoint.format import LocalReporter
+    from nanogpt.train.local_reporter import LocalReporter
     from nanogpt.train.loop import TrainContext, train
 
     cfg = load_config("shakespeare_char_cpu", ["--train.max_iters=200"], search_dirs=["pipelines/configs"])

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt.checkpoint.format import Checkpoint, CheckpointRecord, full_optimizer_state, save_checkpoint
-from nanogpt.model import GPT, clean_state_dict
+from nanogpt.checkpoint.state_dict_keys import clean_state_dict
+from nanogpt.model import GPT
 
 
 class Strategy(Protocol):
