@@ -1,4 +1,5 @@
 """The output directory of pipelines/prepare.py: one writer at a time, and no file touched that prepare did not write.
+`ShardDir` is its implementation of the shard-output interface (nanogpt/data/shard_output.py).
 
     with lock_shard_dir(out):     # ShardError naming the holder (pid, host, start) when another run holds it
         check_owned(out)          # ShardError when `out` holds someone else's files and no manifest
@@ -17,21 +18,71 @@ import fcntl
 import json
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
 
 from nanogpt.data.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     SHARD_NAME,
     TEMP_MARKER,
+    Manifest,
     ShardError,
+    ShardInfo,
+    fsync_dir,
+    verify,
     write_error,
+    write_manifest,
+    write_shard,
 )
 
 LOCK_NAME = ".prepare.lock"
+
+
+@dataclass(frozen=True)
+class ShardDir:
+    """prepare's output in a directory (local, or a filesystem every node mounts): flock-ed, each shard written in
+    place by the task that makes it (temporary name, fsync, rename), an existing output checked by sha256."""
+
+    location: str
+    verified_by: ClassVar[str] = "sha256"
+
+    def lock(self) -> AbstractContextManager:
+        return lock_shard_dir(self.location)
+
+    def check_owned(self) -> None:
+        check_owned(self.location)
+
+    def has_manifest(self) -> bool:
+        return (Path(self.location) / MANIFEST_NAME).exists()
+
+    def check_shards(self, manifest: Manifest) -> Manifest:
+        """Every shard of the output as its manifest lists it, hashed (a damaged one is a rebuild, not a no-op)."""
+        return verify(self.location, check_hashes=True)
+
+    def remove_output(self) -> None:
+        """The manifest first (the output stops looking complete), then shards and stray temporary files."""
+        directory = Path(self.location)
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest = directory / MANIFEST_NAME
+        if manifest.exists():
+            _remove(manifest)
+            fsync_dir(directory)
+        for path in directory.iterdir():
+            if SHARD_NAME.match(path.name) or (TEMP_MARKER in path.name and path.name.startswith(".")):
+                _remove(path)
+
+    def write_shard(self, name: str, tokens: Sequence[np.ndarray], vocab_size: int) -> ShardInfo:
+        return write_shard(Path(self.location) / name, tokens, vocab_size)
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        write_manifest(self.location, manifest)
 
 
 @contextmanager
@@ -150,3 +201,10 @@ def _write_holder(path: Path, fd: int) -> None:
         os.pwrite(fd, json.dumps(holder).encode(), 0)
     except OSError as e:
         raise write_error(path, e) from None
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise write_error(path, e, "cannot remove") from None

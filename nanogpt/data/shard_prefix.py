@@ -1,5 +1,6 @@
 """pipelines/prepare.py's output at a URI prefix (`--out s3://bucket/shards`, any pyarrow URI): what shard_dir.py
-and the local writes do for a directory, done with objects.
+does for a directory, done with objects. `ShardPrefix` is its implementation of the shard-output interface
+(nanogpt/data/shard_output.py).
 
     check_owned("s3://bucket/shards")          # ShardError when the prefix holds objects prepare did not write
     remove_output("s3://bucket/shards")        # manifest first (the output stops looking complete), then shards
@@ -14,8 +15,16 @@ time are not prevented; run one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
 
 from nanogpt.data.shard_dir import is_own_file
 from nanogpt.data.shards import (
@@ -24,8 +33,10 @@ from nanogpt.data.shards import (
     SHARD_NAME,
     Manifest,
     ShardError,
+    ShardInfo,
     shard_file_bytes,
     store_error,
+    write_shard,
 )
 from nanogpt.data.storage import (
     StorageError,
@@ -37,6 +48,42 @@ from nanogpt.data.storage import (
     upload,
     write_bytes,
 )
+
+
+@dataclass(frozen=True)
+class ShardPrefix:
+    """prepare's output at a URI prefix: no lock (object stores have none), each shard written on the task's node and
+    uploaded as one object, an existing output checked by the size of each shard (hashing would download them all;
+    each training node hashes its download)."""
+
+    location: str
+    verified_by: ClassVar[str] = "size"
+
+    def lock(self) -> AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def check_owned(self) -> None:
+        check_owned(self.location)
+
+    def has_manifest(self) -> bool:
+        return manifest_exists(self.location)
+
+    def check_shards(self, manifest: Manifest) -> Manifest:
+        check_sizes(self.location, manifest)
+        return manifest
+
+    def remove_output(self) -> None:
+        remove_output(self.location)
+
+    def write_shard(self, name: str, tokens: Sequence[np.ndarray], vocab_size: int) -> ShardInfo:
+        with tempfile.TemporaryDirectory(prefix="nanogpt-shard-") as tmp:  # on the task's node; one shard at a time
+            local = os.path.join(tmp, name)
+            info = write_shard(local, tokens, vocab_size)
+            upload_shard(local, join(self.location, name))  # one object, visible when its upload completes
+        return info
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        write_manifest(self.location, manifest)
 
 
 def check_owned(prefix: str) -> None:
