@@ -78,7 +78,8 @@ class GPT2Tokenizer:
 
     def encode_flat(self, texts: Sequence[str], append_eot: bool = False) -> tuple[np.ndarray, np.ndarray]:
         # tiktoken's Rust core can write a document's tokens as a uint32 buffer (what its public encode_to_numpy
-        # wraps): no Python int per token, which makes bulk tokenization ~20% faster than encode_ordinary lists.
+        # wraps): no Python int per token, so bulk tokenization is faster than encode_ordinary's lists
+        # (bench/NOTES.md).
         # With no special token allowed it is encode_ordinary.
         encode_buffer = getattr(self._enc._core_bpe, "encode_to_tiktoken_buffer", None)
         eot = np.array([self.eot_token], dtype="<u4").tobytes() if append_eot else None

@@ -1,7 +1,7 @@
 """What a checkpoint directory holds and whether it is complete, without torch: its file names, its state.json
 (the commit record, written last) and the checks on it. nanogpt/checkpoint/format.py writes and loads checkpoints; the
 drivers, run planning and the MLflow tracker's helper process read their records through this module alone, so
-they do not pay torch's import (about 2 s of CPU).
+they do not pay torch's import (bench/NOTES.md, "Figures behind the code's comments").
 
     check_committed("out/checkpoint_000250")   # state.json, or CheckpointError naming the missing/short file
     latest_checkpoint("out")                   # the newest complete checkpoint_<step> directory, or None

@@ -30,9 +30,9 @@ import torch
 
 from nanogpt.checkpoint.files import MODEL_DIR, OPTIMIZER_DIR
 
-# torch.distributed.checkpoint is imported in the functions that use it: its import takes about 1 s of CPU, which
-# every process that imports nanogpt.checkpoint.format would pay (the driver before Ray starts, each worker before step 0),
-# and only FSDP runs and their checkpoints need it.
+# torch.distributed.checkpoint is imported in the functions that use it: its import costs CPU (bench/NOTES.md) that
+# every process that imports nanogpt.checkpoint.format would pay (the driver before Ray starts, each worker before step
+# 0), and only FSDP runs and their checkpoints need it.
 
 
 def write_shards(dir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:

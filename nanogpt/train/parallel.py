@@ -128,7 +128,7 @@ def strategy_for(rank: int, world_size: int, device: str, parallel: str = "ddp",
     """`parallel` is train.parallel: fsdp shards the model (also on one rank); ddp replicates it (no wrapper at all
     on one process). `dtype`: the compute dtype, FSDP's mixed-precision policy."""
     if parallel == "fsdp":
-        from nanogpt.train.fsdp import FullySharded  # here: torch.distributed.fsdp takes about 1 s to import
+        from nanogpt.train.fsdp import FullySharded  # here: DDP runs skip torch.distributed.fsdp's import
 
         return FullySharded(rank, world_size, device, dtype)
     return SingleProcess() if world_size == 1 else DataParallel(rank, world_size, device)
