@@ -135,6 +135,29 @@ def _search(value: Any, key: str) -> tuple[Dimension, ...]:
     return tuple(_dimension(k, v, f"{key}.{k}") for k, v in value.items())
 
 
+def _dimension(key: str, value: Any, where: str) -> Dimension:
+    try:
+        section, name = resolve_key(str(key))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if section in FIXED_SECTIONS:
+        raise ConfigError(f"{where}: {section}.* cannot be swept (the driver decides where trials live and "
+                          "prepares their data once); set it in overrides or on the command line")
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}={value!r} must be one of {{values: [...]}}, {{loguniform: [low, high]}}, "
+                          "{uniform: [low, high]}")
+    kind, args = next(iter(value.items()))
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{where}.{kind}={args!r} must be a non-empty list")
+    if kind != "values":
+        if len(args) != 2 or not all(is_finite_number(a) for a in args) or not float(args[0]) < float(args[1]):
+            raise ConfigError(f"{where}.{kind}={args!r} must be [low, high]: finite numbers with low < high")
+        if kind == "loguniform" and float(args[0]) <= 0:
+            raise ConfigError(f"{where}.loguniform={args!r}: the low end must be positive")
+        args = [float(a) for a in args]
+    return Dimension(f"{section}.{name}", kind, tuple(args))
+
+
 def _flat_overrides(value: Any, key: str) -> dict[str, Any]:
     """Flat `section.key` -> value, from sections ({train: {max_iters: 5}}) or flat keys; checked when applied."""
     if value is None:
@@ -218,29 +241,6 @@ def _apply_cli(data: dict[str, Any], arg: str) -> None:
 def parse_sweep(data: Mapping[str, Any], source: str = "sweep file") -> SweepSpec:
     """The typed spec of a sweep file's data; unknown keys, empty search spaces and bad values are errors."""
     return load_fields(SweepSpec, data, source)
-
-
-def _dimension(key: str, value: Any, where: str) -> Dimension:
-    try:
-        section, name = resolve_key(str(key))
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    if section in FIXED_SECTIONS:
-        raise ConfigError(f"{where}: {section}.* cannot be swept (the driver decides where trials live and "
-                          "prepares their data once); set it in overrides or on the command line")
-    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
-        raise ConfigError(f"{where}={value!r} must be one of {{values: [...]}}, {{loguniform: [low, high]}}, "
-                          "{uniform: [low, high]}")
-    kind, args = next(iter(value.items()))
-    if not isinstance(args, list) or not args:
-        raise ConfigError(f"{where}.{kind}={args!r} must be a non-empty list")
-    if kind != "values":
-        if len(args) != 2 or not all(is_finite_number(a) for a in args) or not float(args[0]) < float(args[1]):
-            raise ConfigError(f"{where}.{kind}={args!r} must be [low, high]: finite numbers with low < high")
-        if kind == "loguniform" and float(args[0]) <= 0:
-            raise ConfigError(f"{where}.loguniform={args!r}: the low end must be positive")
-        args = [float(a) for a in args]
-    return Dimension(f"{section}.{name}", kind, tuple(args))
 
 
 # ------------------------------------------------------------------------------------------ configs
