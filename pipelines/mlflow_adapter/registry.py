@@ -60,7 +60,7 @@ def register_checkpoint(tracker: MlflowTracker, checkpoint_dir: str | os.PathLik
         name = sanitize_model_name(model_name or f"{tracker.experiment}-{tracker.run_name}")
         return _log_and_register(client, tracker.tracking_uri, run_id, src, name)
 
-    return tracker.call(f"register checkpoint {src}", register)
+    return tracker.call(f"register checkpoint {src}", register, last_try=True)
 
 
 def log_final_checkpoint(tracker: MlflowTracker, checkpoint_dir: str | os.PathLike) -> None:

@@ -350,18 +350,18 @@ class MlflowTracker:
         self._submit(lambda: self._queue(f"log text {artifact_file}",
                                          lambda: self.client.log_text(self._run_id, text, artifact_file)))
 
-    def call(self, what: str, fn: Callable[[MlflowClient, str], T]) -> T | None:
-        """`fn(client, run_id)` on the tracker's thread, once everything logged before it has been sent, with one
-        try even while the breaker is open (the driver's last calls of a job, e.g. registry.py's). Its result; None,
-        with a warning, when the store is unreachable or refused it."""
+    def call(self, what: str, fn: Callable[[MlflowClient, str], T], last_try: bool = False) -> T | None:
+        """`fn(client, run_id)` on the tracker's thread, once everything logged before it has been sent (the driver's
+        calls at the end of a job, e.g. registry.py's). Its result; None, with a warning, when the store is
+        unreachable or refused it. `last_try`: one try even while the breaker is open, as close() makes."""
         results: list[T] = []
 
         def job() -> None:
-            self.breaker.probe_next()
-            if not self._flush_now():
+            if last_try:
+                self.breaker.probe_next()
+            done = self._flush_now() and self._guarded(what, lambda: results.append(fn(self.client, self._run_id)))
+            if not done:
                 log.warning("MLflow at %s is unreachable: %s was not done", self.tracking_uri, what)
-                return
-            self._guarded(what, lambda: results.append(fn(self.client, self._run_id)))
 
         self._submit(job, wait=True)
         return results[0] if results else None
