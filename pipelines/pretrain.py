@@ -108,7 +108,7 @@ def pretrain(config: Config, preset: str | None = None, *, address: str | None =
                             data__dir=resolve_local(config.data.dir))
     manifest, memory = check_before_ray(config, plan, address)
     if config.run.tracker == "mlflow":
-        from pipelines.mlflow_adapter.tracker import resolve_tracking_uri
+        from pipelines.mlflow_adapter.store import resolve_tracking_uri
 
         # resolved here: the workers have another cwd, and maybe another environment
         config = config.replace(run__tracking_uri=resolve_tracking_uri(config))

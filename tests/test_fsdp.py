@@ -261,13 +261,14 @@ def test_fsdp_without_a_process_group_is_a_config_error(data_dir, tmp_path):
 def test_mlflow_registers_a_sharded_checkpoint_unsharded(runs, tmp_path):
     pytest.importorskip("mlflow")
     from nanogpt.config import Config
-    from pipelines.mlflow_adapter.tracker import make_mlflow_tracker, resolve_checkpoint_uri
+    from pipelines.mlflow_adapter.checkpoint_uris import resolve_checkpoint_uri
+    from pipelines.mlflow_adapter.job_run import make_mlflow_tracker
+    from pipelines.mlflow_adapter.registry import register_checkpoint
 
     ckpt = runs / "fsdp" / "checkpoint_000006"
     config = Config().replace(run__out_dir=str(tmp_path), run__name="fsdp", run__experiment="fsdp-test")
     tracker = make_mlflow_tracker(config, world_size=2, device="cpu", manifest={"vocab_size": 8})
-    tracker.log_checkpoint(ckpt, "best")
-    version = tracker.register_best()
+    version = register_checkpoint(tracker, ckpt)
     tracker.close()
     local = Path(resolve_checkpoint_uri(f"models:/fsdp-test-fsdp/{version}", dst=tmp_path / "got",
                                         tracking_uri=tracker.tracking_uri))

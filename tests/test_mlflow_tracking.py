@@ -18,12 +18,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
 from nanogpt.config import Config
-from pipelines.mlflow_adapter.tracker import (
-    MlflowTracker,
-    make_mlflow_tracker,
-    manifest_fingerprint,
-    resolve_checkpoint_uri,
-)
+from pipelines.mlflow_adapter.checkpoint_uris import resolve_checkpoint_uri
+from pipelines.mlflow_adapter.job_run import finish_job_run, make_mlflow_tracker, open_job_run
+from pipelines.mlflow_adapter.registry import log_final_checkpoint, register_checkpoint
+from pipelines.mlflow_adapter.run_tags import manifest_fingerprint
+from pipelines.mlflow_adapter.tracker import MlflowTracker
+from pipelines.ray_adapter.runs import RunPlan
 
 pytest_plugins = ("tests.mlflow_server",)
 
@@ -87,9 +87,9 @@ def check_round_trip(client: MlflowClient, tracker: MlflowTracker, config: Confi
 
     files = artifact_paths(client, run.info.run_id)
     assert {"config.yaml", "data/manifest.json", "samples/step_000002.txt", "plots/loss_curve.png",
-            "checkpoints/best/model.safetensors", "checkpoints/best/config.yaml", "checkpoints/best/state.json",
             "checkpoints/final/model.safetensors", "checkpoints/final/optimizer.pt"} <= files
-    assert "checkpoints/best/optimizer.pt" not in files  # the registered model carries no pickle
+    # the best checkpoint is the run's logged model (below), not also a copy in the run's artifacts: stored once
+    assert not [f for f in files if f.startswith("checkpoints/best/")]
     got = Path(client.download_artifacts(run.info.run_id, "samples/step_000002.txt", str(tmp_path / "dl")))
     assert got.read_text() == "ROMEO: sample at step 2"
     png = Path(client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path / "dl")))
@@ -152,9 +152,8 @@ def run_training_like_job(config: Config, checkpoint: Path, **tracker_kwargs) ->
                                   entry_point="pipelines/pretrain.py", **tracker_kwargs)
     log_losses(tracker)
     tracker.log_text("ROMEO: sample at step 2", "samples/step_000002.txt")
-    tracker.log_checkpoint(checkpoint, "best")
-    tracker.log_checkpoint(checkpoint, "final")
-    version = tracker.register_best()
+    version = register_checkpoint(tracker, checkpoint)
+    log_final_checkpoint(tracker, checkpoint)
     if tracker.system_metrics:  # a real job runs for minutes: give the sampler the time for its first point
         wait_for_system_metrics(tracker)
     tracker.close()
@@ -185,7 +184,8 @@ def test_local_store_round_trip_without_server(tmp_path, monkeypatch):
 
     assert tracker.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
     assert (out / "mlflow.db").is_file()
-    assert list((out / "mlartifacts" / "local-exp").glob(f"{tracker.run_id}/artifacts/checkpoints/best/*"))
+    assert list((out / "mlartifacts" / "local-exp").glob(f"{tracker.run_id}/artifacts/checkpoints/final/*"))
+    assert list((out / "mlartifacts" / "local-exp").glob("models/*/artifacts/model.safetensors"))  # the best
     client = MlflowClient(tracker.tracking_uri)
     check_round_trip(client, tracker, config, checkpoint, version, tmp_path)
     metrics = client.get_run(tracker.run_id).data.metrics
@@ -350,3 +350,36 @@ def test_points_that_wait_out_an_outage_go_out_when_the_store_is_back_without_a_
     _wait_for(lambda: len(history(client, run_id, "train/loss")) == 5, timeout=30)
     assert tracker.reachable and tracker.num_buffered_points == 0
     tracker.close()
+
+
+def requests_for(log_text: str, file_name: str) -> list[str]:
+    """The HTTP methods of the access-log lines (uvicorn's: `"PUT /path HTTP/1.1" 200`) whose path ends in `file_name`."""
+    methods = []
+    for line in log_text.splitlines():
+        _, _, request = line.partition('"')
+        method, _, rest = request.partition(" ")
+        path = rest.split(" HTTP/", 1)[0].split("?", 1)[0]
+        if path.endswith("/" + file_name):
+            methods.append(method)
+    return methods
+
+
+@pytest.mark.slow
+def test_registering_the_best_checkpoint_sends_its_weights_once(mlflow_server, tmp_path):
+    """The driver's end of a job against a real server: the best checkpoint's weights go up once, as the logged model
+    that is registered, are never downloaded again, and the server's artifact store holds them once."""
+    config = make_config(tmp_path / "out", "once", "once-exp", tracking_uri=mlflow_server.uri)
+    checkpoint = fake_checkpoint(tmp_path / "checkpoint_000004", config, step=4, val_loss=2.99)
+    weights = (checkpoint / "model.safetensors").read_bytes()
+    plan = RunPlan(name="once", storage_path=str(tmp_path / "out"), run_dir=str(tmp_path / "out" / "once"),
+                   resume_from=None, continues_run=False)
+    run_id = open_job_run(config, plan)
+    logged_before = len(mlflow_server.log_path.read_text())
+    info = finish_job_run(config, plan, run_id, best_checkpoint=str(checkpoint), latest_checkpoint=None)
+    assert info is not None and info["model_uri"] == "models:/once-exp/1"
+
+    assert requests_for(mlflow_server.log_path.read_text()[logged_before:], "model.safetensors") == ["PUT"]
+    stored = [p for p in mlflow_server.artifacts.rglob("model.safetensors") if p.read_bytes() == weights]
+    assert len(stored) == 1, stored
+    local = resolve_checkpoint_uri(info["model_uri"], dst=tmp_path / "got", tracking_uri=mlflow_server.uri)
+    assert (Path(local) / "model.safetensors").read_bytes() == weights

@@ -83,7 +83,8 @@ def test_two_workers_one_restart_one_mlflow_run(mlflow_server, shards, tmp_path,
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "data", "checkpoints", "plots", "samples"} <= artifacts
-    best = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
+    [best_model] = [o.model_id for o in run.outputs.model_outputs]  # the best checkpoint: the run's logged model
+    best = {Path(a.path).name for a in client.list_logged_model_artifacts(best_model)}
     final = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints/final")}
     assert {"model.safetensors", "config.yaml", "tokenizer.json", "state.json"} <= best
     assert "optimizer.pt" not in best and "optimizer.pt" in final  # the registered model holds no pickles
@@ -170,7 +171,7 @@ def test_mlflow_server_dying_midrun_does_not_stop_training(shards, tmp_path):
 OPEN_WHILE_RAY_STARTS = """
 import sys
 from nanogpt.config import load_config
-from pipelines.mlflow_adapter.tracker import resolve_tracking_uri
+from pipelines.mlflow_adapter.store import resolve_tracking_uri
 from pipelines.pretrain import PRESET_DIR, _JobRunOpener
 from pipelines.ray_adapter.session import init_ray
 from pipelines.ray_adapter.runs import plan_run

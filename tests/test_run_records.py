@@ -12,14 +12,14 @@ from pathlib import Path
 
 from nanogpt.data import storage
 from nanogpt.tracking import JsonlTracker, MultiTracker
-from pipelines.ray_adapter.run_records import RECORDS_DIR, StoredRecords
+from pipelines.ray_adapter.run_records import RECORDS_DIR, LocalRecords
 
 pytest_plugins = ("tests.s3_server",)
 
 
-def _tracker(records: StoredRecords) -> MultiTracker:
+def _tracker(records: LocalRecords) -> MultiTracker:
     """Rank 0's, as pipelines/ray_adapter/trainer.py makes it (the JSON lines in the records' directory, the records last)."""
-    return MultiTracker(JsonlTracker(os.path.join(records.local_dir, "metrics.jsonl")), records)
+    return MultiTracker(JsonlTracker(os.path.join(records.local_dir, "metrics.jsonl")), records.upload_at_close())
 
 
 def _log_updates(tracker: MultiTracker, steps: range) -> None:
@@ -27,7 +27,7 @@ def _log_updates(tracker: MultiTracker, steps: range) -> None:
         tracker.log_metrics({"loss": 10.0 - step / 10}, step)
 
 
-def _checkpoint(records: StoredRecords, run_dir: str, step: int, tmp_path: Path) -> str:
+def _checkpoint(records: LocalRecords, run_dir: str, step: int, tmp_path: Path) -> str:
     """What RayReporter and Ray do at a checkpoint: the records go into the local checkpoint directory, which is then
     uploaded whole. Returns the checkpoint's URI."""
     local = tmp_path / f"checkpoint_{step:06d}"
@@ -47,7 +47,7 @@ def _stored(run_dir: str, name: str = "metrics.jsonl") -> list[dict]:
 
 def test_a_restarted_rank0_continues_from_the_checkpoints_records_with_every_step_once(s3, tmp_path):
     run_dir = s3.bucket_uri("runs/r")
-    first = StoredRecords(run_dir, None)
+    first = LocalRecords.fetch(run_dir, None)
     tracker = _tracker(first)
     tracker.log_params({"optim.learning_rate": 1e-3})
     _log_updates(tracker, range(0, 10))
@@ -56,7 +56,7 @@ def test_a_restarted_rank0_continues_from_the_checkpoints_records_with_every_ste
     _log_updates(tracker, range(10, 15))
     shutil.rmtree(first.local_dir)  # rank 0's node is lost: its files go with it, and it never closes
 
-    second = StoredRecords(run_dir, checkpoint)
+    second = LocalRecords.fetch(run_dir, checkpoint)
     assert second.local_dir != first.local_dir
     tracker = _tracker(second)
     _log_updates(tracker, range(10, 20))  # the restarted group makes update 10 next
@@ -74,14 +74,14 @@ def test_a_restarted_rank0_continues_from_the_checkpoints_records_with_every_ste
 
 def test_without_records_in_the_checkpoint_a_continued_run_appends_to_the_stored_history(s3, tmp_path):
     run_dir = s3.bucket_uri("runs/r")
-    first = StoredRecords(run_dir, None)
+    first = LocalRecords.fetch(run_dir, None)
     tracker = _tracker(first)
     _log_updates(tracker, range(0, 5))
     tracker.close()
     old_checkpoint = storage.join(run_dir, "checkpoint_000005")  # a checkpoint from before records were kept in it
     storage.write_bytes(storage.join(old_checkpoint, "state.json"), b'{"step": 5}')
 
-    tracker = _tracker(StoredRecords(run_dir, old_checkpoint))
+    tracker = _tracker(LocalRecords.fetch(run_dir, old_checkpoint))
     _log_updates(tracker, range(5, 8))
     tracker.close()
     assert [r["step"] for r in _stored(run_dir)] == list(range(8))

@@ -20,7 +20,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from nanogpt.tracking import JsonlTracker
-from pipelines.mlflow_adapter.tracker import tracking_uri_for
+from pipelines.mlflow_adapter.store import tracking_uri_for
 from pipelines.mlflow_adapter.tracker_process import ProcessTracker
 from tests.test_mlflow_tracking import make_config
 

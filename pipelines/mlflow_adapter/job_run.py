@@ -12,12 +12,17 @@ it, and so does a driver whose workers had to create the run themselves (the sto
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
+import os
+from typing import Any
 
 from nanogpt.config import Config
 from pipelines.mlflow_adapter.checkpoint_uris import local_checkpoint_dir
-from pipelines.mlflow_adapter.tracker import MlflowTracker, make_mlflow_tracker, sanitize_model_name
+from pipelines.mlflow_adapter.registry import log_final_checkpoint, register_checkpoint
+from pipelines.mlflow_adapter.run_tags import manifest_dict, standard_tags
+from pipelines.mlflow_adapter.store import sanitize_model_name
+from pipelines.mlflow_adapter.tracker import MlflowTracker
 from pipelines.ray_adapter.runs import RunPlan
 
 log = logging.getLogger(__name__)
@@ -26,12 +31,40 @@ RUN_DIR_TAG = "nanogpt.run_dir"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # nests a run under another in the UI (a sweep's trials under the sweep)
 
 
+def make_mlflow_tracker(
+    config: Config,
+    *,
+    run_id: str | None = None,
+    world_size: int = 1,
+    device: Any = "cpu",
+    manifest: Any = None,
+    entry_point: str | None = None,
+    **kwargs: Any,
+) -> MlflowTracker:
+    """The tracker of a training job, started: run `run_id` continued (None: a new run), the flattened config as
+    params, `standard_tags` as tags, the resolved config and the dataset manifest as artifacts.
+
+    Returns at once: importing mlflow, a new sqlite store's migrations and the run's creation happen on the
+    tracker's thread while the worker loads the data and builds the model."""
+    tracker = MlflowTracker.from_config(config, **kwargs)
+    tracker.start(run_id, wait=False)
+    tracker.log_params(config.to_flat())
+    tracker.set_tags(standard_tags(config, world_size, device, manifest, entry_point))
+    tracker.log_text(config.to_yaml(), "config.yaml")
+    manifest_data = manifest_dict(manifest)
+    if manifest_data is not None:
+        tracker.log_text(json.dumps(manifest_data, indent=2, sort_keys=True, default=str) + "\n", "data/manifest.json")
+        source = manifest if isinstance(manifest, (str, os.PathLike)) else config.data.dir
+        tracker.log_dataset(manifest_data, source)
+    return tracker
+
+
 def job_tracker(config: Config, run_dir: str, **kwargs) -> MlflowTracker:
     """An unstarted tracker for the job of `run_dir` (a new run gets the run-dir tag when it is created)."""
     return MlflowTracker.from_config(config, run_tags={RUN_DIR_TAG: run_dir}, **kwargs)
 
 
-# Rank 0 sends its metric points every 5 s, not at each log line (see MlflowTracker's metrics_interval_s)
+# Rank 0 sends its metric points every 5 s, not at each log line (MlflowTracker's metrics_interval_s, bench/NOTES.md)
 WORKER_METRICS_INTERVAL_S = 5.0
 
 
@@ -81,24 +114,24 @@ def find_job_run(config: Config, run_dir: str) -> str | None:
 
 def finish_job_run(config: Config, plan: RunPlan, run_id: str | None, best_checkpoint: str | None,
                    latest_checkpoint: str | None, status: str = "FINISHED") -> dict[str, str] | None:
-    """After fit(): log the best and the final checkpoint, register the best as a new version of
-    run.registered_model, draw the loss curve and end the run with `status`. Tracking failures are warnings."""
+    """After fit(): register the best checkpoint as a new version of run.registered_model (its files logged once, as
+    the run's logged model), log the final checkpoint, draw the loss curve and end the run with `status`. Tracking
+    failures are warnings."""
     run_id = run_id or find_job_run(config, plan.run_dir)
     if run_id is None:
         log.warning("no MLflow run was created for this job (the store stayed unreachable): checkpoints not logged")
         return None
     model_name = sanitize_model_name(config.run.registered_model or config.run.experiment)
-    tracker = job_tracker(config, plan.run_dir, registered_model_name=model_name, system_metrics=False)
+    tracker = job_tracker(config, plan.run_dir, system_metrics=False)
     tracker.start(run_id)
     version = None
-    with contextlib.ExitStack() as stack:
-        if best_checkpoint is not None:
-            tracker.log_checkpoint(stack.enter_context(local_checkpoint_dir(best_checkpoint)), "best")
-        if latest_checkpoint is not None:
-            tracker.log_checkpoint(stack.enter_context(local_checkpoint_dir(latest_checkpoint)), "final")
-        if best_checkpoint is not None:
-            version = tracker.register_best()
-        tracker.close(status)
+    if best_checkpoint is not None:
+        with local_checkpoint_dir(best_checkpoint) as best:
+            version = register_checkpoint(tracker, best, model_name)
+    if latest_checkpoint is not None:
+        with local_checkpoint_dir(latest_checkpoint) as latest:
+            log_final_checkpoint(tracker, latest)
+    tracker.close(status)
     info = {"tracking_uri": tracker.tracking_uri, "run_id": run_id}
     if version is not None:
         info["model_uri"] = f"models:/{model_name}/{version}"

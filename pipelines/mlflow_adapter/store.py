@@ -1,15 +1,15 @@
-"""The local MLflow store (sqlite) of a run directory, and how a new one starts: as a copy of an empty store that
-MLflow already migrated, kept in the user's cache directory per MLflow version.
+"""Which MLflow store a command uses, and how a new local one (sqlite) starts: as a copy of an empty store that MLflow
+already migrated, kept in the user's cache directory per MLflow version.
 
-    db = sqlite_path(tracking_uri)     # the database file of a sqlite:/// store, None for other stores
-    seed_sqlite_store(tracking_uri)    # before the first MlflowClient of a store that may not exist yet
+    uri = resolve_tracking_uri(config)   # run.tracking_uri, else MLFLOW_TRACKING_URI, else <run.out_dir>/mlflow.db
+    db = sqlite_path(uri)                # the database file of a sqlite:/// store, None for other stores
+    seed_sqlite_store(uri)               # before the first MlflowClient of a store that may not exist yet
 
-MLflow creates a new sqlite store by running every schema migration since its first release: about 4 s of one core
-here, on the driver's way to `fit()` (the job's run is opened before the workers start) in every new run.out_dir.
-A copy of the migrated, empty database is the same file MLflow would have written before it adds its default
-experiment, which it then adds itself (with this store's artifact root): opening the job's run took 1.7 s instead of
-4.1 (3 alternating runs each, import of mlflow aside). The copy appears whole or not at all, and never replaces a
-store that exists; where anything of this fails, MLflow creates its tables in an empty file instead.
+Why a copy: MLflow creates a new sqlite store by running every schema migration since its first release, seconds of
+one core on the driver's way to `fit()` in every new run.out_dir (figures in bench/NOTES.md). The copy is the same
+file MLflow would have written before it adds its default experiment, which it then adds itself (with this store's
+artifact root). It appears whole or not at all, and never replaces a store that exists; where anything of this
+fails, MLflow creates its tables in an empty file instead.
 
 The store holds every run's params, metrics and tags, and the registry: it is the owner's alone, mode 0600 (sqlite
 gives its journal the same mode), in a directory of mode 0700 when this module creates it.
@@ -20,13 +20,55 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 
+from nanogpt.config import Config, RunConfig
+from nanogpt.data.storage import is_uri
+
 log = logging.getLogger(__name__)
 
 CACHE_DIR_NAME = "nanogpt-ray"
+
+
+def default_tracking_uri(out_dir: str | os.PathLike) -> str:
+    """The local store for a run directory: `sqlite:///<abs out_dir>/mlflow.db` (no server needed)."""
+    if is_uri(out_dir):  # s3://, gs://: sqlite cannot live there
+        local = Path.cwd()
+        log.warning("run.out_dir=%s is not a local path: the MLflow store goes to %s/mlflow.db "
+                    "(set run.tracking_uri to use a server)", out_dir, local)
+    else:
+        local = Path(out_dir).expanduser().resolve()
+    return f"sqlite:///{local / 'mlflow.db'}"
+
+
+def tracking_uri_for(explicit: str | None, out_dir: str | os.PathLike | None = None) -> str:
+    """The one rule for which store a command uses: `explicit` (run.tracking_uri, --tracking-uri), else
+    MLFLOW_TRACKING_URI, else the local sqlite store of `out_dir` (default: run.out_dir's default, where pretrain
+    puts it)."""
+    if explicit:
+        return explicit
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir or RunConfig().out_dir)
+
+
+def resolve_tracking_uri(config: Config) -> str:
+    """The training job's store (tracking_uri_for its run section). Resolve this on the driver and pass it to
+    workers in the config: workers have another cwd, and maybe another environment."""
+    return tracking_uri_for(config.run.tracking_uri, config.run.out_dir)
+
+
+def sanitize_model_name(name: str) -> str:
+    """A registered-model name (and a folder name): letters, digits, `_ . -`; anything else becomes `-`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "nanogpt"
+
+
+def local_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite database, not in the cwd (MLflow's default);
+    None for a server, which chooses its own."""
+    db = sqlite_path(tracking_uri)
+    return None if db is None else (db.parent / "mlartifacts" / sanitize_model_name(experiment)).as_uri()
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:

@@ -4,9 +4,9 @@
     tracker.log_metrics({"loss": 1.2}, step)   # one write to a socket; MLflow's work happens in the helper
     tracker.close()                             # waits until the helper has sent everything
 
-Why a process and not a thread: MLflow's import and its sqlite store take about 3 s of CPU, holding the GIL, right
-when rank 0 builds its model; and every later call it makes competes with the training thread for the GIL. In a
-helper process that work runs on another core, beside the training. The helper builds its tracker by calling the
+Why a process and not a thread: MLflow's import and its sqlite store take seconds of CPU (bench/NOTES.md), holding
+the GIL, right when rank 0 builds its model; and every later call it makes competes with the training thread for the
+GIL. In a helper process that work runs on another core, beside the training. The helper builds its tracker by calling the
 picklable `factory` it is sent, then replays each call in order. When the training process dies (a SIGKILL, a lost
 node), the helper reads the end of its socket, closes its tracker (sending what it has) and exits.
 

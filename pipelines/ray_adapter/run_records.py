@@ -2,9 +2,10 @@
 private local directory, put into every checkpoint rank 0 reports, and copied into the run's directory when rank 0
 closes.
 
-    records = StoredRecords(run_dir, resume_from)   # its local_dir holds what the run has logged so far
-    records.add_to_checkpoint(checkpoint_dir)       # before the checkpoint is reported (Ray uploads it whole)
-    records.close()                                  # the run's directory gets them
+    records = LocalRecords.fetch(run_dir, resume_from)   # its local_dir holds what the run has logged so far
+    records.add_to_checkpoint(checkpoint_dir)            # before the checkpoint is reported (Ray uploads it whole)
+    tracker = MultiTracker(JsonlTracker(...), records.upload_at_close())   # closing uploads the closed files
+    records.upload()                                     # the same, by hand
 
 Why in each checkpoint: a lost node takes rank 0's local files with it, and rank 0 copies them to the run's
 directory only when it stops. The copy in a checkpoint is exactly what was logged before that checkpoint was
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 
 from nanogpt.data.storage import StorageError, download, exists, is_uri, join, upload
-from nanogpt.tracking import PARAMS_FILE, TAGS_FILE, NullTracker
+from nanogpt.tracking import PARAMS_FILE, TAGS_FILE, NullTracker, Tracker
 from pipelines.ray_adapter.runs import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,24 @@ RECORD_FILES = (METRICS_FILE, PARAMS_FILE, TAGS_FILE)
 RECORDS_DIR = "records"  # inside a checkpoint: rank 0's records as they stood when the checkpoint was written
 
 
-class StoredRecords(NullTracker):
-    """Listed after the JSON tracker in rank 0's MultiTracker, so that its close copies the closed files. Failures
-    to reach the store are warnings: the checkpoints and MLflow hold what matters."""
+class LocalRecords:
+    """The local copy of a run's records. Failures to reach the store are warnings: the checkpoints and MLflow hold
+    what matters."""
 
-    def __init__(self, run_dir: str, resume_from: str | None) -> None:
+    def __init__(self, run_dir: str, local_dir: str) -> None:
         self.run_dir = run_dir
-        # a directory of this process's own: never the files of a rank 0 that died on this machine before
-        self.local_dir = tempfile.mkdtemp(prefix="nanogpt-records-")
-        source = self._source(resume_from)
+        self.local_dir = local_dir
+
+    @classmethod
+    def fetch(cls, run_dir: str, resume_from: str | None) -> LocalRecords:
+        """Download the records this rank 0 continues (those of the checkpoint `resume_from`, else those of the
+        run's directory) into a new directory of this process's own: never the files of a rank 0 that died on this
+        machine before."""
+        records = cls(run_dir, tempfile.mkdtemp(prefix="nanogpt-records-"))
+        source = records._source(resume_from)
         for name in RECORD_FILES:
-            _fetch(join(source, name), os.path.join(self.local_dir, name))
+            _fetch(join(source, name), os.path.join(records.local_dir, name))
+        return records
 
     def _source(self, resume_from: str | None) -> str:
         """The records of the checkpoint this rank 0 resumes from, else those of the run's directory."""
@@ -64,7 +72,8 @@ class StoredRecords(NullTracker):
             if os.path.exists(local):
                 shutil.copyfile(local, os.path.join(target, name))
 
-    def close(self, status: str = "FINISHED") -> None:
+    def upload(self) -> None:
+        """Copy the records into the run's directory; the local directory goes once they are all there."""
         uploaded = True
         for name in RECORD_FILES:
             local = os.path.join(self.local_dir, name)
@@ -76,6 +85,19 @@ class StoredRecords(NullTracker):
                 log.warning("could not copy %s to %s (it stays in %s): %s", name, self.run_dir, self.local_dir, e)
         if uploaded:
             shutil.rmtree(self.local_dir, ignore_errors=True)
+
+    def upload_at_close(self) -> Tracker:
+        """A tracker that records nothing and uploads the records when it is closed: listed after the JSON tracker
+        in rank 0's MultiTracker, it copies the closed files."""
+        return _UploadAtClose(self)
+
+
+class _UploadAtClose(NullTracker):
+    def __init__(self, records: LocalRecords) -> None:
+        self.records = records
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.records.upload()
 
 
 def _fetch(source: str, local: str) -> None:

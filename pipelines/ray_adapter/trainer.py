@@ -24,7 +24,7 @@ from nanogpt.data.shard_cache import local_shards
 from nanogpt.data.storage import is_uri, join
 from nanogpt.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 from nanogpt.user_errors import USER_ERRORS
-from pipelines.ray_adapter.run_records import StoredRecords
+from pipelines.ray_adapter.run_records import LocalRecords
 from pipelines.ray_adapter.runs import METRICS_FILE, RunPlan, newer_checkpoint
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class RayReporter:
     each rank's directory into the same checkpoint directory in storage and registers it once all have reported.
     `records`: rank 0's of a run in object storage, put into each checkpoint it reports (pipelines/ray_adapter/run_records.py)."""
 
-    def __init__(self, run_dir: str, records: StoredRecords | None = None) -> None:
+    def __init__(self, run_dir: str, records: LocalRecords | None = None) -> None:
         self.run_dir, self.records = run_dir, records
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
@@ -118,7 +118,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     config = Config.from_dict(loop_config["config"])
     rank, run_dir = ray.train.get_context().get_world_rank(), loop_config["run_dir"]
     resume_from = _resume_source(config, loop_config.get("resume_from"), run_dir)
-    records = StoredRecords(run_dir, resume_from) if rank == 0 and is_uri(run_dir) else None
+    records = LocalRecords.fetch(run_dir, resume_from) if rank == 0 and is_uri(run_dir) else None
     # then rank 0's MLflow helper process, which imports and connects while this process sets up
     tracker = make_worker_tracker(config, rank, run_dir, loop_config.get("tracking_run_id"), records)
     try:
@@ -135,7 +135,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _train(config: Config, loop_config: dict[str, Any], tracker: Tracker, resume_from: str | None,
-           records: StoredRecords | None) -> dict[str, Any] | None:
+           records: LocalRecords | None) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
     import torch
@@ -228,14 +228,14 @@ def committed_or_newest(checkpoint_dir: str, run_dir: str) -> str:
 
 
 def make_worker_tracker(config: Config, rank: int, run_dir: str, run_id: str | None,
-                        records: StoredRecords | None) -> Tracker:
+                        records: LocalRecords | None) -> Tracker:
     """Where a worker's metrics go. Rank 0: metrics.jsonl (and params.json, tags.json) in the run directory, or,
     when the run lives at a URI, in `records`' local directory (copied into each checkpoint and, at the end, into
     the run's directory) and, with run.tracker=mlflow, the job's MLflow run `run_id` (opened by the driver, which
     also ends it). Other ranks: nothing."""
     if rank != 0:
         return NullTracker()
-    stored = [records] if records is not None else []  # closed after the JSON tracker: it copies the closed files
+    stored = [records.upload_at_close()] if records is not None else []  # after the JSON tracker: the closed files
     jsonl = JsonlTracker(os.path.join(records.local_dir if records is not None else run_dir, METRICS_FILE))
     jsonl.log_params(config.to_flat())
     if config.run.tracker != "mlflow":

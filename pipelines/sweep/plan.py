@@ -134,7 +134,7 @@ def _resolved(base: Config) -> Config:
     base = base.replace(run__out_dir=resolve_local(base.run.out_dir),
                         data__dir=resolve_local(base.data.dir) if base.data.dir else None)
     if base.run.tracker == "mlflow":
-        from pipelines.mlflow_adapter.tracker import resolve_tracking_uri
+        from pipelines.mlflow_adapter.store import resolve_tracking_uri
 
         base = base.replace(run__tracking_uri=resolve_tracking_uri(base))
     return base

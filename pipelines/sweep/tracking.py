@@ -20,7 +20,9 @@ from mlflow.tracking import MlflowClient
 from nanogpt.config import Config
 from pipelines.mlflow_adapter.checkpoint_uris import local_checkpoint_dir
 from pipelines.mlflow_adapter.job_run import PARENT_RUN_TAG, find_job_run
-from pipelines.mlflow_adapter.tracker import MlflowTracker, resolve_tracking_uri, sanitize_model_name
+from pipelines.mlflow_adapter.registry import register_checkpoint
+from pipelines.mlflow_adapter.store import resolve_tracking_uri, sanitize_model_name
+from pipelines.mlflow_adapter.tracker import MlflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +78,17 @@ def kill_running_children(config: Config, parent_run_id: str) -> None:
 
 
 def register_best_trial(config: Config, run_dir: str, checkpoint: str, status: str) -> str | None:
-    """Log the best trial's best checkpoint to its run (checkpoints/best) and register it as a new version of
-    run.registered_model (default: the experiment's name); returns models:/<name>/<version> or None."""
+    """Register the best trial's best checkpoint as a new version of run.registered_model (default: the
+    experiment's name), logged once as its run's logged model; returns models:/<name>/<version> or None."""
     run_id = find_job_run(config, run_dir)
     if run_id is None:
         log.warning("the best trial has no MLflow run: its checkpoint %s was not registered", checkpoint)
         return None
     name = sanitize_model_name(config.run.registered_model or config.run.experiment)
-    tracker = MlflowTracker.from_config(config, registered_model_name=name, system_metrics=False)
+    tracker = MlflowTracker.from_config(config, system_metrics=False)
     tracker.start(run_id)
     with local_checkpoint_dir(checkpoint) as ckpt_dir:
-        tracker.log_checkpoint(ckpt_dir, "best")
-        version = tracker.register_best()
+        version = register_checkpoint(tracker, ckpt_dir, name)
     tracker.close(status)
     return f"models:/{name}/{version}" if version else None
 
