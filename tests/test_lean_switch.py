@@ -1,7 +1,7 @@
 """run.lean picks the trainer: Ray's public TorchTrainer wherever the wing is off (run.lean=off, or auto on a Ray this
 process did not start: a cluster, a sweep trial), the wing's under the Ray release it was written for; under another
 release the wing says so in one line and the job takes the public path, never an ImportError. Fresh drivers in
-subprocesses: what a driver imports is the point."""
+subprocesses: what a driver imports is the point. And the workers' quiet logs need no private import."""
 
 from __future__ import annotations
 
