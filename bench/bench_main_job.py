@@ -1,49 +1,53 @@
 """The main job (pipelines/pretrain.py: Ray Train + MLflow) against the loops it wraps, side by side under the same
 machine load: per-step time, and how long the command takes before its first training step.
 
-    .venv/bin/python bench/bench_main_job.py --input ../shared/data/tinyshakespeare/input.txt --iters 300 --repeat 3
+    .venv/bin/python bench/bench_main_job.py --input ../shared/data/tinyshakespeare/input.txt --iters 300 --repeat 5
     NANOGPT_TINYSHAKESPEARE=../shared/data/tinyshakespeare/input.txt .venv/bin/python bench/bench_main_job.py
-    .venv/bin/python bench/bench_main_job.py --data-dir data/shakespeare_char --repeat 3 -- --run.tracker=none
+    .venv/bin/python bench/bench_main_job.py --data-dir data/shakespeare_char --lean on --no-local-mode -- --run.tracker=none
 
 Each round runs, one after the other, in this order and the next round in the reverse order (so a change in machine
-load hits all three):
+load hits them all):
   (a) nanoGPT's train.py inner loop (bench/bench_train.py's run_nanogpt_loop), in this process;
   (b) the plain nanogpt.train.loop.train loop, one process, no Ray (bench/bench_train.py's run_plain), in this process;
   (c) `python pipelines/pretrain.py --config shakespeare_char_cpu --train.max_iters=N --data.dir=... --run.out_dir=
-      <fresh temp dir>` as a subprocess, MLflow on (the preset's default: a new sqlite store each time), plus any
-      arguments given after `--`.
-All three train the shakespeare_char_cpu preset for --iters updates in total, the first --warmup of them untimed.
+      <fresh temp dir> --run.lean=on` as a subprocess, MLflow on (the preset's default: a new sqlite store each time),
+      plus any arguments given after `--`: the lean wing (pipelines/ray_adapter/lean/);
+  (d) the same with --run.lean=off: Ray's public API only (the stock TorchTrainer, a local instance with the dashboard);
+  (e) the same, public, through bench/local_mode_job.py: Ray Train's local mode (ScalingConfig(num_workers=0)), the
+      training function in the driver process. `--lean` picks which of (c) and (d) run, `--no-local-mode` drops (e).
+All of them train the shakespeare_char_cpu preset for --iters updates in total, the first --warmup of them untimed.
 
 ms/step is the MEAN time per update over the timed updates of a run (evaluations excluded), and the table shows
 the median of that over the --repeat runs. The ratios come twice: of those medians, and the median of each round's
 own ratio (its runs are minutes apart at most, so the machine's drift over the bench weighs less). (a) and (b) time
-every update in the process that runs it. (c) times the job from outside, by the wall-clock arrival of its
+every update in the process that runs it. The main jobs are timed from outside, by the wall-clock arrival of their
 per-interval log lines (`iter N: loss ..., time X ms` is printed by rank 0 every train.log_interval updates): the
 time between two such lines over the updates between them, summed over the intervals that hold no evaluation.
-That covers everything the worker does per step, tracking calls included. "main (loop timer)" is the mean of the
+That covers everything the worker does per step, tracking calls included. "loop timer" is the mean of the
 same lines' own `time X ms` (the loop's perf_counter mean over the interval, which leaves out the logging and
 tracking done at the interval's end).
 
-Where (c)'s CPU goes while it trains: the cores its training worker kept busy from the first timed `iter` line to
-the last one, and the cores the rest of the job took meanwhile (Ray's daemons and actors, the MLflow helper, the
-driver; the processes under the command, by kind, from /proc). On a 2-core machine the worker's two threads need both
-cores, so whatever the rest takes comes out of its steps; nanoGPT's loop and (b) run alone. Beside the cores, how
-often a second the rest woke up (its threads' voluntary context switches) and how often the worker's threads were
-pre-empted (their involuntary ones): each wake-up on such a machine pre-empts a compute thread, and the other one
-waits for it at the next barrier, so a wake-up costs more than the CPU it uses.
+Where a main job's CPU goes while it trains: the cores its training worker (in local mode: the driver) kept busy
+from the first timed `iter` line to the last one, and the cores the rest of the job took meanwhile (Ray's daemons
+and actors, the MLflow helper, the driver; the processes under the command, by kind, from /proc). On a 2-core machine
+the worker's two threads need both cores, so whatever the rest takes comes out of its steps; nanoGPT's loop and (b)
+run alone. Beside the cores, how often a second the rest woke up (its threads' voluntary context switches) and how
+often the worker's threads were pre-empted (their involuntary ones): each wake-up on such a machine pre-empts a
+compute thread, and the other one waits for it at the next barrier, so a wake-up costs more than the CPU it uses.
 
-Start-up of (c): seconds from starting the command to the arrival of milestone lines: Ray ready (ray.init done),
-fit starts (the driver's "run ... ->" line), the first worker line, MLflow run ready (the worker's "MLflow: run"
-line), model built ("tokens per iteration"), step-0 eval done, the first update done ("iter 0", the figure called
-"to first step"), the last update's line, the command's exit. Log lines reach the driver through Ray's log monitor:
-allow about 0.1 s of delay on each. Beside each milestone: how many cores the whole machine kept busy since the one
-before (/proc/stat). A stretch near 1.0 on a 2-core machine is one process working while the rest wait for it
-(imports, mostly): only doing less there shortens it; a stretch near 2.0 is work running side by side.
+Start-up of a main job: seconds from starting the command to the arrival of milestone lines: Ray ready (ray.init
+done), fit starts (the driver's "run ... ->" line), the first worker line, MLflow run ready (the worker's "MLflow:
+run" line), model built ("tokens per iteration"), step-0 eval done, the first update done ("iter 0", the figure
+called "to first step"), the last update's line, the command's exit. Log lines reach the driver through Ray's log
+monitor: allow about 0.1 s of delay on each. Beside each milestone: how many cores the whole machine kept busy since
+the one before (/proc/stat). A stretch near 1.0 on a 2-core machine is one process working while the rest wait for
+it (imports, mostly): only doing less there shortens it; a stretch near 2.0 is work running side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -69,6 +73,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRESET = "shakespeare_char_cpu"
 ITER_LINE = re.compile(r"iter (\d+): loss \S+, time ([\d.]+)ms")
 HELPER = "-m pipelines.mlflow_adapter.tracker_process"  # _label of an MLflow helper process
+NANOGPT, PLAIN = "(a) nanoGPT's loop", "(b) plain nanogpt.train.loop"
 # (name, pattern of the first line that marks it), in the order they happen
 MILESTONES = [
     ("Ray ready", re.compile(r"Ray ready:")),
@@ -173,8 +178,9 @@ def _switches(pid: int) -> dict[str, int]:
 
 
 def _label(argv: list[str]) -> str:
-    """`ray::TrainController`, `raylet`, `log_monitor.py`, `-m pipelines.mlflow_adapter.tracker_process`: what a process is."""
-    if argv[0].startswith("ray::"):
+    """`ray::TrainController`, `raylet`, `log_monitor.py`, `-m pipelines.mlflow_adapter.tracker_process`,
+    `ray-dashboard-NodeHead-0`: what a process is."""
+    if argv[0].startswith(("ray::", "ray-dashboard-")):  # a title Ray set: `ray-dashboard-NodeHead-0 (python ...)`
         return argv[0].split()[0].split(".")[0]
     if "-m" in argv[:3]:
         return "-m " + argv[argv.index("-m") + 1]
@@ -182,30 +188,50 @@ def _label(argv: list[str]) -> str:
     return os.path.basename(scripts[0] if scripts else argv[0]) or "?"
 
 
-def _cpu_split(before: dict[int, ProcUse], after: dict[int, ProcUse], seconds: float) -> dict:
+def _cpu_split(before: dict[int, ProcUse], after: dict[int, ProcUse], seconds: float,
+               worker: str = "ray::RayTrainWorker") -> dict:
     """What each kind of process of the job used between two _tree_cpu snapshots `seconds` apart: the training
-    worker(s) (cores, and how often a second their threads were pre-empted), and the rest (Ray's processes, the
-    MLflow helper, the driver) by label (cores, and wake-ups a second)."""
+    worker(s), the processes labelled `worker` (cores, and how often a second their threads were pre-empted), and
+    the rest (Ray's processes, the MLflow helper, the driver) by label (cores, and wake-ups a second)."""
     rest: dict[str, float] = {}
     rest_wakeups: dict[str, float] = {}
-    worker = worker_preempted = 0.0
+    worker_cores = worker_preempted = 0.0
     for pid, now in after.items():
         then = before.get(pid, ProcUse(now.label, 0.0))
-        if now.label == "ray::RayTrainWorker":
-            worker += (now.cpu_s - then.cpu_s) / seconds
+        if now.label == worker:
+            worker_cores += (now.cpu_s - then.cpu_s) / seconds
             worker_preempted += (now.preempted - then.preempted) / seconds
         else:
             rest[now.label] = rest.get(now.label, 0.0) + (now.cpu_s - then.cpu_s) / seconds
             rest_wakeups[now.label] = rest_wakeups.get(now.label, 0.0) + (now.wakeups - then.wakeups) / seconds
-    return {"worker": worker, "worker_preempted": worker_preempted, "rest_by_kind": rest,
+    return {"worker": worker_cores, "worker_preempted": worker_preempted, "rest_by_kind": rest,
             "rest_wakeups_by_kind": rest_wakeups}
 
 
-def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config: Config, extra: list[str],
-                 echo: bool = False) -> dict:
+class MainJob(NamedTuple):
+    """One way to run the main job: its name in the tables, the script (from the repository root) and its own
+    arguments, and the label (_label) of the process that trains."""
+
+    name: str
+    script: str
+    args: tuple[str, ...]
+    worker: str
+
+
+def main_jobs(lean: list[str], local_mode: bool) -> list[MainJob]:
+    """The main job's arms: the lean wing on and off (`lean`), and Ray Train's local mode."""
+    jobs = [MainJob(f"({'c' if s == 'on' else 'd'}) main job, lean {s}", "pipelines/pretrain.py", (f"--run.lean={s}",),
+                    "ray::RayTrainWorker") for s in ("on", "off") if s in lean]
+    if local_mode:
+        jobs.append(MainJob("(e) main job, local mode", "bench/local_mode_job.py", (), "local_mode_job.py"))
+    return jobs
+
+
+def run_main_job(job: MainJob, data_dir: Path, out_dir: Path, iters: int, warmup: int, config: Config,
+                 extra: list[str], echo: bool = False) -> dict:
     """Run the main job as a subprocess; time its steps and milestones from its output (see the module docstring)."""
-    cmd = [sys.executable, str(REPO / "pipelines" / "pretrain.py"), "--config", PRESET, f"--train.max_iters={iters}",
-           f"--data.dir={data_dir}", f"--run.out_dir={out_dir}", *extra]
+    cmd = [sys.executable, str(REPO / job.script), "--config", PRESET, f"--train.max_iters={iters}",
+           f"--data.dir={data_dir}", f"--run.out_dir={out_dir}", *job.args, *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # line by line through the pipe, or the arrival times mean nothing
     lines: list[tuple[float, str]] = []
     # CPU of the job's processes over its timed updates: from the first timed `iter` line to the last one
@@ -265,7 +291,7 @@ def run_main_job(data_dir: Path, out_dir: Path, iters: int, warmup: int, config:
     cpu = None
     if first_timed in snapshots and last_logged in snapshots and last_logged > first_timed:
         (t0, before), (t1, after) = snapshots[first_timed], snapshots[last_logged]
-        cpu = _cpu_split(before, after, t1 - t0)
+        cpu = _cpu_split(before, after, t1 - t0, worker=job.worker)
     return {"mean_ms_per_iter": span / steps * 1000, "cpu": cpu, "loop_ms_per_iter": statistics.fmean(loop_ms),
             "iters_timed": int(steps), "milestones": milestones, "busy_cores": cores, "total_s": total}
 
@@ -277,15 +303,22 @@ def main() -> None:
                         help="Tiny Shakespeare input.txt (default: $NANOGPT_TINYSHAKESPEARE)")
     parser.add_argument("--iters", type=int, default=300, help="updates per run, warm-up included (default 300)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed first updates (default 10)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of (a), (b), (c) (default 3)")
-    parser.add_argument("--echo", action="store_true", help="print the main job's output as it arrives")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every arm (default 3)")
+    parser.add_argument("--lean", default="on,off", type=lambda v: [s for s in v.split(",") if s],
+                        help="the main job's run.lean arms, of on,off (default both)")
+    parser.add_argument("--no-local-mode", dest="local_mode", action="store_false",
+                        help="leave out the main job in Ray Train's local mode")
+    parser.add_argument("--echo", action="store_true", help="print the main jobs' output as it arrives")
     parser.add_argument("extra", nargs="*", help="after `--`: more arguments for pipelines/pretrain.py")
     args = parser.parse_args()
+    if set(args.lean) - {"on", "off"}:
+        parser.error(f"--lean takes on, off or on,off; got {','.join(args.lean)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("nanogpt").setLevel(logging.WARNING)
 
     config = load_config(PRESET, [], search_dirs=[REPO / "pipelines" / "configs"])
     load_before = os.getloadavg()
+    jobs = main_jobs(args.lean, args.local_mode)
     with tempfile.TemporaryDirectory(prefix="bench-main-") as tmp:
         if args.data_dir:
             data_dir = Path(args.data_dir).resolve()
@@ -293,63 +326,80 @@ def main() -> None:
             data_dir = prepare_char_shards(Path(args.input).read_text(encoding="utf-8"), Path(tmp) / "data")
         else:
             parser.error("pass --data-dir, --input or set NANOGPT_TINYSHAKESPEARE")
-        runs: dict[str, list[dict]] = {"(a) nanoGPT's loop": [], "(b) plain nanogpt.train.loop": [], "(c) main job": []}
         timed = args.iters - args.warmup
         bench = {
-            "(a) nanoGPT's loop": lambda i: run_nanogpt_loop(config, data_dir, timed, warmup=args.warmup),
-            "(b) plain nanogpt.train.loop": lambda i: run_plain(config, data_dir, timed, warmup=args.warmup),
-            "(c) main job": lambda i: run_main_job(data_dir, Path(tmp) / f"runs{i}", args.iters, args.warmup,
-                                                   config, args.extra, echo=args.echo),
+            NANOGPT: lambda i: run_nanogpt_loop(config, data_dir, timed, warmup=args.warmup),
+            PLAIN: lambda i: run_plain(config, data_dir, timed, warmup=args.warmup),
+            **{job.name: functools.partial(lambda job, i: run_main_job(
+                job, data_dir, Path(tmp) / f"runs{i}-{job.name[1]}", args.iters, args.warmup, config, args.extra,
+                echo=args.echo), job) for job in jobs},
         }
-        for i in range(args.repeat):  # alternate, so a change in machine load hits all three: a b c, then c b a
+        runs: dict[str, list[dict]] = {name: [] for name in bench}
+        for i in range(args.repeat):  # alternate, so a change in machine load hits them all: a b c ..., then ... c b a
             for name in list(bench) if i % 2 == 0 else reversed(bench):
                 runs[name].append(bench[name](i))
             log.info("round %d/%d: %s", i + 1, args.repeat, ", ".join(
                 f"{name.split()[0]} {r[-1]['mean_ms_per_iter']:.1f}" for name, r in runs.items()) + " ms/step")
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[name])
-
     log.info("torch %s, %d torch threads here, %d CPUs, load average %.2f before, %.2f after; %d updates per run, "
              "the first %d untimed; main job args: %s", torch.__version__, torch.get_num_threads(), os.cpu_count(),
              load_before[0], os.getloadavg()[0], args.iters, args.warmup, " ".join(args.extra) or "(preset)")
-    log.info("%-28s %14s   %s", "", "ms/step median", "each run")
+    _log_steps(runs, [job.name for job in jobs])
+    for job in jobs:
+        _log_cpu_split(job.name, [r["cpu"] for r in runs[job.name] if r["cpu"]])
+    _log_start_up({job.name: runs[job.name] for job in jobs})
+
+
+def _median(runs: dict[str, list[dict]], name: str, key: str) -> float:
+    return statistics.median(r[key] for r in runs[name])
+
+
+def _log_steps(runs: dict[str, list[dict]], main_names: list[str]) -> None:
+    """ms/step of every arm (median, and each run), the main jobs' loop timers, and the ratios."""
+    log.info("%-34s %14s   %s", "", "ms/step median", "each run")
     for name, results in runs.items():
-        log.info("%-28s %14.1f   %s", name, med(name, "mean_ms_per_iter"),
+        log.info("%-34s %14.1f   %s", name, _median(runs, name, "mean_ms_per_iter"),
                  " ".join(f"{r['mean_ms_per_iter']:.1f}" for r in results))
-    log.info("%-28s %14.1f   %s", "(c) main job, loop timer", med("(c) main job", "loop_ms_per_iter"),
-             " ".join(f"{r['loop_ms_per_iter']:.1f}" for r in runs["(c) main job"]))
-    pairs = (("main / plain", "(c) main job", "(b) plain nanogpt.train.loop"),
-             ("main / nanoGPT", "(c) main job", "(a) nanoGPT's loop"),
-             ("plain / nanoGPT", "(b) plain nanogpt.train.loop", "(a) nanoGPT's loop"))
-    log.info("   ".join(f"{label}: {med(top, 'mean_ms_per_iter') / med(bottom, 'mean_ms_per_iter'):.3f}x"
-                        for label, top, bottom in pairs))
+    for name in main_names:
+        log.info("%-34s %14.1f   %s", f"{name.split()[0]} loop timer", _median(runs, name, "loop_ms_per_iter"),
+                 " ".join(f"{r['loop_ms_per_iter']:.1f}" for r in runs[name]))
+    pairs = [(f"{name.split()[0]} / {bottom.split()[0]}", name, bottom) for name in main_names
+             for bottom in (PLAIN, NANOGPT)] + [("(b) / (a)", PLAIN, NANOGPT)]
+    log.info("ratios of the medians: " + "   ".join(
+        f"{label}: {_median(runs, top, 'mean_ms_per_iter') / _median(runs, bottom, 'mean_ms_per_iter'):.3f}x"
+        for label, top, bottom in pairs))
     # each round's own ratio, its runs minutes apart at most: less of the machine's drift between rounds
-    log.info("the same, median of each round's ratio: " + "   ".join(
+    log.info("median of each round's ratio: " + "   ".join(
         f"{label}: {statistics.median(t['mean_ms_per_iter'] / b['mean_ms_per_iter'] for t, b in zip(runs[top], runs[bottom])):.3f}x"
         for label, top, bottom in pairs))
-    _log_cpu_split([r["cpu"] for r in runs["(c) main job"] if r["cpu"]])
-    log.info("main job start-up: seconds from the command's start (median), the cores busy since the milestone before "
+
+
+def _log_start_up(main_runs: dict[str, list[dict]]) -> None:
+    """Each main job's milestones: seconds from the command's start (median), the cores busy since the milestone
+    before (median), and the seconds of each run."""
+    log.info("start-up: seconds from the command's start (median), the cores busy since the milestone before "
              "(median; %d on this machine), and the seconds of each run:", os.cpu_count())
     names = [name for name, _ in MILESTONES] + ["last update done", "command exits"]
-    for name in names:
-        values = [r["milestones"].get(name) for r in runs["(c) main job"]]
-        cores = [c for r in runs["(c) main job"] if (c := r["busy_cores"].get(name)) is not None]
-        log.info("  %-20s %6s %12s   %s", name, _median_text(values), f"{statistics.median(cores):.2f} cores"
-                 if cores else "-", " ".join("-" if v is None else f"{v:.1f}" for v in values))
-    log.info("to first step: %.1f s (median), command total: %.1f s (median)",
-             statistics.median(r["milestones"]["first update done"] for r in runs["(c) main job"]),
-             med("(c) main job", "total_s"))
+    for job, runs in main_runs.items():
+        log.info(" %s", job)
+        for name in names:
+            values = [r["milestones"].get(name) for r in runs]
+            cores = [c for r in runs if (c := r["busy_cores"].get(name)) is not None]
+            log.info("  %-20s %6s %12s   %s", name, _median_text(values), f"{statistics.median(cores):.2f} cores"
+                     if cores else "-", " ".join("-" if v is None else f"{v:.1f}" for v in values))
+        log.info("  to first step: %.1f s (median), command total: %.1f s (median)",
+                 statistics.median(r["milestones"]["first update done"] for r in runs),
+                 statistics.median(r["total_s"] for r in runs))
 
 
-def _log_cpu_split(splits: list[dict]) -> None:
+def _log_cpu_split(job: str, splits: list[dict]) -> None:
     """How many cores the training worker had during the timed updates, and what the rest of the job took: cores,
     and wake-ups (each of which, on a machine the worker's threads fill, pre-empts one of them)."""
     if not splits:
         return
     total, top = _median_by_kind(splits, "rest_by_kind")
-    log.info("main job's processes during its timed updates (cores, median): training worker %.3f, the rest %.3f (%s)",
-             statistics.median(s["worker"] for s in splits), total, ", ".join(f"{k} {v:.3f}" for k, v in top))
+    log.info("%s, its processes during the timed updates (cores, median): training worker %.3f, the rest %.3f (%s)",
+             job, statistics.median(s["worker"] for s in splits), total, ", ".join(f"{k} {v:.3f}" for k, v in top))
     total, top = _median_by_kind(splits, "rest_wakeups_by_kind")
     log.info("  and a second: the training worker's threads pre-empted %.0f times, the rest woke %.0f times (%s)",
              statistics.median(s["worker_preempted"] for s in splits), total, ", ".join(f"{k} {v:.0f}" for k, v in top))

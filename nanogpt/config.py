@@ -205,8 +205,14 @@ class RunConfig:
     experiment: str = "nanogpt"
     registered_model: str | None = None
     """The MLflow registered model that each run's best checkpoint becomes a version of; None: the experiment name."""
+    lean: str | bool = "auto"
+    """Ray's private speed-ups for a one-worker job on a small machine (pipelines/ray_adapter/lean/): auto (only on a
+    local Ray instance the job itself started), on (wherever they apply), off (Ray's public API only)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.lean, bool):  # YAML reads a bare on/off as true/false
+            object.__setattr__(self, "lean", "on" if self.lean else "off")
+        _one_of(self, "lean", ("auto", "on", "off"))
         _positive(self, "num_workers", "cpus_per_worker")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ConfigError("run.gpus_per_worker must be positive when run.use_gpu is true")

@@ -116,7 +116,7 @@ def pretrain(config: Config, preset: str | None = None, *, address: str | None =
     with _JobRunOpener(config, plan, early=manifest is not None) as opener:
         from pipelines.ray_adapter.session import init_ray
 
-        init_ray(address=address, num_cpus=num_cpus)
+        init_ray(address=address, num_cpus=num_cpus, lean=config.run.lean)
         check_with_ray(config, plan, manifest, memory)
         run_id = opener.run_id()
     return fit(config, plan, run_id, on_step)
@@ -298,11 +298,9 @@ def worker_memory(config: Config, address: str | None) -> WorkerMemory | None:
     """The memory a worker can have, as far as the driver knows before it starts Ray: the nodes
     of the Ray this process is connected to already (a test's, a notebook's), else this machine when the job is
     to start a local instance here; None when it is to join a cluster, whose nodes are known once Ray is up."""
-    import ray
+    from pipelines.ray_adapter.session import ray_is_up, starts_local_instance
 
-    from pipelines.ray_adapter.session import starts_local_instance
-
-    if ray.is_initialized():
+    if ray_is_up():
         return cluster_worker_memory(config)
     return (machine_memory(), "this machine") if starts_local_instance(address) else None
 
@@ -472,8 +470,9 @@ def check_resources(config: Config) -> None:
     message = (f"run.num_workers={rc.num_workers} workers of {rc.cpus_per_worker:g} CPUs"
                + (f" and {rc.gpus_per_worker:g} GPUs" if rc.use_gpu else "")
                + f" each: the cluster's nodes ({have}) hold {fits}")
-    # ray_init_cluster: this process's ray.init() started the instance (Ray's private API; Ray is pinned)
-    if getattr(ray._private.worker._global_node, "ray_init_cluster", False):
+    from pipelines.ray_adapter.session import started_local_instance
+
+    if started_local_instance():
         raise ConfigError(f"{message}, and this local Ray instance cannot grow: lower run.num_workers or "
                           "run.cpus_per_worker (or give Ray more with --num-cpus)")
     log.warning("%s: training waits until an autoscaler adds nodes", message)

@@ -81,9 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.resume) if args.resume else plan_sweep(args.sweep, sweep_args, config_args,
                                                                       args.name)
-        from pipelines.sweep.run import run_sweep
+        start_ray(sweep, args.address, args.num_cpus)
+        from pipelines.sweep.run import run_sweep  # imports ray: after start_ray
 
-        outcome = run_sweep(sweep, resume=bool(args.resume), address=args.address, num_cpus=args.num_cpus)
+        outcome = run_sweep(sweep, resume=bool(args.resume))
     except USER_ERRORS as e:
         log.error("%s", e)
         return 2
@@ -94,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print_outcome(sweep, outcome)
     return 0 if any(r.status == FINISHED for r in outcome.rows) else 1
+
+
+def start_ray(sweep: Sweep, address: str | None, num_cpus: int | None) -> None:
+    """Join the cluster, or start a local instance with the dashboard: Ray Train's placement-group cleaner asks its
+    State API to free the workers of the trials Tune stops."""
+    from pipelines.ray_adapter.session import init_ray
+
+    init_ray(address=address, num_cpus=num_cpus, state_api=True, lean=sweep.base.run.lean)
 
 
 def print_outcome(sweep: Sweep, outcome) -> None:

@@ -1,4 +1,5 @@
-"""bench/bench_main_job.py's CPU accounting of the main job's processes: labels, the split, the /proc tree walk."""
+"""bench/bench_main_job.py's arms (the lean wing on and off, Ray Train's local mode) and its CPU accounting of the main
+job's processes: labels, the split, the /proc tree walk."""
 
 import os
 import signal
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_main_job import ProcUse, _cpu_split, _label, _tree_cpu
+from bench.bench_main_job import MainJob, ProcUse, _cpu_split, _label, _tree_cpu, main_jobs
 
 
 @pytest.mark.parametrize("argv, label", [
@@ -18,6 +19,9 @@ from bench.bench_main_job import ProcUse, _cpu_split, _label, _tree_cpu
     (["/venv/bin/python", "-m", "pipelines.mlflow_adapter.tracker_process", "7"], "-m pipelines.mlflow_adapter.tracker_process"),
     (["/venv/bin/python", "-u", "/venv/lib/ray/_private/log_monitor.py", "--x"], "log_monitor.py"),
     (["/venv/lib/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=s"], "raylet"),
+    (["/venv/bin/python", "/repo/bench/local_mode_job.py", "--config", "x"], "local_mode_job.py"),
+    (["ray-dashboard-NodeHead-0 (/venv/bin/python -B -c from multiprocessing.spawn import spawn_main; "
+      "sys.path=['/venv/lib/python3.11/site-packages'])"], "ray-dashboard-NodeHead-0"),
 ])
 def test_label_names_what_a_process_is(argv, label):
     assert _label(argv) == label
@@ -33,6 +37,24 @@ def test_cpu_split_separates_the_worker_from_the_rest_by_kind():
     assert split["worker_preempted"] == pytest.approx(600.0)
     assert split["rest_by_kind"] == pytest.approx({"pretrain.py": 0.01, "raylet": 0.03})  # a new pid counts from 0
     assert split["rest_wakeups_by_kind"] == pytest.approx({"pretrain.py": 10.0, "raylet": 60.0})
+
+
+def test_in_local_mode_the_driver_is_the_training_worker():
+    before = {1: ProcUse("local_mode_job.py", 10.0, 50, 1000), 2: ProcUse("raylet", 0.5, 300, 2)}
+    after = {1: ProcUse("local_mode_job.py", 48.0, 90, 13000), 2: ProcUse("raylet", 0.9, 1300, 4)}
+    split = _cpu_split(before, after, seconds=20.0, worker="local_mode_job.py")
+    assert split["worker"] == pytest.approx(1.9) and split["worker_preempted"] == pytest.approx(600.0)
+    assert split["rest_by_kind"] == pytest.approx({"raylet": 0.02})
+
+
+def test_the_main_jobs_arms_are_the_wing_on_and_off_and_local_mode():
+    assert main_jobs(["on", "off"], local_mode=True) == [
+        MainJob("(c) main job, lean on", "pipelines/pretrain.py", ("--run.lean=on",), "ray::RayTrainWorker"),
+        MainJob("(d) main job, lean off", "pipelines/pretrain.py", ("--run.lean=off",), "ray::RayTrainWorker"),
+        MainJob("(e) main job, local mode", "bench/local_mode_job.py", (), "local_mode_job.py"),
+    ]
+    assert [job.name for job in main_jobs(["off"], local_mode=False)] == ["(d) main job, lean off"]
+    assert all((Path(__file__).resolve().parents[1] / job.script).is_file() for job in main_jobs(["on"], True))
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")

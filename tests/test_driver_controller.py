@@ -19,7 +19,7 @@ import psutil
 import pytest
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 
-from pipelines.ray_adapter.lean.trainer import PrivateInstanceTorchTrainer, backend_config
+from pipelines.ray_adapter.lean.trainer import ControllerInDriverTrainer, backend_config
 
 CONTROLLER, SYNC = "ray::TrainController", "ray::SynchronizationActor"
 
@@ -40,7 +40,7 @@ def _fit_in_driver(train_fn, num_workers: int, tmp_path: Path, max_failures: int
     """fit() a job's own instance's trainer on `num_workers` workers running `train_fn`, which calls
     _record_ray_actors: its Result, and the actors (_ray_actors) that started for it."""
     seen, before = tmp_path / "actors.json", _ray_actors()
-    result = PrivateInstanceTorchTrainer(
+    result = ControllerInDriverTrainer(
         train_fn, train_loop_config={"seen": str(seen)}, backend_config=backend_config(num_workers, "ddp", False),
         scaling_config=ScalingConfig(num_workers=num_workers),
         run_config=RunConfig(name=f"in-driver-{num_workers}", storage_path=str(tmp_path / "runs"),
@@ -111,7 +111,7 @@ def _report_once(config: dict) -> None:
 def test_a_driver_that_runs_an_event_loop_gets_rays_controller_actor(ray_local, tmp_path):
     """fit() from a notebook, whose event loop runs in the calling thread: asyncio.run would refuse to start there,
     so Ray's controller actor runs the run."""
-    trainer = PrivateInstanceTorchTrainer(
+    trainer = ControllerInDriverTrainer(
         _report_once, train_loop_config={}, backend_config=backend_config(1, "ddp", False),
         scaling_config=ScalingConfig(num_workers=1),
         run_config=RunConfig(name="in-a-loop", storage_path=str(tmp_path / "runs")),
@@ -122,3 +122,27 @@ def test_a_driver_that_runs_an_event_loop_gets_rays_controller_actor(ray_local, 
 
     result = asyncio.run(notebook_cell())
     assert result.metrics == {"step": 1, "restored_from": 0}
+
+
+def _keywords_of_init_train_context(method) -> set[str]:
+    """The keyword arguments a WorkerGroup method passes to each worker's `init_train_context.remote(...)`."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    [call] = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+              and n.func.attr == "remote" and getattr(n.func.value, "attr", None) == "init_train_context"]
+    return {k.arg for k in call.keywords if k.arg is not None}
+
+
+def test_the_driver_worker_group_passes_every_argument_rays_own_method_passes():
+    """DriverWorkerGroup copies Ray's method but for the controller handle: an argument Ray adds there would be
+    dropped silently. The wing runs only under the Ray release it was written for; this says the copy matches it."""
+    from ray.train.v2._internal.execution.worker_group import WorkerGroup
+
+    from pipelines.ray_adapter.lean.driver_controller import DriverWorkerGroup
+
+    rays = _keywords_of_init_train_context(WorkerGroup._init_train_context_on_workers)
+    assert "controller_actor" in rays and "synchronization_actor" in rays
+    assert _keywords_of_init_train_context(DriverWorkerGroup._init_train_context_on_workers) == rays

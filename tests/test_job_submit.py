@@ -1,4 +1,6 @@
-"""`ray job submit` end to end: pipelines/pretrain.py as a job on a separate local head, with Ray's token auth on.
+"""`ray job submit` end to end: pipelines/pretrain.py as a job on a separate local head, with Ray's token auth on; the
+job runs on Ray's public API only (no module of the lean wing in its driver or workers: tests/import_record/ records
+the imports of every process the head starts).
 
 How the head is isolated from everything else on the machine (the test session's own `ray_local` cluster, other
 people's clusters): `ray stop` would kill EVERY Ray process on the machine, so it is never called. Instead the head
@@ -31,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
+IMPORT_RECORDER = Path(__file__).resolve().parent / "import_record"
 
 
 def _free_port() -> int:
@@ -59,6 +62,9 @@ def head():
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(
+        # every process of the head, job drivers and workers included, loads tests/import_record/sitecustomize.py
+        PYTHONPATH=os.pathsep.join(p for p in (str(IMPORT_RECORDER), env.get("PYTHONPATH")) if p),
+        NANOGPT_IMPORT_RECORD=str(Path(temp_dir) / "imports.txt"),
         RAY_AUTH_MODE="token",  # Ray 2.60 keeps token auth on; the client must say so too
         RAY_AUTH_TOKEN=secrets.token_hex(16),  # this cluster's own token, for the head and every client call
         RAY_USAGE_STATS_ENABLED="0",
@@ -122,8 +128,19 @@ def _submit_and_wait(address: str, env: dict, job_id: str, command: list[str]) -
     return status.stdout + status.stderr, logs.stdout
 
 
+def _imports(record: Path) -> dict[str, set[int]]:
+    """{module: the pids that imported it}, from tests/import_record/'s record."""
+    imports: dict[str, set[int]] = {}
+    for line in record.read_text().splitlines() if record.exists() else []:
+        pid, module = line.split()
+        imports.setdefault(module, set()).add(int(pid))
+    return imports
+
+
 def test_pretrain_as_a_ray_job(head, tmp_path, shakespeare_path):
     address, env = head
+    record = Path(env["NANOGPT_IMPORT_RECORD"])
+    record.unlink(missing_ok=True)
     out, data = tmp_path / "runs", tmp_path / "shards"
     status, logs = _submit_and_wait(address, env, "pretrain-debug", [
         "python", "pipelines/pretrain.py", "--config", "debug", "--train.max_iters=10", "--train.eval_interval=5",
@@ -138,6 +155,11 @@ def test_pretrain_as_a_ray_job(head, tmp_path, shakespeare_path):
     assert f"best checkpoint: {run_dir / 'checkpoint_000010'} (step 10, val loss" in logs
     assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "hf" / "config.json").is_file()
     assert (run_dir / "metrics.jsonl").is_file()
+    # Ray's public API only: the driver and both workers imported the trainer module, none a module of the wing
+    imports = _imports(record)
+    assert len(imports.get("pipelines.ray_adapter.trainer", set())) >= 3, imports
+    assert [m for m in imports if m != "pipelines.ray_adapter.trainer"] == [], imports
+    assert "Reporting training result" not in logs  # Ray Train's line of every report, quiet on the public path
 
 
 def test_bad_config_job_fails_with_the_reason(head, tmp_path):

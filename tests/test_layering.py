@@ -1,12 +1,16 @@
-"""The two layers point one way: nanogpt/ is plain PyTorch + NumPy and never pulls in ray or mlflow."""
+"""The two layers point one way: nanogpt/ is plain PyTorch + NumPy and never pulls in ray or mlflow; and Ray's
+internals stay in one guarded wing (pipelines/ray_adapter/lean/)."""
 
 from __future__ import annotations
 
+import ast
 import pkgutil
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import nanogpt
 
@@ -72,8 +76,6 @@ def module_name(path: Path) -> str:
 
 def project_imports() -> dict[str, set[str]]:
     """{module: the project modules it imports anywhere in its file, function bodies included}."""
-    import ast
-
     graph: dict[str, set[str]] = {}
     modules = {module_name(path) for path in source_files()}
     for path in source_files():
@@ -106,3 +108,77 @@ def test_no_import_cycle_and_arrows_point_into_nanogpt():
 
     for module in sorted(graph):
         visit(module, ())
+
+
+LEAN_WING = ROOT / "pipelines" / "ray_adapter" / "lean"
+PRIVATE = ("_internal", "_private")
+
+
+def private_ray_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) for each use of Ray's internals in a module: an import or attribute chain of ray through an
+    `_internal` or `_private` module, a dotted string naming one (a logger, a patch target), and an assignment
+    into anything reached from ray (a module's attribute, a class of Ray's)."""
+    ray_names = {"ray"}  # names bound to ray or to something imported from it
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            ray_names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] == "ray"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ray":
+            ray_names |= {a.asname or a.name for a in node.names}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if _is_private_ray(a.name)]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ray":
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            found += [(node.lineno, n) for n in names if _is_private_ray(n)]
+        elif isinstance(node, ast.Attribute) and (chain := _dotted(node)) and chain.split(".")[0] in ray_names:
+            if any(part in PRIVATE for part in chain.split(".")):
+                found.append((node.lineno, chain))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _is_private_ray(node.value):
+            found.append((node.lineno, repr(node.value)))
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in [t for tt in targets for t in (tt.elts if isinstance(tt, ast.Tuple) else [tt])]:
+                chain = _dotted(target) if isinstance(target, (ast.Attribute, ast.Subscript)) else None
+                if chain and chain.split(".")[0] in ray_names:
+                    found.append((node.lineno, f"{chain} = ..."))
+    return found
+
+
+def _is_private_ray(name: str) -> bool:
+    parts = name.split(".")
+    return parts[0] == "ray" and all(p.isidentifier() for p in parts) and any(p in PRIVATE for p in parts)
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """`a.b.c` for an attribute chain (or a subscript of one) rooted at a name; None otherwise."""
+    parts = []
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        if isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def test_rays_internals_are_used_only_in_the_lean_wing():
+    """Every job outside the wing runs on Ray's public API: a Ray release that moves its internals breaks the wing
+    only, which its version guard then leaves out (pipelines/ray_adapter/lean/__init__.py)."""
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {what}" for path in source_files()
+                 if LEAN_WING not in path.parents for line, what in private_ray_uses(ast.parse(path.read_text()))]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("code, found", [
+    ("from ray.train.v2._internal.util import x", ["ray.train.v2._internal.util.x"]),
+    ("import ray._private.services", ["ray._private.services"]),
+    ("import ray\nray._private.worker._global_node", ["ray._private.worker._global_node", "ray._private.worker",
+                                                     "ray._private"]),
+    ("import ray\nray.util.x = 1", ["ray.util.x = ..."]),
+    ("from ray.train import Node\nNode.start = f", ["Node.start = ..."]),
+    ("import ray.train as rt\nrt.a, b = 1, 2", ["rt.a = ..."]),
+    ("logging.getLogger('ray._private.authentication.setup')", ["'ray._private.authentication.setup'"]),
+    ("import ray\nray.init(address='local')\nx = ray.train\nlogging.getLogger('ray.train')", []),
+    ("'see ray/train/v2/_internal/util.py'", []),
+])
+def test_the_scan_finds_each_kind_of_use(code, found):
+    assert sorted(what for _, what in private_ray_uses(ast.parse(code))) == sorted(found)

@@ -1,8 +1,8 @@
-"""The trainers of pipelines/ray_adapter/lean/trainer.py are Ray's TorchTrainer less exactly the default callbacks they name:
-Ray Data's datasets callback always, and the placement-group cleaner where the Ray has no State API (a job's own
-local instance), where a fixed-size worker group also sends no resource requests to an autoscaler; a cluster's or a
-sweep's trainer keeps both. A lone worker that replicates the model gets no torch process group, and neither the
-driver that builds its trainer nor the controller that unpickles it imports torch."""
+"""The trainers of pipelines/ray_adapter/lean/trainer.py are Ray's TorchTrainer less exactly the default callbacks they
+name: Ray Data's datasets callback always, and the placement-group cleaner where the controller runs in the driver (a
+job's own local instance without the State API), where a fixed-size worker group also sends no resource requests to
+an autoscaler. A lone worker that replicates the model gets no torch process group, and neither the driver that
+builds its trainer nor the controller that unpickles it imports torch."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
 from pipelines.ray_adapter.end_on_user_error import EndRunOnUserError
 from pipelines.ray_adapter.lean import trainer as lean_trainer
-from pipelines.ray_adapter.lean.controller import FixedScalingOnFixedCluster, SingleProcessConfig
+from pipelines.ray_adapter.lean.controller import FixedScalingWithoutRequests, TorchConfigWithoutProcessGroup
 from pipelines.ray_adapter.lean.trainer import (
-    PrivateInstanceTorchTrainer,
-    ShardsTorchTrainer,
+    ControllerInDriverTrainer,
+    TrainerWithoutDatasets,
     backend_config,
     trainer_class,
 )
@@ -36,46 +36,46 @@ def _callback_types(cls: type) -> list[type]:
     return [type(cb) for cb in cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))._create_default_callbacks()]
 
 
-@pytest.mark.parametrize("state_api, left_out", [
-    (True, {DatasetsCallback}),
-    (False, {DatasetsCallback, PlacementGroupCleanerCallback}),
+@pytest.mark.parametrize("controller_in_driver, left_out", [
+    (False, {DatasetsCallback}),
+    (True, {DatasetsCallback, PlacementGroupCleanerCallback}),
 ])
-def test_the_trainer_leaves_out_only_the_callbacks_it_names(state_api, left_out):
+def test_the_trainer_leaves_out_only_the_callbacks_it_names(controller_in_driver, left_out):
     ray_default = _callback_types(TorchTrainer)
     assert left_out <= set(ray_default)  # Ray still adds them: leaving them out still means something
-    assert _callback_types(trainer_class(state_api)) == [t for t in ray_default if t not in left_out]
+    assert _callback_types(trainer_class(controller_in_driver)) == [t for t in ray_default if t not in left_out]
 
 
 def test_the_cleaner_stays_where_the_state_api_is_served():
-    assert trainer_class(state_api=True) is ShardsTorchTrainer
-    assert trainer_class(state_api=False) is PrivateInstanceTorchTrainer
+    assert trainer_class(controller_in_driver=False) is TrainerWithoutDatasets
+    assert trainer_class(controller_in_driver=True) is ControllerInDriverTrainer
 
 
 def test_a_trainer_without_the_datasets_callback_refuses_datasets(ray_local):
     import ray.data  # a Dataset needs Ray up: the session's cluster, not one started here by ray.data itself
 
     with pytest.raises(ValueError, match="takes no datasets"):
-        ShardsTorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+        TrainerWithoutDatasets(lambda: None, scaling_config=ScalingConfig(num_workers=1),
                            datasets={"train": ray.data.range(3)})
 
 
 def test_a_fixed_worker_group_on_a_local_instance_asks_no_autoscaler(monkeypatch):
     config = ScalingConfig(num_workers=2)
-    policy = FixedScalingOnFixedCluster(config)
+    policy = FixedScalingWithoutRequests(config)
     policy.after_controller_start(train_run_context=None)  # Ray's policy starts the coordinator's client here
     assert policy.make_decision_for_non_running_worker_group().num_workers == 2
     assert policy._coordinator_client is None
     # the private instance's trainer hands the controller that policy in place of Ray's
     monkeypatch.setattr(lean_trainer, "run_in_driver", lambda **kwargs: kwargs)
-    trainer = PrivateInstanceTorchTrainer(lambda: None, scaling_config=config)
+    trainer = ControllerInDriverTrainer(lambda: None, scaling_config=config)
     passed = trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(config))
-    assert type(passed["scaling_policy"]) is FixedScalingOnFixedCluster
+    assert type(passed["scaling_policy"]) is FixedScalingWithoutRequests
     assert passed["scaling_policy"].scaling_config is config
 
 
 @pytest.mark.parametrize("num_workers, parallel, use_gpu, expected", [
-    (1, "ddp", False, SingleProcessConfig()),
-    (1, "ddp", True, SingleProcessConfig()),
+    (1, "ddp", False, TorchConfigWithoutProcessGroup()),
+    (1, "ddp", True, TorchConfigWithoutProcessGroup()),
     (2, "ddp", False, TorchConfig(backend="gloo")),
     (2, "ddp", True, TorchConfig(backend="nccl")),
     (1, "fsdp", True, TorchConfig(backend="nccl")),  # FSDP shards over a device mesh, even of one rank
@@ -98,7 +98,7 @@ def _write_process_group(out_dir: str) -> None:
 def test_the_workers_have_a_process_group_only_when_they_use_it(ray_local, tmp_path, num_workers, seen):
     out = tmp_path / "seen"
     out.mkdir()
-    ShardsTorchTrainer(
+    TrainerWithoutDatasets(
         _write_process_group, train_loop_config=str(out), backend_config=backend_config(num_workers, "ddp", False),
         scaling_config=ScalingConfig(num_workers=num_workers),
         run_config=RunConfig(name=f"pg{num_workers}", storage_path=str(tmp_path / "runs")),
@@ -118,7 +118,7 @@ def test_what_the_controller_unpickles_imports_no_torch():
         return done.stdout.decode().strip()
 
     config = backend_config(1, "ddp", False)
-    assert imports_torch(FixedScalingOnFixedCluster(ScalingConfig(num_workers=1)), config, config.train_func_context,
+    assert imports_torch(FixedScalingWithoutRequests(ScalingConfig(num_workers=1)), config, config.train_func_context,
                          EndRunOnUserError()) == "False"
     assert imports_torch(TorchConfig()) == "True"  # Ray's own config would: the check above can fail
 
@@ -139,7 +139,7 @@ print("torch" in sys.modules)
 def test_the_driver_of_a_lone_worker_imports_no_torch(tmp_path, num_workers, imports_torch):
     """The main job's driver leaves torch to its worker: about 3 s of one core sooner to the workers' start.
     Two workers need Ray's TorchConfig, which imports it: the check can fail."""
-    args = [*DEBUG_ARGS, f"--run.out_dir={tmp_path}", f"--run.num_workers={num_workers}"]
+    args = [*DEBUG_ARGS, f"--run.out_dir={tmp_path}", f"--run.num_workers={num_workers}", "--run.lean=on"]
     done = subprocess.run([sys.executable, "-c", _BUILD_IN_A_FRESH_DRIVER, str(PRESET_DIR), *args],
                           capture_output=True, cwd=REPO, check=True)
     assert done.stdout.decode().strip() == imports_torch

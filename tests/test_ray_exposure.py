@@ -1,8 +1,10 @@
-"""A local Ray instance started by the project (pipelines/ray_session.init_ray) is private to the machine: every
-listening socket of its processes is on loopback, none serves Prometheus metrics without the token, the token file
-is the owner's alone, it runs only the processes a job uses, and a `kill -9` of the driver does not leave its
-processes running (Ray's own clean-up takes ~80 s, ports open). Real processes, real sockets: the driver runs in a
-subprocess with its own Ray instance."""
+"""A local Ray instance started by the project (pipelines/ray_adapter/session.init_ray) is private to the machine, with
+the lean wing on or off: every listening socket of its processes is on loopback, the token file is the owner's
+alone, and a `kill -9` of the driver does not leave its processes running (Ray's own clean-up takes ~80 s, ports
+open). With the wing a job's instance also runs only the processes a job uses, and none of them serves Prometheus
+metrics without the token; without it, the dashboard and the autoscaler's monitor run, and their endpoints (on
+loopback) are the only ones that answer. Real processes, real sockets: the driver runs in a subprocess with its own
+Ray instance, importing ray only through init_ray (as the entry points do)."""
 
 from __future__ import annotations
 
@@ -27,14 +29,15 @@ DRIVER = f"""
 import json, os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from pipelines.ray_adapter.session import init_ray, serves_state_api
-init_ray(address="local", num_cpus=1, state_api=sys.argv[1] == "state_api")
+init_ray(address="local", num_cpus=1, state_api=sys.argv[1] == "state_api", lean=sys.argv[2])
 import ray
 
 @ray.remote
 def worker_pid():
     return os.getpid()
 
-print(json.dumps({{"driver": os.getpid(), "worker": ray.get(worker_pid.remote()), "state_api": serves_state_api()}}),
+print(json.dumps({{"driver": os.getpid(), "worker": ray.get(worker_pid.remote()), "state_api": serves_state_api(),
+                  "wing": sorted(m for m in sys.modules if (m + ".").startswith("pipelines.ray_adapter.lean."))}}),
       flush=True)
 time.sleep(600)
 """
@@ -59,32 +62,48 @@ def answering_without_token(sockets: list[tuple[int, str, int]]) -> list[tuple[i
     return answering
 
 
-def start_driver(tmp_path: Path, state_api: bool) -> tuple[subprocess.Popen, dict, set[int]]:
+def start_driver(tmp_path: Path, state_api: bool, lean: str = "auto") -> tuple[subprocess.Popen, dict, set[int]]:
     """The driver process, what it printed once its instance ran a task, and its process family."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "state_api" if state_api else "job"],
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "state_api" if state_api else "job", lean],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
     started = json.loads(proc.stdout.readline())
     time.sleep(2)  # let the agents open their ports
     return proc, started, {p.pid for p in psutil.Process(proc.pid).children(recursive=True)} | {proc.pid}
 
 
-def test_local_ray_is_private_and_dies_with_its_driver(tmp_path):
+@pytest.mark.parametrize("lean", ["auto", "off"])
+def test_local_ray_is_private_and_dies_with_its_driver(tmp_path, lean):
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
     proc = None
     try:
-        proc, started, family = start_driver(tmp_path, state_api=False)
+        proc, started, family = start_driver(tmp_path, state_api=False, lean=lean)
         sockets = listening(family)
         assert started["worker"] in family and len(sockets) >= 4, sockets  # GCS, raylet, workers, agents
         assert [s for s in sockets if s[1] not in LOOPBACK] == []
-        # Ray's metrics export is off: no Prometheus endpoint of this instance answers without the token
-        assert answering_without_token(sockets) == []
-        # a training job's instance runs no dashboard modules (its driver did not ask for the State API)
-        assert started["state_api"] is False
-        commands = [" ".join(psutil.Process(p).cmdline()) for p in family]
-        assert [c for c in commands if "ray-dashboard-" in c] == []
-        # nor Ray's API server and autoscaler monitor, which every head node runs unless told otherwise
-        assert [c for c in commands if "/dashboard.py " in c or "/monitor.py " in c] == []
+        # loopback through Ray's documented variable, read as this driver imported ray: not the wing's piece
+        assert "pipelines.ray_adapter.lean.loopback" not in started["wing"]
+        assert started["wing"] == (["pipelines.ray_adapter.lean", "pipelines.ray_adapter.lean.head"]
+                                   if lean == "auto" else [])
+        commands = {p: " ".join(psutil.Process(p).cmdline()) for p in family}
+        answering = answering_without_token(sockets)
+        if lean == "auto":
+            # Ray's metrics export is off: no Prometheus endpoint of this instance answers without the token
+            assert answering == []
+            # a training job's instance runs no dashboard modules (its driver did not ask for the State API)
+            assert started["state_api"] is False
+            assert [c for c in commands.values() if "ray-dashboard-" in c] == []
+            # nor Ray's API server and autoscaler monitor, which every head node runs unless told otherwise
+            assert [c for c in commands.values() if "/dashboard.py " in c or "/monitor.py " in c] == []
+        else:
+            # Ray's public path: the dashboard serves the State API that Ray's stock trainer asks; its endpoint and
+            # the monitor's, on loopback, are the ones Ray 2.60 has no switch for
+            assert started["state_api"] is True
+            known = {DASHBOARD_METRIC_PORT: "/dashboard.py ", AUTOSCALER_METRIC_PORT: "/monitor.py "}
+            assert all(port in known and known[port] in commands[pid] for pid, port in answering), answering
         token = Path.home() / ".ray" / "auth_token"
         if token.exists():
             assert token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)

@@ -3,6 +3,9 @@
     trainer = build_trainer(config, plan, tracking_run_id=run_id)   # pipelines/pretrain.py and Tune trials alike
     result = trainer.fit()
 
+The trainer is Ray's TorchTrainer, built from public configs only, unless run.lean picks the wing's
+(pipelines/ray_adapter/lean_switch.py).
+
 Every worker runs `nanogpt.train.loop.train()` with Ray's rank, device and reporting; nothing else differs from a plain
 process. `on_step` hooks (callables `hook(step, metrics)`, pickled to the workers) run on every rank after each
 update: a place for a benchmark's timer or a test's fault, outside production code.
@@ -35,39 +38,59 @@ log = logging.getLogger(__name__)
 
 def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None = None,
                   on_step: Sequence[OnStep] = (), callbacks: Sequence[Any] = ()):
-    """The TorchTrainer for `config` (resolved by the driver: run name, storage, data and tracking paths), its
-    checkpoints kept by val_loss; one plain dict goes to the workers. `callbacks`: Ray Train callbacks, e.g. a
-    sweep trial's TuneReportCallback."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    """The trainer for `config` (resolved by the driver: run name, storage, data and tracking paths): Ray's
+    TorchTrainer, or the lean wing's where run.lean says so (pipelines/ray_adapter/lean_switch.py). Checkpoints are
+    kept by val_loss; one plain dict goes to the workers. `callbacks`: Ray Train callbacks, e.g. a sweep trial's
+    TuneReportCallback."""
+    from pipelines.ray_adapter.lean_switch import wing_on
+    from pipelines.ray_adapter.session import serves_state_api, started_local_instance
 
-    from pipelines.ray_adapter.end_on_user_error import EndRunOnUserError
-    from pipelines.ray_adapter.lean.trainer import backend_config, trainer_class
-    from pipelines.ray_adapter.session import serves_state_api
+    parts = {"train_loop_config": worker_config(config, plan, tracking_run_id, on_step),
+             "scaling_config": scaling_config(config), "run_config": run_config(config, plan, callbacks)}
+    own_instance = started_local_instance()
+    if wing_on(config.run.lean, own_instance):
+        from pipelines.ray_adapter.lean.trainer import lean_trainer
+
+        return lean_trainer(train_loop_per_worker, config.train.parallel,
+                            controller_in_driver=own_instance and not serves_state_api(), **parts)
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(train_loop_per_worker, **parts)
+
+
+def worker_config(config: Config, plan: RunPlan, tracking_run_id: str | None,
+                  on_step: Sequence[OnStep] = ()) -> dict[str, Any]:
+    """The one plain dict every worker gets (train_loop_per_worker's argument)."""
+    return {"config": config.to_dict(), "resume_from": plan.resume_from, "run_dir": plan.run_dir,
+            "tracking_run_id": tracking_run_id, "on_step": list(on_step)}
+
+
+def scaling_config(config: Config):
+    from ray.train import ScalingConfig
 
     rc = config.run
-    resources = {"CPU": rc.cpus_per_worker}
-    if rc.use_gpu:
-        resources["GPU"] = rc.gpus_per_worker
-    loop_config = {"config": config.to_dict(), "resume_from": plan.resume_from, "run_dir": plan.run_dir,
-                   "tracking_run_id": tracking_run_id, "on_step": list(on_step)}
-    return trainer_class(serves_state_api())(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        backend_config=backend_config(rc.num_workers, config.train.parallel, rc.use_gpu),
-        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=plan.name,
-            storage_path=plan.storage_path,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=rc.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
-            ),
-            # run.max_failures retries what may pass on another try; a config or data error never does
-            failure_config=FailureConfig(max_failures=rc.max_failures),
-            callbacks=[EndRunOnUserError(), *callbacks],
-            # Ray Train's own INFO lines on the console (resource requests, the worker group, each checkpoint):
-            # off, like the rest of Ray's chatter; warnings and errors stay, and Ray's log files keep everything.
-            logging_config=LoggingConfig(log_level="WARNING"),
+    resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.use_gpu else {})}
+    return ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources)
+
+
+def run_config(config: Config, plan: RunPlan, callbacks: Sequence[Any] = ()):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    from pipelines.ray_adapter.end_on_user_error import EndRunOnUserError
+
+    rc = config.run
+    return RunConfig(
+        name=plan.name,
+        storage_path=plan.storage_path,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=rc.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
         ),
+        # run.max_failures retries what may pass on another try; a config or data error never does
+        failure_config=FailureConfig(max_failures=rc.max_failures),
+        callbacks=[EndRunOnUserError(), *callbacks],
+        # Ray Train's own INFO lines on the console (resource requests, the worker group, each checkpoint):
+        # off, like the rest of Ray's chatter; warnings and errors stay, and Ray's log files keep everything.
+        logging_config=LoggingConfig(log_level="WARNING"),
     )
 
 
@@ -94,20 +117,23 @@ class RayReporter:
 
 
 def quiet_ray_train_logs() -> None:
-    """Drop Ray Train's INFO line of every report on every rank ("Reporting training result 3: TrainingReport(...)"),
-    which LoggingConfig does not reach: its module names its logger by its file path, not `ray.train...`. And drop
-    its "Error in training function" traceback of a user error: the driver reports that in one line."""
-    from ray.train.v2._internal import util  # Ray 2.60; private modules, Ray is pinned
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    logging.getLogger(util.__name__).addFilter(_not_a_user_error)
+    """Ray Train's worker lines that tell a nanoGPT user nothing leave its console and files (QuietTrainLogs),
+    through the handlers Ray Train gives its public `ray.train` logger in every worker."""
+    for handler in logging.getLogger("ray.train").handlers:
+        if not any(isinstance(f, QuietTrainLogs) for f in handler.filters):
+            handler.addFilter(QuietTrainLogs())
 
 
-def _not_a_user_error(record: logging.LogRecord) -> bool:
-    """False while a USER_ERRORS exception is being handled: Ray Train logs the error of the training function
-    from inside its `except` block (ray/train/v2/_internal/util.py, construct_user_exception_with_traceback)."""
-    return not isinstance(sys.exc_info()[1], USER_ERRORS)
+class QuietTrainLogs(logging.Filter):
+    """Drops Ray Train's INFO line of every report on every rank ("Reporting training result 3: ..."), which
+    LoggingConfig does not reach (its logger is named by a file path, not `ray.train...`), and its "Error in training
+    function" traceback of a config or data error (USER_ERRORS, logged while it is handled), which the driver
+    reports in one line. Should Ray reword them, they show again: nothing else depends on it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and record.getMessage().startswith("Reporting training result"):
+            return False
+        return not (record.name.startswith("ray.train") and isinstance(sys.exc_info()[1], USER_ERRORS))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:

@@ -56,13 +56,11 @@ class SweepOutcome:
     model_uri: str | None = None
 
 
-def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None, num_cpus: int | None = None,
-              on_step: Sequence[OnStep] = ()) -> SweepOutcome:
-    """Run (or, with `resume`, continue) the sweep; `on_step` hooks run on every trial's workers."""
+def run_sweep(sweep: Sweep, *, resume: bool = False, on_step: Sequence[OnStep] = ()) -> SweepOutcome:
+    """Run (or, with `resume`, continue) the sweep on the Ray that pipelines/tune.py joined or started; `on_step`
+    hooks run on every trial's workers."""
     from pipelines.pretrain import prepare_data
-    from pipelines.ray_adapter.session import init_ray
 
-    init_ray(address=address, num_cpus=num_cpus, state_api=True)  # frees the workers of the trials Tune stops
     if sweep.needs_data:
         prepare_data(sweep.base)  # once, before any trial: trials never race to prepare
     parent = _open_parent(sweep)

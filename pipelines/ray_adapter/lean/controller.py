@@ -1,13 +1,11 @@
-"""The parts of a job's trainer that the driver builds and Ray Train's controller process unpickles, kept free of
-torch: `import ray.train.torch`, where Ray's TorchTrainer and TorchConfig live, imports torch, about 3 s of one core
-here, twice on the way from `fit()` to the workers' start (in the driver, then in the controller). For a lone worker
-that replicates the model (the main job, a one-worker sweep trial) only the worker imports it. The main job's
-first update, medians of 5 alternating runs on slow days: 26.0 against 31.0 s with the driver's import gone, 30.6
-against 32.1 s earlier with the controller's. Under Ray's TorchConfig (a job of several workers, or FSDP) driver
-and controller still import torch.
+"""The parts of the wing's trainer that the driver builds and Ray Train's controller unpickles, kept free of torch:
+`import ray.train.torch`, where Ray's TorchTrainer and TorchConfig live, imports torch, once in the driver and once in
+the controller on the way from `fit()` to the workers' start (figures: bench/NOTES.md). For a lone worker that
+replicates the model only the worker imports it; under Ray's TorchConfig (several workers, or FSDP) driver and
+controller still do.
 
-    FixedScalingOnFixedCluster(scaling_config)   # Ray's fixed-size scaling policy, no autoscaler requests
-    SingleProcessConfig()                         # a lone worker's backend: no torch process group
+    FixedScalingWithoutRequests(scaling_config)   # Ray's fixed-size scaling policy, no autoscaler requests
+    TorchConfigWithoutProcessGroup()              # a lone worker's backend: no torch process group
 """
 
 from __future__ import annotations
@@ -15,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy  # Ray 2.60; private, pinned
-from ray.train.v2._internal.util import TrainingFramework  # Ray 2.60; private, pinned
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+from ray.train.v2._internal.util import TrainingFramework
 
 
-class FixedScalingOnFixedCluster(FixedScalingPolicy):
+class FixedScalingWithoutRequests(FixedScalingPolicy):
     """Ray Train's fixed-size scaling policy without its resource requests to the autoscaling coordinator."""
 
     def after_controller_start(self, train_run_context) -> None:
@@ -30,7 +28,7 @@ class FixedScalingOnFixedCluster(FixedScalingPolicy):
 
 
 @dataclass
-class SingleProcessConfig(BackendConfig):
+class TorchConfigWithoutProcessGroup(BackendConfig):
     """Ray Train's torch set-up for a lone worker that never uses torch.distributed: TorchConfig's worker context
     (the worker's CUDA device) without its process group."""
 
@@ -71,4 +69,4 @@ class NoProcessGroupBackend(Backend):
 
     def on_start(self, worker_group, backend_config) -> None:
         if len(worker_group) != 1:
-            raise ValueError(f"SingleProcessConfig is for one worker, not {len(worker_group)}")
+            raise ValueError(f"TorchConfigWithoutProcessGroup is for one worker, not {len(worker_group)}")

@@ -1,13 +1,12 @@
 """Ray Train's controller run in the driver process, for a job on its own local Ray instance.
 
-Ray's DataParallelTrainer starts its TrainController as an actor: one more Ray process, which on a 2-core machine
-took about 4 s on the way from `fit()` to the worker's start (a Python process, Ray's and Ray Train's imports) and
-then woke about 160 times a second while the job trained, each wake-up taking a core from the worker's two compute
-threads. On a job's own instance the actor buys nothing: it is pinned to the driver's node anyway, and it dies with
-the driver. Here the same controller runs its control loop in the driver instead (`asyncio.run`, as the actor runs
-it on its event loop): it starts the worker group, polls it every 2 s, keeps the checkpoints, restarts failed
-workers under FailureConfig, and returns the same Result. Ctrl-C then reaches the loop as KeyboardInterrupt, and
-the workers end with the instance.
+Ray's DataParallelTrainer starts its TrainController as an actor: one more Ray process to start between `fit()` and
+the worker's start, which then wakes many times a second while the job trains, each wake-up taking a core from the
+worker's compute threads on a small machine (figures: bench/NOTES.md). On a job's own instance the actor buys
+nothing: it is pinned to the driver's node anyway, and it dies with the driver. Here the same controller runs its
+control loop in the driver instead (`asyncio.run`, as the actor runs it on its event loop): it starts the worker
+group, polls it every 2 s, keeps the checkpoints, restarts failed workers under FailureConfig, and returns the same
+Result. Ctrl-C then reaches the loop as KeyboardInterrupt, and the workers end with the instance.
 
     if can_run_in_driver():                              # not inside a running event loop (a notebook)
         result = run_in_driver(**controller_init_kwargs)   # what DataParallelTrainer passes to its controller actor
@@ -23,8 +22,8 @@ import contextlib
 
 import ray
 from ray.train import Result
-from ray.train.v2._internal.execution.controller import TrainController  # Ray 2.60; private, Ray is pinned
-from ray.train.v2._internal.execution.worker_group import WorkerGroup  # Ray 2.60; private, Ray is pinned
+from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2._internal.execution.worker_group import WorkerGroup
 
 from pipelines.ray_adapter.lean.lone_worker_sync import lone_worker_sync
 
@@ -54,7 +53,8 @@ class DriverWorkerGroup(WorkerGroup):
     asks for the current actor's, and a driver is none)."""
 
     def _init_train_context_on_workers(self, workers, sync_actor, train_context_args) -> None:
-        # Ray 2.60's method, but with controller_actor=None
+
+        # passes every argument Ray's does)
         ray.get([
             worker.actor.init_train_context.remote(
                 train_run_context=self._train_run_context,

@@ -3,9 +3,8 @@
 Ray Train starts a SynchronizationActor beside every worker group: its workers meet there at each checkpoint report
 (to agree on the checkpoint's directory) and at `ray.train.collective` calls. For a group of one worker there is no
 one to meet, yet the actor is one more Ray process: started between `fit()` and the worker's first line, and then
-waking about 150 times a second while the worker trains (its core worker's 10 ms signal check), each wake-up taking
-a core from the worker's two compute threads on a 2-core machine. Full runs (300 updates), 5 alternating runs each:
-64.9 against 79.8 ms per step (4 of 5 pairs), the first update at 16.1 against 18.6 s (medians).
+waking every 10 ms while the worker trains (its core worker's signal check), each wake-up taking a core from the
+worker's compute threads on a small machine (figures: bench/NOTES.md).
 
     with lone_worker_sync():          # around a run whose worker group is one worker, in the process that starts it
         asyncio.run(controller.run())
@@ -22,8 +21,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import ray
-
-# Ray 2.60's private modules; Ray is pinned
 from ray.train.v2._internal.execution.worker_group import state as _state
 from ray.train.v2._internal.execution.worker_group import worker_group as _worker_group
 
@@ -50,10 +47,10 @@ class LoneSync:
     set_required_ranks = _Method(lambda ranks: True)
 
 
-class _LoneSyncClass:
+class LoneSyncActorClass:
     """Stands in for the SynchronizationActor class: `.options(...).remote(...)` makes a LoneSync."""
 
-    def options(self, **_: Any) -> _LoneSyncClass:
+    def options(self, **_: Any) -> LoneSyncActorClass:
         return self
 
     def remote(self, **_: Any) -> LoneSync:
@@ -71,7 +68,7 @@ def _shutdown_sync(shutdown_actor):
 def lone_worker_sync() -> Iterator[None]:
     """Worker groups started in this process within the block use a LoneSync (their group must be one worker)."""
     actor_class, shutdown_actor = _worker_group.SynchronizationActor, _state._shutdown_sync_actor
-    _worker_group.SynchronizationActor = _LoneSyncClass()
+    _worker_group.SynchronizationActor = LoneSyncActorClass()
     _state._shutdown_sync_actor = _shutdown_sync(shutdown_actor)
     try:
         yield
