@@ -57,7 +57,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanogpt.config import ConfigError, DataConfig, load_config
 from nanogpt.data.corpus import InputSource, fingerprint, load_hf_dataset, resolve_input
@@ -74,10 +74,10 @@ from nanogpt.data.shards import (
 from nanogpt.data.storage import join
 from nanogpt.tokenizers import build_tokenizer
 from nanogpt.user_errors import USER_ERRORS
-from pipelines.data_prep.documents import tokenize_spec
-from pipelines.data_prep.plan import PlannedOutput, tokenize_and_plan
-from pipelines.data_prep.write import write_shards
 from pipelines.ray_adapter.session import init_ray
+
+if TYPE_CHECKING:
+    from pipelines.data_prep.plan import PlannedOutput
 
 log = logging.getLogger("nanogpt.prepare")
 
@@ -130,7 +130,11 @@ def _build(output: ShardOutput, request: Request, hf_ds: Any, start: float) -> M
     """Tokenize, plan and write the output: everything after the up-to-date check."""
     data = request.data
     tokenizer = build_tokenizer("gpt2") if data.tokenizer == "gpt2" else None  # fail fast, before any Ray work
-    init_ray()
+    init_ray()  # before anything imports ray: a local instance started here then listens on 127.0.0.1 only
+    from pipelines.data_prep.documents import tokenize_spec
+    from pipelines.data_prep.plan import tokenize_and_plan
+    from pipelines.data_prep.write import write_shards
+
     spec = tokenize_spec(data, tokenizer)
     log.info("preparing %s (%s) -> %s", request.source.spec, _describe_source(request.source), output.location)
     planned = tokenize_and_plan(data, request.source, hf_ds, spec, tokenizer)

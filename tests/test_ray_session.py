@@ -42,7 +42,7 @@ def test_which_address_starts_a_local_instance(tmp_path, monkeypatch, address, e
 def test_the_entry_points_import_ray_only_through_init_ray():
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (loopback) and RAY_AUTH_MODE when it is imported: the drivers'
     modules, and the decision whether a local instance starts, must not import it first."""
-    code = ("import sys\nimport pipelines.pretrain, pipelines.tune, pipelines.ray_adapter.trainer\n"
+    code = ("import sys\nimport pipelines.prepare, pipelines.pretrain, pipelines.tune, pipelines.ray_adapter.trainer\n"
             "from pipelines.ray_adapter import lean, lean_switch, session\n"
             "session.starts_local_instance(None); session.ray_is_up(); lean.usable()\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")

@@ -1,5 +1,5 @@
 """Stop the Ray processes of a local instance when the driver that started them dies without shutting Ray down
-(`kill -9`, the OOM killer). Ray's own clean-up takes about 80 s, with its ports open meanwhile.
+(`kill -9`, the OOM killer). Ray's own clean-up takes over a minute, with its ports open meanwhile (bench/NOTES.md).
 
     python pipelines/ray_adapter/watchdog.py <driver pid>        # started by pipelines/ray_adapter/session.py, never by hand
 
@@ -21,7 +21,7 @@ import psutil
 
 def watch(driver_pid: int, interval_s: float = 0.5, rescan_s: float = 2.0) -> list[psutil.Process]:
     """Wait for the driver to die (checked every `interval_s`); return its last known descendants (this watchdog
-    excluded). Listing them reads every process of the machine (about 13 ms of CPU here), so that is done every
+    excluded). Listing them reads every process of the machine (bench/NOTES.md: its CPU cost), so that is done every
     `rescan_s` only: the workers Ray starts in between exit anyway when their raylet is stopped."""
     try:
         driver = psutil.Process(driver_pid)

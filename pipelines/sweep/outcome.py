@@ -1,6 +1,6 @@
 """A trial's outcome, made durable the moment the trial ends: `<sweep dir>/trials/trial-<id>/outcome.json`.
 
-Tune saves its experiment state at most every ~10 s, so a sweep driver killed right after a trial ended leaves that
+Tune saves its experiment state at most every TUNE_GLOBAL_CHECKPOINT_S (adaptive, ten seconds or more), so a sweep driver killed right after a trial ended leaves that
 trial RUNNING in the saved state, and `Tuner.restore` runs it again. This record is what a resumed trial, and the
 sweep's results, trust instead:
 

@@ -9,6 +9,7 @@ The results are the trials' records (pipelines/sweep/outcome.py), not Tune's sna
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -56,6 +57,18 @@ class SweepOutcome:
     model_uri: str | None = None
 
 
+def trials_base(base: Config) -> Config:
+    """The base config the trials run with, run.lean=auto resolved here: the sweep's driver knows whether it started
+    the local instance the trials run on, a trial (in a Tune actor) does not. On such an instance the trials use the
+    lean wing, as a job on its own instance does; on a cluster, Ray's public API."""
+    if base.run.lean != "auto":
+        return base
+    from pipelines.ray_adapter.session import started_local_instance
+
+    lean = "on" if started_local_instance() else "off"
+    return dataclasses.replace(base, run=dataclasses.replace(base.run, lean=lean))
+
+
 def run_sweep(sweep: Sweep, *, resume: bool = False, on_step: Sequence[OnStep] = ()) -> SweepOutcome:
     """Run (or, with `resume`, continue) the sweep on the Ray that pipelines/tune.py joined or started; `on_step`
     hooks run on every trial's workers."""
@@ -64,7 +77,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, on_step: Sequence[OnStep] =
     if sweep.needs_data:
         prepare_data(sweep.base)  # once, before any trial: trials never race to prepare
     parent = _open_parent(sweep)
-    setup = TrialSetup(sweep.spec, sweep.base, sweep.trials_dir, parent, tuple(on_step))
+    setup = TrialSetup(sweep.spec, trials_base(sweep.base), sweep.trials_dir, parent, tuple(on_step))
     tuner = _tuner(sweep, setup, resume)
     try:
         with ctrl_c_stops_tune() as interrupted:

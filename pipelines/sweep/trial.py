@@ -5,9 +5,9 @@
 The trial builds its config (pipelines/sweep/spec.py), plans its run as `<sweep dir>/trials/trial-<trial id>`
 (a name that stays the same when Tune restarts the trial or a resumed sweep runs it again, so the TorchTrainer
 continues its own checkpoints), opens its MLflow run nested under the sweep's, and fits the same TorchTrainer as
-pipelines/pretrain.py (build_trainer) with a TuneReportCallback: Ray's own under run.lean=auto, as the trial runs on a
-Ray it did not start. Worker failures are Ray Train's to handle
-(run.max_failures), exactly as in pretrain.py. Its last act is its record, `outcome.json` in its run directory
+pipelines/pretrain.py (build_trainer) with a TuneReportCallback; run.lean=auto comes resolved by the sweep's driver
+(pipelines/sweep/run.py: the lean wing on a local instance it started, Ray's public API on a cluster). Worker failures
+are Ray Train's to handle (run.max_failures), exactly as in pretrain.py. Its last act is its record, `outcome.json` in its run directory
 (pipelines/sweep/outcome.py): a trial run again after it ended reports that record again and trains nothing.
 """
 
