@@ -59,3 +59,25 @@ def test_best_checkpoint_and_reports_stop_where_the_trial_ended(tmp_path):
     reports = reports_of(stopped, str(tmp_path))
     assert [r["step"] for r in reports] == [0, 10, 20] and reports[1]["val_loss"] == 3.5
     assert reports[-1] == {"step": 20, "tokens": 20 * 512, "val_loss": 2.5, "best_val_loss": 2.4}
+
+
+def test_tunes_results_map_to_trials_by_id_not_by_directory_name(tmp_path):
+    """A trial that Tune creates again on a resume (the driver was killed before Tune's snapshot listed it) gets a
+    suffixed directory (`trial-<id>_692d`) because its old one is there: it is still that trial, one row."""
+    import yaml
+    from ray.tune import Result
+
+    from pipelines.sweep.plan import plan_sweep
+    from pipelines.sweep.run import trial_rows
+
+    sweep_yaml = tmp_path / "sweep.yaml"
+    sweep_yaml.write_text(yaml.safe_dump({"base": "debug", "search": {"optim.learning_rate": {"values": [0.01]}}}))
+    sweep = plan_sweep(str(sweep_yaml), [], [f"--data.dir={tmp_path / 'data'}", f"--run.out_dir={tmp_path / 'out'}",
+                                             "--run.tracker=none"], "s")
+    trial_dir = Path(sweep.trials_dir, "trial-t1")
+    write_outcome(str(trial_dir), outcome(FINISHED))
+    again = Result(metrics={"trial_id": "t1", "step": 40, "config": {"optim.learning_rate": 0.01}}, checkpoint=None, error=None,
+                   path=str(Path(sweep.sweep_dir, "trial-t1_692d")))
+    rows = trial_rows(sweep, [again])
+    assert [(r.trial_id, r.status, r.step) for r in rows] == [("t1", FINISHED, 40)]
+    assert sorted(p.name for p in Path(sweep.trials_dir).iterdir()) == ["trial-t1"]

@@ -216,7 +216,7 @@ def trial_rows(sweep: Sweep, results) -> list[TrialRow]:
     they ended, never Tune's snapshot, which lags. A trial that ended without a record (stopped by the sweep's time
     budget: Tune calls no callback then) gets one first, from Tune's last result of it."""
     for result in results:
-        trial_id = os.path.basename(result.path).removeprefix("trial-")
+        trial_id = result_trial_id(result)
         run_dir = os.path.join(sweep.trials_dir, trial_run_name(trial_id))
         if read_outcome(run_dir) is None:
             outcome = _outcome_from_tune(sweep.spec, sweep.base, trial_id, result.config, result.metrics or {},
@@ -225,6 +225,12 @@ def trial_rows(sweep: Sweep, results) -> list[TrialRow]:
     outcomes = [read_outcome(os.path.dirname(path)) for path in sorted(glob.glob(
         os.path.join(glob.escape(sweep.trials_dir), trial_run_name("*"), OUTCOME_FILE)))]
     return [_row(sweep, o) for o in outcomes if o is not None]
+
+
+def result_trial_id(result) -> str:
+    """The trial's id from Tune's auto-filled `trial_id` metric (always there, even before a first report), not its
+    directory's name: Tune appends a suffix to that when a restored trial is created again over its old directory."""
+    return str((result.metrics or {}).get("trial_id") or os.path.basename(result.path).removeprefix("trial-"))
 
 
 def _outcome_from_tune(spec: SweepSpec, base: Config, trial_id: str, tune_config: dict[str, Any],
