@@ -9,7 +9,9 @@ Use it from a test module with
         mlflow_server.kill()      # SIGKILL the whole process group: the server "dies"
         mlflow_server.start()     # same port, same database and artifacts
 
-The fixture is module-scoped: the server takes about 15 s to answer /health. It runs in its own process group
+One server serves the whole session (it takes about 15 s to answer /health); each module gets it running again if
+a test before left it killed. Modules share its store, so each names its own experiments and models. It runs in
+its own process group
 (`start_new_session=True`) so that killing the group takes its uvicorn workers with it, with
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false so there are no job-runner processes to leak.
 """
@@ -115,13 +117,20 @@ class MlflowServer:
             return "(no server log)"
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+@pytest.fixture(scope="session")
+def mlflow_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
-    try:
-        server.start()
-    except RuntimeError as e:
-        server.kill()
-        pytest.fail(str(e))
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_session_server: MlflowServer) -> MlflowServer:
+    """The session's server, answering: started on first use, or again (same port and store) after a module that
+    killed it."""
+    try:
+        mlflow_session_server.start()
+    except RuntimeError as e:
+        mlflow_session_server.kill()
+        pytest.fail(str(e))
+    return mlflow_session_server

@@ -62,6 +62,10 @@ class S3Server:
         self.stop()
         raise RuntimeError(f"moto server did not answer on {self.endpoint} within {STARTUP_TIMEOUT_S:.0f} s")
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self) -> None:
         kill_group(self.proc)
         self.proc = None
@@ -76,13 +80,21 @@ class S3Server:
         return f"s3://{bucket}/{prefix}".rstrip("/")
 
 
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+@pytest.fixture(scope="session")
+def s3_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     pytest.importorskip("moto.server", reason="moto[server] is a dev dependency: pip install -e '.[dev]'")
     server = S3Server(tmp_path_factory.mktemp("s3"))
-    server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_server(s3_session_server: S3Server) -> S3Server:
+    """The session's server (every test makes buckets of its own), started on first use or again after a module
+    that stopped it."""
+    if not s3_session_server.running:
+        s3_session_server.start()
+    return s3_session_server
 
 
 @pytest.fixture

@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ABSENT_ON_THE_GPU_MACHINE = ("ray", "mlflow", "transformers", "datasets", "pyarrow", "pandas")
 
 
+@pytest.mark.slow  # a whole bench run in a subprocess (torch.compile's tracing, an XL-shaped step): ~18 s
 def test_tiny_run_prints_every_section(tmp_path):
     shadow = tmp_path / "shadow"
     shadow.mkdir()
