@@ -42,7 +42,7 @@ def shards(ray_local, tmp_path_factory, shakespeare_path) -> Path:
 def sweep_file(tmp_path: Path, search: dict, base: str = "debug", overrides: dict | None = None, **top) -> str:
     data = {"base": base, "overrides": overrides if overrides is not None else TINY, "search": search, **top}
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))  # the search keys' order is Tune's grid order
+    path.write_text(yaml.safe_dump(data))
     return str(path)
 
 
@@ -73,16 +73,16 @@ def common_args(shards: Path, out: Path, server, experiment: str) -> list[str]:
 
 
 def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shards, mlflow_server, tmp_path, capsys):
-    """2 batch sizes x 2 learning rates, tokens per step kept, 2 trials at a time, ASHA on tokens: the good rate's two
-    trials run first (Tune's grid varies the first key fastest), so the two hopeless ones (1e-5) are behind them at
-    the first rung (5,120 tokens = step 10) and are stopped there. Every trial trains 512 tokens per step: its
-    gradient accumulation is derived from its batch size (the arithmetic: tests/test_sweep_spec.py)."""
+    """2 batch sizes x 2 learning rates, tokens per step kept, one trial at a time, ASHA on tokens. Tune's grid
+    varies the learning rate fastest, so each hopeless trial (1e-5) comes right after a good one (1e-2) and is
+    behind it at the first rung (5,120 tokens = step 10): stopped there. Every trial trains 512 tokens per step, its
+    gradient accumulation derived from its batch size (the arithmetic: tests/test_sweep_spec.py)."""
     # 200 steps: a stop reaches a trial a second or so after its report, 20 ms steps of this tiny model later
     overrides = {**TINY, "train": {**TINY["train"], "max_iters": 200}, "optim": {"lr_decay_iters": 200}}
     search = {"train.batch_size": {"values": [4, 16]}, "optim.learning_rate": {"values": [1e-2, 1e-5]}}
     sweep = sweep_file(tmp_path, search, algorithm="grid", batch={"keep": "tokens_per_step", "tokens_per_step": 512},
                        scheduler={"name": "asha", "time_attr": "tokens", "grace_period": 5120, "reduction_factor": 2},
-                       min_lr_ratio=0.1, max_concurrent_trials=2, overrides=overrides)
+                       min_lr_ratio=0.1, max_concurrent_trials=1, overrides=overrides)
     args = ["--sweep", sweep, "--name", "asha", *common_args(shards, tmp_path / "out", mlflow_server, "tune-asha"),
             "--run.registered_model=tune-asha-best"]
     assert tune.main(args) == 0
