@@ -73,18 +73,22 @@ def common_args(shards: Path, out: Path, server, experiment: str) -> list[str]:
 
 
 def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shards, mlflow_server, tmp_path, capsys):
-    """4 learning rates, 2 trials at a time, ASHA on tokens: the two good rates run first, so the two hopeless ones
-    (1e-5, 3e-6) are behind them at the first rung (5,120 tokens = step 10) and are stopped there."""
+    """2 batch sizes x 2 learning rates, tokens per step kept, one trial at a time, ASHA on tokens. Tune's grid
+    varies the learning rate fastest, so each hopeless trial (1e-5) comes right after a good one (1e-2) and is
+    behind it at the first rung (5,120 tokens = step 10): stopped there. Every trial trains 512 tokens per step, its
+    gradient accumulation derived from its batch size (the arithmetic: tests/test_sweep_spec.py)."""
     # 200 steps: a stop reaches a trial a second or so after its report, 20 ms steps of this tiny model later
     overrides = {**TINY, "train": {**TINY["train"], "max_iters": 200}, "optim": {"lr_decay_iters": 200}}
-    sweep = sweep_file(tmp_path, {"optim.learning_rate": {"values": [1e-2, 3e-3, 1e-5, 3e-6]}}, algorithm="grid",
+    search = {"train.batch_size": {"values": [4, 16]}, "optim.learning_rate": {"values": [1e-2, 1e-5]}}
+    sweep = sweep_file(tmp_path, search, algorithm="grid", batch={"keep": "tokens_per_step", "tokens_per_step": 512},
                        scheduler={"name": "asha", "time_attr": "tokens", "grace_period": 5120, "reduction_factor": 2},
-                       min_lr_ratio=0.1, max_concurrent_trials=2, overrides=overrides)
+                       min_lr_ratio=0.1, max_concurrent_trials=1, overrides=overrides)
     args = ["--sweep", sweep, "--name", "asha", *common_args(shards, tmp_path / "out", mlflow_server, "tune-asha"),
             "--run.registered_model=tune-asha-best"]
     assert tune.main(args) == 0
     out = capsys.readouterr().out
     assert "stopped early" in out and "best: trial" in out
+    assert "tokens_per_step" in out  # the table's column
 
     client = MlflowClient(mlflow_server.uri)
     # a stopped trial's tracking helper outlives the trial and may still be sending when the sweep returns: every
@@ -92,16 +96,18 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
     parent, children = settled(client, "tune-asha", lambda r: r.data.metrics.get("tokens", 0) >= 5120)
     assert len(children) == 4 and parent.info.status == "FINISHED"
     assert all(r.data.metrics.get("tokens", 0) >= 5120 for r in children), [r.data.metrics for r in children]
-    by_lr = {float(r.data.params["optim.learning_rate"]): r for r in children}
     stopped = [r for r in children if r.data.tags.get("sweep.early_stopped") == "true"]
     assert stopped and all(r.info.status == "KILLED" for r in stopped)
-    assert {by_lr[1e-5].info.run_id, by_lr[3e-6].info.run_id} <= {r.info.run_id for r in stopped}
-    assert all(r.info.status == "FINISHED" and r.data.tags["sweep.early_stopped"] == "false"
-               for r in children if r not in stopped)
+    hopeless = {r.info.run_id for r in children if float(r.data.params["optim.learning_rate"]) == 1e-5}
+    assert len(hopeless) == 2 and hopeless <= {r.info.run_id for r in stopped}
+    finished = [r for r in children if r not in stopped]
+    assert all(r.info.status == "FINISHED" and r.data.tags["sweep.early_stopped"] == "false" for r in finished)
     # ASHA's stop reaches a running trial asynchronously: on a loaded machine one may finish its 200 steps first,
     # but stopping must have cut at least one trial short (MLflow holds every point a trial logged)
     assert any(r.data.metrics["tokens"] < 200 * 512 for r in stopped)
-    assert float(by_lr[1e-2].data.params["optim.min_lr"]) == pytest.approx(1e-3)  # min_lr_ratio
+    assert all(float(r.data.params["optim.min_lr"]) == pytest.approx(1e-3)  # min_lr_ratio
+               for r in children if float(r.data.params["optim.learning_rate"]) == 1e-2)
+    assert_tokens_per_step_kept(parent, children, finished)
 
     # the parent: sweep file, results table, plot; the best trial registered
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -119,6 +125,17 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
     assert_no_placement_group_left(ray_local)
 
 
+def assert_tokens_per_step_kept(parent, children: list, finished: list) -> None:
+    """batch.keep=tokens_per_step as the trials ran it (their own MLflow params, tags and metrics): accumulation
+    derived from each batch size, 512 tokens per step everywhere, the finished trials' tokens = 200 steps of 512."""
+    assert parent.data.params["sweep.base"] == "debug" and parent.data.params["sweep.batch.keep"] == "tokens_per_step"
+    geometry = {int(r.data.params["train.batch_size"]): int(r.data.params["train.gradient_accumulation_steps"])
+                for r in children}
+    assert geometry == {4: 4, 16: 1}, geometry
+    assert {r.data.tags["tokens_per_step"] for r in children} == {"512"}
+    assert finished and {r.data.metrics["tokens"] for r in finished} == {200 * 512}
+
+
 def assert_no_placement_group_left(ray, timeout: float = 60) -> None:
     """Stopped trials' placement groups are removed (ray#54305); Ray's cleaner does it shortly after."""
     from ray.util import placement_group_table
@@ -132,22 +149,6 @@ def assert_no_placement_group_left(ray, timeout: float = 60) -> None:
     assert alive == []
 
 
-def test_constant_tokens_sweep_keeps_tokens_per_step(shards, mlflow_server, tmp_path, capsys):
-    sweep = sweep_file(tmp_path, {"train.batch_size": {"values": [8, 16, 32]}}, algorithm="grid",
-                       batch={"keep": "tokens_per_step", "tokens_per_step": 1024})
-    args = ["--sweep", sweep, "--name", "tokens", "--train.max_iters=10", "--optim.lr_decay_iters=10",
-            *common_args(shards, tmp_path / "out", mlflow_server, "tune-tokens")]
-    assert tune.main(args) == 0
-    _, children = runs_of(MlflowClient(mlflow_server.uri), "tune-tokens")
-    assert len(children) == 3
-    geometry = {int(r.data.params["train.batch_size"]): int(r.data.params["train.gradient_accumulation_steps"])
-                for r in children}
-    assert geometry == {8: 4, 16: 2, 32: 1}
-    assert {r.data.tags["tokens_per_step"] for r in children} == {"1024"}
-    assert {r.data.metrics["tokens"] for r in children} == {10 * 1024}
-    assert "tokens_per_step" in capsys.readouterr().out
-
-
 @pytest.fixture(scope="module")
 def bpe_shards(ray_local, tmp_path_factory, shakespeare_path, tiktoken_cache) -> Path:
     from nanogpt.config import DataConfig
@@ -159,9 +160,10 @@ def bpe_shards(ray_local, tmp_path_factory, shakespeare_path, tiktoken_cache) ->
     return out
 
 
-def test_finetune_sweep_from_a_local_hf_gpt2_dir(bpe_shards, mlflow_server, tmp_path):
+def test_finetune_sweep_from_a_local_hf_gpt2_dir(bpe_shards, tmp_path, capsys):
     """finetune_gpt2_lr (nanoGPT's finetune_shakespeare over LRs) from a tiny random GPT-2 that transformers saves:
-    every trial starts from its weights and keeps its learning rate constant."""
+    every trial starts from its weights and keeps its learning rate constant. Read from each trial's own records
+    (params.json, metrics.jsonl): MLflow is off, it is not the subject here."""
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf_tiny")
@@ -169,17 +171,20 @@ def test_finetune_sweep_from_a_local_hf_gpt2_dir(bpe_shards, mlflow_server, tmp_
             f"--model.init_from={tmp_path / 'hf_tiny'}", "--model.block_size=32", "--run.use_gpu=false", "--train.device=cpu",
             "--train.dtype=float32", "--train.batch_size=2", "--train.gradient_accumulation_steps=2",
             "--train.max_iters=6", "--train.eval_interval=3", "--train.eval_iters=2", "--run.cpus_per_worker=0.5",
-            *common_args(bpe_shards, tmp_path / "out", mlflow_server, "tune-finetune")]
+            f"--data.dir={bpe_shards}", f"--run.out_dir={tmp_path / 'out'}", "--run.tracker=none"]
     assert tune.main(args) == 0
-    client = MlflowClient(mlflow_server.uri)
-    parent, children = runs_of(client, "tune-finetune")
-    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
-    for run in children:
-        assert run.data.params["model.init_from"] == str(tmp_path / "hf_tiny")
-        lr = float(run.data.params["optim.learning_rate"])
-        values = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
-        assert len(values) == 6 and all(v == pytest.approx(lr) for v in values)
-    assert parent.data.params["sweep.base"] == "finetune_shakespeare"
+    trials = sorted(p.parent for p in (tmp_path / "out" / "ft" / "trials").glob("trial-*/outcome.json"))
+    outcomes = [json.loads((t / "outcome.json").read_text()) for t in trials]
+    assert len(trials) == 2 and all(o["status"] == FINISHED for o in outcomes), outcomes
+    learning_rates = []
+    for run_dir in trials:  # the trial's own records, written by its rank 0
+        params = json.loads((run_dir / "params.json").read_text())
+        assert params["model.init_from"] == str(tmp_path / "hf_tiny")
+        learning_rates.append(float(params["optim.learning_rate"]))
+        values = [r["lr"] for r in records(run_dir) if "lr" in r]
+        assert len(values) == 6 and all(v == pytest.approx(learning_rates[-1]) for v in values)
+    assert sorted(learning_rates) == [3e-5, 3e-4]  # each trial its own
+    assert "python pipelines/pretrain.py --config finetune_shakespeare " in capsys.readouterr().out  # the base
 
 
 def experiment_trials(sweep_dir: Path) -> dict[str, str]:
