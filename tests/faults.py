@@ -14,17 +14,21 @@ from pathlib import Path
 
 @dataclass
 class KillRankAt:
-    """SIGKILL the worker of rank `rank` `delay_s` after update `step`, like an OOM kill or a lost node, once:
-    it creates `marker` first, so the restarted worker group runs through.
+    """SIGKILL the worker of rank `rank` after update `step`, like an OOM kill or a lost node, once: it creates
+    `marker` first, so the restarted worker group runs through.
 
     Ray Train's controller collects reports (and so registers checkpoints) at its health-check poll, every 2 s
     (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker dying sooner after a report restarts from the checkpoint before.
-    Real failures come minutes after a checkpoint; the default delay lets one poll pass, as they would."""
+    Real failures come minutes after a checkpoint. Given the run's `snapshot` (Ray's checkpoint_manager_snapshot.json)
+    the worker dies once it lists `checkpoint` as the latest; else `delay_s` after the update, which lets one poll
+    pass (and rank 0's tracker send what it logged)."""
 
     step: int
     marker: str
     rank: int = 1
     delay_s: float = 3.0
+    snapshot: str | None = None
+    checkpoint: str | None = None
 
     def __call__(self, step: int, metrics: dict) -> None:
         import ray.train
@@ -34,7 +38,10 @@ class KillRankAt:
         marker = Path(self.marker)
         if marker.exists():
             return
-        time.sleep(self.delay_s)
+        if self.snapshot is not None:
+            wait_for_latest(self.snapshot, self.checkpoint)
+        else:
+            time.sleep(self.delay_s)
         marker.write_text(f"killed rank {self.rank} (pid {os.getpid()}) after update {step}\n")
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -101,18 +108,24 @@ class CopySnapshotAt:
 
         if step != self.step or ray.train.get_context().get_world_rank() != 0 or Path(self.dest).exists():
             return
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            try:
-                text = Path(self.snapshot).read_text()
-                latest = json.loads(text)["latest_checkpoint_result"]["checkpoint_dir_name"]
-            except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
-                latest = None
-            if latest == self.checkpoint:
-                Path(self.dest).write_text(text)
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.snapshot} did not list {self.checkpoint} as its latest within {self.timeout_s} s")
+        Path(self.dest).write_text(wait_for_latest(self.snapshot, self.checkpoint, self.timeout_s))
+
+
+def wait_for_latest(snapshot: str | Path, checkpoint: str | None, timeout_s: float = 60.0) -> str:
+    """Wait until Ray Train's snapshot of a run lists `checkpoint` (a directory name; None: any) as its latest, as
+    the controller writes it when it registers a reported checkpoint (at its poll of the workers, every 2 s); the
+    snapshot's text. From then on a restarted worker group is handed that checkpoint."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            text = Path(snapshot).read_text()
+            latest = json.loads(text)["latest_checkpoint_result"]["checkpoint_dir_name"]
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+            latest = None
+        if latest is not None and checkpoint in (None, latest):
+            return text
+        time.sleep(0.2)
+    raise TimeoutError(f"{snapshot} did not list {checkpoint or 'a checkpoint'} as its latest within {timeout_s} s")
 
 
 def ctrl_c_when(command: subprocess.Popen, ready, timeout_s: float, what: str) -> str:

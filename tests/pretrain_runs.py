@@ -1,24 +1,27 @@
 """Ray Train runs shared between test modules (each costs 20-40 s on 2 cores): memoized for the whole session.
 
 tests/test_pretrain.py and tests/test_sample_evaluate.py both use `debug_run`: whichever runs first trains it, the
-other reuses it (pytest imports this module once per session).
+other reuses it (pytest imports this module once per session). `killed_midrun` and `resume_from_a_stale_snapshot`:
+the fault scenarios tests/test_pretrain.py and tests/test_pretrain_fsdp.py run, each on its own parallelism.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanogpt.config import Config, DataConfig, load_config
 from pipelines.pretrain import PRESET_DIR, PretrainOutcome, pretrain
 from pipelines.ray_adapter.runs import RAY_SNAPSHOT
-from tests.faults import CopySnapshotAt
+from tests.faults import CopySnapshotAt, KillRankAt
 
 # The debug preset, 30 updates with an eval and a checkpoint every 10; 2 micro-batches per step, so 1 or 2 workers.
 # MLflow is off here (tests/test_pretrain_mlflow.py covers it): each new sqlite store costs ~7 s of migrations.
 DEBUG_ARGS = ["--train.max_iters=30", "--train.eval_interval=10", "--optim.lr_decay_iters=30", "--run.tracker=none"]
 TOKENS_PER_STEP = 8 * 32 * 2  # batch_size * block_size * gradient_accumulation_steps of the debug preset
+KILL_STEP = 12  # killed_midrun's fault: after update 12, so the restart redoes 10, 11, 12
 
 _memo: dict[str, object] = {}
 
@@ -53,19 +56,44 @@ def debug_run(root: Path, shards: Path) -> PretrainOutcome:
     return _memo["debug_run"]
 
 
-def resume_after_a_stale_snapshot(shards: Path, out_dir: Path, name: str, *overrides: str) -> PretrainOutcome:
-    """A run of 40 updates (checkpoints 10, 20, 30, 40, all kept) whose Ray snapshot is then put back to the one that
-    listed checkpoint_000020 as its latest: what a driver killed then leaves while 30 and 40 still land. Then the
-    run is continued to 50; its outcome."""
-    run_dir = out_dir / name
-    stale = out_dir / f"{name}-{RAY_SNAPSHOT}"
-    common = ["--run.num_to_keep=null", "--optim.lr_decay_iters=50", *overrides]
-    pretrain(debug_config(shards, out_dir, name, "--train.max_iters=40", *common),
-             on_step=[CopySnapshotAt(step=25, snapshot=str(run_dir / RAY_SNAPSHOT), dest=str(stale),
-                                     checkpoint="checkpoint_000020")])
-    assert "checkpoint_000030" not in stale.read_text() and (run_dir / "checkpoint_000040").is_dir()
-    shutil.copy(stale, run_dir / RAY_SNAPSHOT)
-    return pretrain(debug_config(shards, out_dir, name, "--model.init_from=resume", "--train.max_iters=50", *common))
+@dataclass
+class KilledRun:
+    outcome: PretrainOutcome
+    marker: Path
+    """Written by the fault hook just before it killed the worker."""
+    stale_snapshot: Path
+    """Ray's snapshot of the run while it listed checkpoint_000010 as its latest."""
+
+
+def killed_midrun(shards: Path, out_dir: Path, name: str, *overrides: str) -> KilledRun:
+    """A run of 20 updates on 2 workers (checkpoints 10 and 20, both kept) whose rank 1 is SIGKILLed after update
+    12, once Ray recorded checkpoint_000010 (run.max_failures=1: Ray restarts the group from it, which redoes
+    updates 10..12). Before that, after update 11, rank 0 copied Ray's snapshot, then listing checkpoint_000010 as
+    its latest: what a driver killed at that moment leaves (resume_from_a_stale_snapshot)."""
+    run_dir, marker, stale = out_dir / name, out_dir / f"{name}.killed", out_dir / f"{name}-{RAY_SNAPSHOT}"
+    snapshot = str(run_dir / RAY_SNAPSHOT)
+    config = debug_config(shards, out_dir, name, "--run.num_workers=2", "--run.max_failures=1",
+                          "--train.max_iters=20", "--run.num_to_keep=null", *overrides)
+    outcome = pretrain(config, on_step=[
+        CopySnapshotAt(step=11, snapshot=snapshot, dest=str(stale), checkpoint="checkpoint_000010"),
+        KillRankAt(step=KILL_STEP, marker=str(marker), snapshot=snapshot, checkpoint="checkpoint_000010"),
+    ])
+    return KilledRun(outcome, marker, stale)
+
+
+def resume_from_a_stale_snapshot(shards: Path, killed: KilledRun, name: str,
+                                 *overrides: str) -> tuple[PretrainOutcome, list[dict]]:
+    """The killed run copied to `name` with Ray's snapshot put back to the stale one (it lists checkpoint_000010,
+    while checkpoint_000020 landed), then continued to 30 updates: its outcome, and the records it added to
+    metrics.jsonl."""
+    source = Path(killed.outcome.plan.run_dir)
+    run_dir = source.parent / name
+    shutil.copytree(source, run_dir)
+    shutil.copy(killed.stale_snapshot, run_dir / RAY_SNAPSHOT)
+    num_records = len(records(run_dir))
+    outcome = pretrain(debug_config(shards, source.parent, name, "--run.num_workers=2", "--run.num_to_keep=null",
+                                    "--model.init_from=resume", *overrides))
+    return outcome, records(run_dir)[num_records:]
 
 
 def records(run_dir: str | Path) -> list[dict]:

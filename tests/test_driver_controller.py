@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -20,15 +19,31 @@ import pytest
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 
 from pipelines.ray_adapter.lean.trainer import ControllerInDriverTrainer, backend_config
+from pipelines.ray_adapter.runs import RAY_SNAPSHOT
 
 CONTROLLER, SYNC = "ray::TrainController", "ray::SynchronizationActor"
 
 
 def _ray_actors() -> dict[str, set[int]]:
-    """The pids of the processes that run Ray Train's controller and synchronization actors now (an idle Ray
-    worker process takes an actor's name when it starts running it)."""
-    return {name: {p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())}
-            for name in (CONTROLLER, SYNC)}
+    """The pids of the processes of this session's Ray instance that run Ray Train's controller and synchronization
+    actors now (an idle Ray worker process takes an actor's name when it starts running it). Only this instance's:
+    other Ray instances on the machine (another test session's) run such actors too."""
+    processes = _this_instances_raylet().children(recursive=True)
+    return {name: {p.pid for p in processes if name in " ".join(_cmdline(p))} for name in (CONTROLLER, SYNC)}
+
+
+def _this_instances_raylet() -> psutil.Process:
+    """The raylet of the session's Ray instance: a child of the driver (which started it), a parent of its workers."""
+    me = psutil.Process()
+    [raylet] = [p for p in [*me.parents(), *me.children(recursive=True)] if p.name() == "raylet"]
+    return raylet
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # it ended meanwhile
+        return []
 
 
 def _record_ray_actors(config: dict) -> None:
@@ -39,25 +54,29 @@ def _record_ray_actors(config: dict) -> None:
 def _fit_in_driver(train_fn, num_workers: int, tmp_path: Path, max_failures: int = 0):
     """fit() a job's own instance's trainer on `num_workers` workers running `train_fn`, which calls
     _record_ray_actors: its Result, and the actors (_ray_actors) that started for it."""
-    seen, before = tmp_path / "actors.json", _ray_actors()
+    seen, before, name = tmp_path / "actors.json", _ray_actors(), f"in-driver-{num_workers}"
+    config = {"seen": str(seen), "snapshot": str(tmp_path / "runs" / name / RAY_SNAPSHOT)}
     result = ControllerInDriverTrainer(
-        train_fn, train_loop_config={"seen": str(seen)}, backend_config=backend_config(num_workers, "ddp", False),
+        train_fn, train_loop_config=config, backend_config=backend_config(num_workers, "ddp", False),
         scaling_config=ScalingConfig(num_workers=num_workers),
-        run_config=RunConfig(name=f"in-driver-{num_workers}", storage_path=str(tmp_path / "runs"),
+        run_config=RunConfig(name=name, storage_path=str(tmp_path / "runs"),
                              failure_config=FailureConfig(max_failures=max_failures)),
     ).fit()
     return result, {name: set(pids) - before[name] for name, pids in json.loads(seen.read_text()).items()}
 
 
 def _train_then_die_once(config: dict) -> None:
-    """Step 1 reports a checkpoint; the first attempt then SIGKILLs its own worker; a restart goes on from it."""
+    """Step 1 reports a checkpoint; the first attempt then SIGKILLs its own worker (once the controller recorded the
+    checkpoint in the run's snapshot, at its next poll of the workers); a restart goes on from it."""
     import ray.train
+
+    from tests.faults import wait_for_latest
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         _report_step(1, restored_from=0)
         _record_ray_actors(config)
-        time.sleep(5)  # the controller takes a report in at its next poll of the workers (every 2 s)
+        wait_for_latest(config["snapshot"], None)
         os.kill(os.getpid(), signal.SIGKILL)
     with checkpoint.as_directory() as path:
         step = json.loads(Path(path, "state.json").read_text())["step"]

@@ -19,15 +19,17 @@ import pytest
 from nanogpt.config import ConfigError
 from pipelines.pretrain import main, pretrain
 from pipelines.ray_adapter.runs import RAY_SNAPSHOT, plan_run
-from tests.faults import KillRankAt
 from tests.pretrain_runs import (
+    KILL_STEP,
     TOKENS_PER_STEP,
+    KilledRun,
     char_shards,
     debug_config,
     debug_run,
     eval_records,
+    killed_midrun,
     records,
-    resume_after_a_stale_snapshot,
+    resume_from_a_stale_snapshot,
     shared_root,
     step_losses,
 )
@@ -67,62 +69,77 @@ def test_two_worker_run_learns_and_keeps_the_best_checkpoint(reference):
     assert reference.summary["world_size"] == 2 and reference.summary["step"] == 30
 
 
-def test_worker_killed_midrun_resumes_bit_exactly(ray_local, root, shards, reference):
-    marker = root / "killed.marker"
-    config = debug_config(shards, root / "runs", "killed", "--run.num_workers=2", "--run.max_failures=1")
-    outcome = pretrain(config, on_step=[KillRankAt(step=15, marker=str(marker))])
-    assert marker.is_file(), "the fault hook did not fire"
-    run_dir = Path(outcome.plan.run_dir)
-    # the restarted group resumed from checkpoint_000010 (not from scratch), so only updates 10..15 were logged twice
+@pytest.fixture(scope="module")
+def killed(ray_local, root, shards) -> KilledRun:
+    return killed_midrun(shards, root / "runs", "killed")
+
+
+def test_worker_killed_midrun_resumes_bit_exactly(killed, reference):
+    assert killed.marker.is_file(), "the fault hook did not fire"
+    run_dir = Path(killed.outcome.plan.run_dir)
+    # the restarted group resumed from checkpoint_000010 (not from scratch), so only updates 10..12 were logged twice
     logged = [r["step"] for r in records(run_dir) if "loss" in r]
-    assert [logged.count(step) for step in (5, 9, 10, 15, 16, 20)] == [1, 1, 2, 2, 1, 1]
-    assert step_losses(run_dir) == step_losses(reference.plan.run_dir)  # bit-equal, every one of the 30 updates
+    assert [logged.count(step) for step in (5, 9, 10, KILL_STEP - 1, KILL_STEP + 1, 19)] == [1, 1, 2, 2, 1, 1]
+    reference_losses = step_losses(reference.plan.run_dir)
+    # bit-equal, every one of the 20 updates (the reference's first 20: same schedule, lr_decay_iters=30)
+    assert step_losses(run_dir) == {s: reference_losses[s] for s in range(20)}
     ours, theirs = eval_records(run_dir), eval_records(reference.plan.run_dir)
-    assert {s: r["val_loss"] for s, r in ours.items()} == {s: r["val_loss"] for s, r in theirs.items()}
-    assert outcome.best_val_loss == reference.best_val_loss
+    assert {s: r["val_loss"] for s, r in ours.items()} == {s: theirs[s]["val_loss"] for s in (0, 10, 20)}
+    assert killed.outcome.best_val_loss == min(theirs[s]["val_loss"] for s in (10, 20))  # of its checkpoints
 
 
-def test_resume_on_more_workers_keeps_tokens_per_step(ray_local, root, shards, reference):
-    out = root / "runs"
-    keep_all = "--run.num_to_keep=null"  # so that checkpoint_000010 (1 worker) stays to be looked at
-    first = pretrain(debug_config(shards, out, "grow", "--run.num_workers=1", "--train.max_iters=10", keep_all))
-    assert first.summary["world_size"] == 1 and first.summary["step"] == 10
-    second = pretrain(debug_config(shards, out, "grow", "--run.num_workers=2", "--model.init_from=resume", keep_all))
-    assert second.plan.continues_run and second.plan.run_dir == first.plan.run_dir
-    assert second.summary["start_step"] == 10 and second.summary["step"] == 30 and second.summary["world_size"] == 2
-    run_dir = Path(second.plan.run_dir)
+def test_resume_starts_from_the_newest_complete_checkpoint_when_rays_snapshot_lags(root, shards, killed, reference):
+    stale, run_dir = killed.stale_snapshot, Path(killed.outcome.plan.run_dir)
+    assert "checkpoint_000020" not in stale.read_text() and (run_dir / "checkpoint_000020").is_dir()
+    resumed, added = resume_from_a_stale_snapshot(shards, killed, "stale")
+    assert resumed.summary["start_step"] == 20 and resumed.summary["step"] == 30  # not 10, the snapshot's latest
+    logged = [r["step"] for r in added if "loss" in r]
+    assert logged == list(range(20, 30)), "an update was trained twice (or never)"
+    reference_losses = step_losses(reference.plan.run_dir)
+    assert {r["step"]: r["loss"] for r in added if "loss" in r} == {s: reference_losses[s] for s in range(20, 30)}
+
+
+@pytest.fixture(scope="module")
+def branch(ray_local, root, shards, reference):
+    """A new run on 1 worker from the 2-worker reference's checkpoint_000020, to update 25."""
+    source = Path(reference.plan.run_dir) / "checkpoint_000020"
+    assert source.is_dir()  # kept: among the 2 best by val_loss
+    return source, pretrain(debug_config(shards, root / "runs", "branch", "--run.num_workers=1", "--train.max_iters=25",
+                                         "--model.init_from=resume", f"--run.resume_from={source}"))
+
+
+def test_new_run_from_another_runs_checkpoint(branch, reference):
+    source, outcome = branch
+    assert not outcome.plan.continues_run and outcome.plan.resume_from == str(source)
+    assert outcome.summary["start_step"] == 20 and outcome.summary["step"] == 25
+    losses, reference_losses = step_losses(outcome.plan.run_dir), step_losses(reference.plan.run_dir)
+    assert sorted(losses) == list(range(20, 25))
+    assert all(losses[s] == pytest.approx(reference_losses[s], rel=1e-4) for s in losses)
+    assert sorted(p.name for p in Path(outcome.plan.run_dir).glob("checkpoint_0*")) == ["checkpoint_000025"]
+
+
+def test_resume_on_more_workers_keeps_tokens_per_step(root, shards, branch, reference):
+    """The 1-worker branch (a copy of it) continued on 2 workers."""
+    first = branch[1]
+    assert first.summary["world_size"] == 1 and first.summary["step"] == 25
+    run_dir = root / "runs" / "grow"
+    shutil.copytree(first.plan.run_dir, run_dir)
+    second = pretrain(debug_config(shards, root / "runs", "grow", "--run.num_workers=2", "--model.init_from=resume",
+                                   "--run.num_to_keep=null"))
+    assert second.plan.continues_run and second.plan.run_dir == str(run_dir)
+    assert second.summary["start_step"] == 25 and second.summary["step"] == 30 and second.summary["world_size"] == 2
     losses = step_losses(run_dir)
-    assert sorted(losses) == list(range(30))
+    assert sorted(losses) == list(range(20, 30))
     evals = eval_records(run_dir)
-    assert sorted(evals) == [0, 10, 20, 30]
+    assert sorted(evals) == [25, 30]
     assert all(r["tokens"] == s * TOKENS_PER_STEP for s, r in evals.items())
-    for step, world_size in ((10, 1), (30, 2)):
+    for step, world_size in ((25, 1), (30, 2)):
         state = json.loads((run_dir / f"checkpoint_{step:06d}" / "state.json").read_text())
         assert state["world_size"] == world_size and state["tokens_seen"] == step * TOKENS_PER_STEP
     # Same global batches on 1 or 2 workers: the losses follow the 2-worker reference up to float rounding
     reference_losses = step_losses(reference.plan.run_dir)
-    for step in range(30):
+    for step in range(20, 30):
         assert losses[step] == pytest.approx(reference_losses[step], rel=1e-4), step
-
-
-def test_new_run_from_another_runs_checkpoint(ray_local, root, shards, reference):
-    source = Path(reference.plan.run_dir) / "checkpoint_000020"
-    assert source.is_dir()  # kept: among the 2 best by val_loss
-    outcome = pretrain(debug_config(shards, root / "runs", "branch", "--run.num_workers=1",
-                                    "--model.init_from=resume", f"--run.resume_from={source}"))
-    assert not outcome.plan.continues_run and outcome.plan.resume_from == str(source)
-    assert outcome.summary["start_step"] == 20 and outcome.summary["step"] == 30
-    losses, reference_losses = step_losses(outcome.plan.run_dir), step_losses(reference.plan.run_dir)
-    assert sorted(losses) == list(range(20, 30))
-    assert all(losses[s] == pytest.approx(reference_losses[s], rel=1e-4) for s in losses)
-    assert sorted(p.name for p in Path(outcome.plan.run_dir).glob("checkpoint_0*")) == ["checkpoint_000030"]
-
-
-def test_resume_starts_from_the_newest_complete_checkpoint_when_rays_snapshot_lags(ray_local, root, shards):
-    resumed = resume_after_a_stale_snapshot(shards, root / "runs", "stale", "--run.num_workers=1")
-    assert resumed.summary["start_step"] == 40 and resumed.summary["step"] == 50  # not 20, the snapshot's latest
-    logged = [r["step"] for r in records(resumed.plan.run_dir) if "loss" in r]
-    assert sorted(logged) == list(range(50)), "an update was trained twice (or never)"
 
 
 def test_a_workers_config_error_ends_the_run_without_a_retry(ray_local, root, shards):

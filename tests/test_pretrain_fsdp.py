@@ -3,14 +3,19 @@ gloo), every rank reporting its part of each sharded checkpoint and Ray merging 
 
 Checked: a 2-worker FSDP run follows the 2-worker DDP reference (tests/pretrain_runs.py) within rel 1e-5 (why that
 bound: tests/test_fsdp.py); a worker SIGKILLed mid-run resumes from the merged sharded checkpoint with bit-identical
-losses; a run whose Ray snapshot lags its sharded checkpoints resumes from the newest complete one; the 2-worker
-checkpoint resumes on 1 FSDP worker (DCP reshards) and on 1 plain DDP worker; the best
-checkpoint exports unsharded through pretrain's command line and loads in Hugging Face transformers.
+losses; a run whose Ray snapshot lags its sharded checkpoints resumes from the newest complete one (that same killed
+run, continued); the 2-worker checkpoint resumes on 1 FSDP worker (DCP reshards) and on 1 plain DDP worker; the best
+checkpoint exports unsharded through pretrain's command line (the reference's own) and loads in Hugging Face
+transformers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,14 +23,17 @@ import pytest
 from nanogpt.checkpoint.files import is_checkpoint
 from nanogpt.checkpoint.format import load_checkpoint
 from pipelines.pretrain import main, pretrain
-from tests.faults import KillRankAt
 from tests.pretrain_runs import (
+    DEBUG_ARGS,
+    KILL_STEP,
+    KilledRun,
     char_shards,
     debug_config,
     debug_run,
     eval_records,
+    killed_midrun,
     records,
-    resume_after_a_stale_snapshot,
+    resume_from_a_stale_snapshot,
     shared_root,
     step_losses,
 )
@@ -46,13 +54,32 @@ def shards(ray_local, root, shakespeare_path) -> Path:
     return char_shards(root, shakespeare_path)
 
 
+@dataclass
+class FsdpReference:
+    run_dir: Path
+    best_checkpoint: str
+    """As pretrain's command line printed it."""
+    exports: Path
+    """hf/ and whole/: the best checkpoint as --export-hf and --export-checkpoint wrote it."""
+
+
 @pytest.fixture(scope="module")
-def fsdp_reference(ray_local, root, shards):
-    return pretrain(debug_config(shards, root / "runs", "fsdp-ref", "--run.num_workers=2", *FSDP))
+def fsdp_reference(ray_local, root, shards) -> FsdpReference:
+    """The 2-worker FSDP reference (30 updates, the debug run's config but for train.parallel), run through
+    pretrain's command line with its best checkpoint exported: the exports are checked without a run of their own."""
+    out, exports = root / "runs", root / "fsdp-ref-exports"
+    argv = ["--config", "debug", *DEBUG_ARGS, f"--data.dir={shards}", f"--run.out_dir={out}", "--run.name=fsdp-ref",
+            "--run.num_workers=2", *FSDP, f"--export-hf={exports / 'hf'}", f"--export-checkpoint={exports / 'whole'}"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0, "the FSDP reference run failed"
+    best = re.search(r"^best checkpoint: (\S+) \(step", printed.getvalue(), re.MULTILINE)
+    assert best is not None, printed.getvalue()
+    return FsdpReference(out / "fsdp-ref", best.group(1), exports)
 
 
 def test_two_fsdp_workers_follow_ddp_and_merge_their_shards(ray_local, root, shards, fsdp_reference):
-    run_dir = Path(fsdp_reference.plan.run_dir)
+    run_dir = fsdp_reference.run_dir
     losses, ddp = step_losses(run_dir), step_losses(debug_run(root, shards).plan.run_dir)
     assert sorted(losses) == list(range(30)) and losses[29] < losses[0] - 0.3
     assert [losses[s] for s in range(30)] == pytest.approx([ddp[s] for s in range(30)], rel=REL)
@@ -64,56 +91,59 @@ def test_two_fsdp_workers_follow_ddp_and_merge_their_shards(ray_local, root, sha
     assert fsdp_reference.best_checkpoint == str(ckpt)
 
 
-def test_killed_fsdp_worker_resumes_bit_exactly(ray_local, root, shards, fsdp_reference):
-    marker = root / "fsdp-killed.marker"
-    config = debug_config(shards, root / "runs", "fsdp-killed", "--run.num_workers=2", "--run.max_failures=1", *FSDP)
-    outcome = pretrain(config, on_step=[KillRankAt(step=15, marker=str(marker))])
-    assert marker.is_file(), "the fault hook did not fire"
-    run_dir = Path(outcome.plan.run_dir)
+@pytest.fixture(scope="module")
+def killed(ray_local, root, shards) -> KilledRun:
+    return killed_midrun(shards, root / "runs", "fsdp-killed", *FSDP)
+
+
+def test_killed_fsdp_worker_resumes_bit_exactly(killed, fsdp_reference):
+    assert killed.marker.is_file(), "the fault hook did not fire"
+    run_dir = Path(killed.outcome.plan.run_dir)
     logged = [r["step"] for r in records(run_dir) if "loss" in r]
-    assert [logged.count(step) for step in (9, 10, 15, 16)] == [1, 2, 2, 1]  # restarted from checkpoint_000010
-    assert step_losses(run_dir) == step_losses(fsdp_reference.plan.run_dir)  # bit-equal, all 30 updates
-    ours, theirs = eval_records(run_dir), eval_records(fsdp_reference.plan.run_dir)
-    assert {s: r["val_loss"] for s, r in ours.items()} == {s: r["val_loss"] for s, r in theirs.items()}
+    # restarted from checkpoint_000010
+    assert [logged.count(step) for step in (9, 10, KILL_STEP - 1, KILL_STEP + 1)] == [1, 2, 2, 1]
+    reference = step_losses(fsdp_reference.run_dir)
+    assert step_losses(run_dir) == {s: reference[s] for s in range(20)}  # bit-equal, all 20 updates
+    ours, theirs = eval_records(run_dir), eval_records(fsdp_reference.run_dir)
+    assert {s: r["val_loss"] for s, r in ours.items()} == {s: theirs[s]["val_loss"] for s in (0, 10, 20)}
 
 
-def test_fsdp_resume_starts_from_the_newest_complete_checkpoint_when_rays_snapshot_lags(ray_local, root, shards):
-    resumed = resume_after_a_stale_snapshot(shards, root / "runs", "fsdp-stale", "--run.num_workers=2",
-                                            "--train.parallel=fsdp")
-    assert resumed.summary["start_step"] == 40 and resumed.summary["step"] == 50  # not 20, the snapshot's latest
-    logged = [r["step"] for r in records(resumed.plan.run_dir) if "loss" in r]
-    assert sorted(logged) == list(range(50)), "an update was trained twice (or never)"
+def test_fsdp_resume_starts_from_the_newest_complete_checkpoint_when_rays_snapshot_lags(shards, killed,
+                                                                                        fsdp_reference):
+    stale, run_dir = killed.stale_snapshot, Path(killed.outcome.plan.run_dir)
+    assert "checkpoint_000020" not in stale.read_text() and (run_dir / "checkpoint_000020").is_dir()
+    resumed, added = resume_from_a_stale_snapshot(shards, killed, "fsdp-stale", *FSDP)
+    assert resumed.summary["start_step"] == 20 and resumed.summary["step"] == 30  # not 10, the snapshot's latest
+    logged = [r["step"] for r in added if "loss" in r]
+    assert logged == list(range(20, 30)), "an update was trained twice (or never)"
+    reference = step_losses(fsdp_reference.run_dir)
+    assert {r["step"]: r["loss"] for r in added if "loss" in r} == {s: reference[s] for s in range(20, 30)}
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_two_worker_checkpoint_resumes_on_one_worker(ray_local, root, shards, fsdp_reference, parallel):
-    source = Path(fsdp_reference.plan.run_dir) / "checkpoint_000020"
+    source = fsdp_reference.run_dir / "checkpoint_000020"
     outcome = pretrain(debug_config(shards, root / "runs", f"fsdp-to-1-{parallel}", "--run.num_workers=1",
                                     f"--train.parallel={parallel}", "--model.init_from=resume",
-                                    f"--run.resume_from={source}"))
+                                    f"--run.resume_from={source}", "--train.max_iters=25"))
     assert outcome.summary["start_step"] == 20 and outcome.summary["world_size"] == 1
-    losses, reference = step_losses(outcome.plan.run_dir), step_losses(fsdp_reference.plan.run_dir)
-    assert sorted(losses) == list(range(20, 30))
-    assert [losses[s] for s in range(20, 30)] == pytest.approx([reference[s] for s in range(20, 30)], rel=REL)
+    losses, reference = step_losses(outcome.plan.run_dir), step_losses(fsdp_reference.run_dir)
+    assert sorted(losses) == list(range(20, 25))
+    assert [losses[s] for s in range(20, 25)] == pytest.approx([reference[s] for s in range(20, 25)], rel=REL)
     state = json.loads((Path(outcome.latest_checkpoint) / "state.json").read_text())
     assert state["world_size"] == 1 and ("model/.metadata" in state["files"]) == (parallel == "fsdp")
 
 
-def test_export_of_the_best_sharded_checkpoint_loads_in_transformers(ray_local, root, shards, tmp_path):
+def test_export_of_the_best_sharded_checkpoint_loads_in_transformers(fsdp_reference):
+    """What --export-checkpoint and --export-hf wrote of the reference's best checkpoint (see fsdp_reference)."""
     transformers = pytest.importorskip("transformers")
     import torch
 
-    out = tmp_path / "runs"
-    argv = ["--config", "debug", f"--data.dir={shards}", f"--run.out_dir={out}", "--run.name=export",
-            "--run.num_workers=2", "--run.tracker=none", "--train.max_iters=10", "--train.eval_interval=5",
-            "--optim.lr_decay_iters=10", "--train.parallel=fsdp", f"--export-hf={tmp_path / 'hf'}",
-            f"--export-checkpoint={tmp_path / 'whole'}"]
-    assert main(argv) == 0
-    whole = load_checkpoint(tmp_path / "whole")
-    sharded = load_checkpoint(out / "export" / "checkpoint_000010")
-    assert sharded.sharded and not whole.sharded and whole.step == 10
+    whole = load_checkpoint(fsdp_reference.exports / "whole")
+    sharded = load_checkpoint(fsdp_reference.best_checkpoint)
+    assert sharded.sharded and not whole.sharded and whole.step == 30
     assert all(torch.equal(whole.model_state[k], sharded.model_state[k]) for k in whole.model_state)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(fsdp_reference.exports / "hf", attn_implementation="eager").eval()
     from nanogpt.checkpoint.format import build_model
 
     model = build_model(whole).eval()
