@@ -31,6 +31,8 @@ import logging
 import threading
 import time
 
+from nanogpt.data import storage
+
 HOLD_STEP = 15  # the debug run reports a checkpoint every 10 updates: the restart must resume from update 10
 AFTER_STEP = 20  # an update the restarted group makes: where its ranks run
 WORKER_NODE = {"num_cpus": 1, "resources": {"worker_node": 1}, "object_store_memory": 100 * 1024**2}
@@ -49,6 +51,25 @@ def lose_node(cluster, node) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
     cluster.remove_node(node, allow_graceful=False)
+
+
+def wait_for_latest_checkpoint(run_dir: str, checkpoint: str, timeout_s: float = 60) -> None:
+    """Until Ray Train's snapshot of the run lists `checkpoint` as its latest: the controller registers a reported
+    checkpoint at its next poll (every 2 s), and a restarted group resumes from the registered one only."""
+    from pipelines.ray_adapter.runs import RAY_SNAPSHOT
+
+    snapshot = storage.join(run_dir, RAY_SNAPSHOT)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            latest = json.loads(storage.read_bytes(snapshot))["latest_checkpoint_result"]["checkpoint_dir_name"]
+        except (storage.StorageError, ValueError, KeyError, TypeError):  # not written yet, or being written
+            latest = None
+        if latest == checkpoint:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{snapshot} did not list {checkpoint} as its latest within {timeout_s} s")
+        time.sleep(0.2)
 
 
 def main(shards: str, out_dir: str, name: str, work_dir: str) -> int:
@@ -84,7 +105,7 @@ def main(shards: str, out_dir: str, name: str, work_dir: str) -> int:
             if not trainer.is_alive():
                 raise RuntimeError("training ended before both ranks reached the hold")
             time.sleep(0.2)
-        time.sleep(3)  # Ray Train's controller registers a reported checkpoint at its next poll (every 2 s)
+        wait_for_latest_checkpoint(storage.join(out_dir, name), "checkpoint_000010")
         report["held"] = {rank: p.read_text() for rank, p in enumerate(held)}
         victim = next(node for node in workers if node.node_id == report["held"][0])  # rank 0's node
         lose_node(cluster, victim)

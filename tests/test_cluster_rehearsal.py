@@ -55,21 +55,25 @@ def shards(ray_local, root, shakespeare_path) -> Path:
 
 def test_rank0_node_lost_midrun_resumes_on_a_new_node_bit_exactly_with_every_step_logged_once(
         ray_local, root, shards, s3):
-    reference = debug_run(root, shards)  # the same config, uninterrupted, on the session's local Ray
     work = short_dir("nl")
     env = cluster_env(work)  # with the S3 server's endpoint and credentials (the s3 fixture set them)
+    log = Path(work) / "driver.log"  # a file, not a pipe: nobody reads the driver's output until it ends
     proc = None
     try:
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "node_loss_driver.py"), str(shards), s3.bucket_uri("runs"),
-             "nodeloss", work],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "node_loss_driver.py"), str(shards), s3.bucket_uri("runs"),
+                 "nodeloss", work],
+                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # meanwhile (the rehearsal's cluster starts, then waits on Ray's default failure timings): the same config,
+        # uninterrupted, on the session's local Ray
+        reference = debug_run(root, shards)
         try:
-            output, _ = proc.communicate(timeout=540)
+            proc.wait(timeout=540)
         except subprocess.TimeoutExpired:
             stop_group(proc, work)
-            output, _ = proc.communicate()
-            pytest.fail(f"the rehearsal did not finish in 540 s:\n{output[-6000:]}")
+            pytest.fail(f"the rehearsal did not finish in 540 s:\n{log.read_text()[-6000:]}")
+        output = log.read_text()
         assert proc.returncode == 0, output[-6000:]
         report = json.loads(output.strip().splitlines()[-1])
         assert leftovers(work) == [], "Cluster.shutdown() left processes of the rehearsal's cluster"

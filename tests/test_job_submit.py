@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -117,15 +118,16 @@ def _ray(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedPro
     return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def _submit_and_wait(address: str, env: dict, job_id: str, command: list[str]) -> tuple[str, str]:
-    """Submit `command` from the repo as working dir, follow its logs to the end; (status text, logs)."""
+def _submit_and_wait(address: str, env: dict, job_id: str, command: list[str]) -> tuple[int, str]:
+    """`ray job submit` of `command` from the repo as working dir, waiting: the CLI follows the job's logs to the
+    end and then prints its final status (`Job '<id>' succeeded` or `failed`, then exit status 1). (exit status,
+    everything it printed)."""
     submitted = _ray(env, "job", "submit", "--address", address, "--working-dir", str(REPO),
-                     "--submission-id", job_id, "--no-wait", "--", *command)
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    logs = _ray(env, "job", "logs", "--address", address, "--follow", job_id, timeout=420)
-    status = _ray(env, "job", "status", "--address", address, job_id)
-    assert status.returncode == 0, status.stdout + status.stderr
-    return status.stdout + status.stderr, logs.stdout
+                     "--submission-id", job_id, "--", *command, timeout=420)
+    output = submitted.stdout + submitted.stderr
+    assert f"Job '{job_id}' submitted successfully" in output, output[-6000:]
+    assert re.search(f"Job '{job_id}' (succeeded|failed|was stopped)", output), f"no final status:\n{output[-6000:]}"
+    return submitted.returncode, output
 
 
 def _imports(record: Path) -> dict[str, set[int]]:
@@ -142,13 +144,13 @@ def test_pretrain_as_a_ray_job(head, tmp_path, shakespeare_path):
     record = Path(env["NANOGPT_IMPORT_RECORD"])
     record.unlink(missing_ok=True)
     out, data = tmp_path / "runs", tmp_path / "shards"
-    status, logs = _submit_and_wait(address, env, "pretrain-debug", [
+    code, logs = _submit_and_wait(address, env, "pretrain-debug", [
         "python", "pipelines/pretrain.py", "--config", "debug", "--train.max_iters=10", "--train.eval_interval=5",
         "--optim.lr_decay_iters=10", "--run.num_workers=2", f"--run.out_dir={out}", "--run.name=job",
         f"--data.dir={data}", f"--data.input={shakespeare_path}",  # no shards yet: the job prepares them
         "--sample=40", f"--export-nanogpt={tmp_path / 'ckpt.pt'}", f"--export-hf={tmp_path / 'hf'}",
     ])
-    assert "succeeded" in status.lower(), status + logs[-4000:]
+    assert code == 0 and "Job 'pretrain-debug' succeeded" in logs, logs[-6000:]
     assert (data / "manifest.json").is_file()
     run_dir = out / "job"
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_000005", "checkpoint_000010"]
@@ -164,8 +166,8 @@ def test_pretrain_as_a_ray_job(head, tmp_path, shakespeare_path):
 
 def test_bad_config_job_fails_with_the_reason(head, tmp_path):
     address, env = head
-    status, logs = _submit_and_wait(address, env, "pretrain-bad", [
+    code, logs = _submit_and_wait(address, env, "pretrain-bad", [
         "python", "pipelines/pretrain.py", "--config", "debug", "--train.max_iter=5", f"--run.out_dir={tmp_path}",
     ])
-    assert "failed" in status.lower(), status
+    assert code == 1 and "Job 'pretrain-bad' failed" in logs, logs[-6000:]
     assert "unknown config key 'train.max_iter'; did you mean 'train.max_iters'" in logs

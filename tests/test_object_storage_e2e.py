@@ -1,11 +1,16 @@
-"""Shards and runs in object storage, end to end through the command lines, against a real S3 API on 127.0.0.1:
+"""Shards and runs in object storage, end to end, against a real S3 API on 127.0.0.1:
 prepare --out s3:// -> pretrain --data.dir=s3:// --run.out_dir=s3:// -> resume -> sample and evaluate on an s3://
-checkpoint. Each command is its own process with its own local Ray instance, which finds the store the way a
-cluster's nodes do: AWS_ENDPOINT_URL and credentials in the environment."""
+checkpoint. prepare and pretrain run as commands, each its own process with its own local Ray instance, which finds
+the store the way a cluster's nodes do: AWS_ENDPOINT_URL and credentials in the environment (the session's
+`ray_local` was started without them). sample and evaluate start no Ray: they run in this process, which has the
+store's environment as a node has.
+
+The shards are prepared once for the module (`prepared`); the damaged-shard test works on a copy of its own."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -15,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from nanogpt.data import storage
-from nanogpt.data.shards import load_manifest
+from nanogpt.data.shards import MANIFEST_NAME, load_manifest
+from pipelines import evaluate, sample
+from pipelines import prepare as prepare_cli
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ("tests.s3_server",)
@@ -31,13 +38,32 @@ def run(script: str, *args: str, env: dict[str, str], expect: int = 0) -> subpro
     return result
 
 
-def test_prepare_pretrain_resume_sample_evaluate_in_s3(s3, shakespeare_path, tmp_path):
-    home = tmp_path / "home"  # the default shard cache (~/.cache/nanogpt-ray/shards) lands here
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    shards, runs = s3.bucket_uri("shards"), s3.bucket_uri("runs")
+def prepare_args(corpus: Path, out: str) -> list[str]:
+    return ["--input", str(corpus), "--tokenizer", "char", "--out", out]
 
-    run("prepare.py", "--input", str(shakespeare_path), "--tokenizer", "char", "--out", shards, env=env)
+
+@pytest.fixture(scope="module")
+def prepared(s3_server, shakespeare_path, tmp_path_factory) -> str:
+    """Tiny Shakespeare as char-level shards in a bucket of their own, through prepare's command line, once."""
+    home = tmp_path_factory.mktemp("prepare_home")
+    shards = s3_server.bucket_uri("shards")
+    run("prepare.py", *prepare_args(shakespeare_path, shards), env={**os.environ, **s3_server.env, "HOME": str(home)})
+    return shards
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A HOME of the test's own: the default shard cache (~/.cache/nanogpt-ray/shards) of the commands started
+    with it, and of sample and evaluate in this process, lands there."""
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("HOME", str(path))
+    return path
+
+
+def test_prepare_pretrain_resume_sample_evaluate_in_s3(prepared, s3, home, tmp_path, capsys):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    shards, runs = prepared, s3.bucket_uri("runs")
     manifest = load_manifest(shards)
     assert storage.list_names(shards) == sorted([*manifest.shard_names(), "manifest.json"])
 
@@ -49,8 +75,9 @@ def test_prepare_pretrain_resume_sample_evaluate_in_s3(s3, shakespeare_path, tmp
     run_dir = storage.join(runs, "r1")
     assert {"checkpoint_000010", "checkpoint_000020"} <= set(_dirs(run_dir))
 
+    # MLflow is the first run's subject (the registered model above), not the resume's
     second = run("pretrain.py", *RUN_ARGS, f"--data.dir={shards}", f"--run.out_dir={runs}", "--run.name=r1",
-                 "--model.init_from=resume", "--train.max_iters=30", env=env)
+                 "--model.init_from=resume", "--train.max_iters=30", "--run.tracker=none", env=env)
     logs = second.stdout + second.stderr
     assert "fetched" not in logs  # the node's copy is reused
     assert re.search(r"iter 20\b", logs) and re.search(r"iter 29\b", logs) and not re.search(r"iter 19\b", logs)
@@ -60,21 +87,19 @@ def test_prepare_pretrain_resume_sample_evaluate_in_s3(s3, shakespeare_path, tmp
     assert json.loads(storage.read_bytes(storage.join(run_dir, "params.json")))["train.max_iters"] == 30
 
     checkpoint = storage.join(run_dir, "checkpoint_000030")
-    sample = run("sample.py", "--checkpoint", checkpoint, "--max_new_tokens", "40", "--num_samples", "1", env=env)
-    assert len(sample.stdout.strip()) >= 20
-    evaluated = run("evaluate.py", "--checkpoint", checkpoint, "--data-dir", shards, "--json", env=env)
-    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", checkpoint, "--max_new_tokens", "40", "--num_samples", "1"]) == 0
+    assert len(capsys.readouterr().out.strip()) >= 20
+    assert evaluate.main(["--checkpoint", checkpoint, "--data-dir", shards, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["split"] == "val" and 0 < result["loss"] < 4.5
 
 
-def test_a_damaged_shard_object_is_one_line_and_exit_2_and_prepare_force_repairs_it(s3, shakespeare_path, tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home)}
+def test_a_damaged_shard_object_is_one_line_and_exit_2_and_prepare_force_repairs_it(
+        prepared, s3, home, shakespeare_path, caplog):
+    env = dict(os.environ)
     shards, runs = s3.bucket_uri("shards"), s3.bucket_uri("runs")
-    (tmp_path / "c.txt").write_text(shakespeare_path.read_text()[:100_000])
-    prepare = ["--input", str(tmp_path / "c.txt"), "--tokenizer", "char", "--out", shards]
-    run("prepare.py", *prepare, env=env)
+    _copy_objects(prepared, shards)  # the module's shards, as prepare left them, in a bucket of this test's own
     shard = storage.join(shards, "train_000000.bin")
     damaged = bytearray(storage.read_bytes(shard))
     damaged[-1] ^= 0xFF  # same size, same header: only the hash a node computes as it downloads can tell
@@ -89,7 +114,10 @@ def test_a_damaged_shard_object_is_one_line_and_exit_2_and_prepare_force_repairs
         assert len(errors) == 1 and "Traceback" not in output, output[-6000:]
         assert f"{shard}: damaged in the store: sha256" in errors[0]
         assert f"prepare the data again with --force (pipelines/prepare.py --out {shards} --force," in errors[0]
-    assert "is up to date" in run("prepare.py", *prepare, env=env).stderr  # sizes only: hence --force
+    prepare = prepare_args(shakespeare_path, shards)
+    with caplog.at_level(logging.INFO):
+        assert prepare_cli.main(prepare) == 0  # no Ray: the up-to-date check is the driver's
+    assert "is up to date" in caplog.text  # sizes only: hence --force
     run("prepare.py", *prepare, "--force", env=env)
     trained = run("pretrain.py", *train, env=env)  # the advice worked, under the same name
     assert re.search(r"iter 9\b", trained.stdout + trained.stderr)
@@ -103,6 +131,12 @@ def test_an_unreachable_data_store_fails_before_ray_starts(s3, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "s3://nowhere/shards/manifest.json" in result.stderr and "store is reachable" in result.stderr
     assert "Ray ready" not in result.stderr  # reported before Ray starts
+
+
+def _copy_objects(source: str, dest: str) -> None:
+    """Every object under `source` to `dest`, the manifest last (as prepare writes them)."""
+    for name in sorted(storage.list_names(source), key=lambda name: name == MANIFEST_NAME):
+        storage.write_bytes(storage.join(dest, name), storage.read_bytes(storage.join(source, name)))
 
 
 def _dirs(uri: str) -> list[str]:
