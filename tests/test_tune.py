@@ -149,6 +149,30 @@ def assert_no_placement_group_left(ray, timeout: float = 60) -> None:
     assert alive == []
 
 
+def wait_until_training_workers_exit(timeout: float = 60) -> None:
+    """A killed driver's training workers outlive it by a moment (Ray ends the actors of an owner that died, then
+    their processes): until they are gone they may still log a step. Ray's State API names them, /proc says when
+    their processes have exited."""
+    import psutil
+    from ray.util.state import list_actors
+
+    def alive() -> list[int]:
+        pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000) if a.pid]
+        running = []
+        for pid in pids:
+            try:
+                if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
+                    running.append(pid)
+            except psutil.Error:  # exited
+                pass
+        return running
+
+    deadline = time.monotonic() + timeout
+    while (running := alive()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running == [], f"training workers still running {timeout:.0f} s after their driver was killed: {running}"
+
+
 @pytest.fixture(scope="module")
 def bpe_shards(ray_local, tmp_path_factory, shakespeare_path, tiktoken_cache) -> Path:
     from nanogpt.config import DataConfig
@@ -220,12 +244,14 @@ def test_sweep_killed_right_after_a_trial_ends_resumes_without_training_it_again
 
     good = kill_driver_when(first, env, tmp_path / "driver1.log", ended(client, sweep_dir, 1e-2, FINISHED))
     assert experiment_trials(sweep_dir)[good] == "RUNNING"  # the hard case: a restore runs it again
-    good_log = (sweep_dir / "trials" / f"trial-{good}" / "metrics.jsonl").read_text()
     assert_no_placement_group_left(ray_local)  # the killed driver's trials are gone: no more writes
+    wait_until_training_workers_exit()
+    good_log = (sweep_dir / "trials" / f"trial-{good}" / "metrics.jsonl").read_text()
     bad = kill_driver_when(["--resume", str(sweep_dir)], env, tmp_path / "driver2.log",
                            ended(client, sweep_dir, 1e-5, STOPPED))
     assert experiment_trials(sweep_dir)[bad] == "RUNNING"
     assert_no_placement_group_left(ray_local)
+    wait_until_training_workers_exit()  # a stopped trial's workers log on until they are gone (the record says where it ended)
     logs = {t: (sweep_dir / "trials" / f"trial-{t}" / "metrics.jsonl").read_text() for t in (good, bad)}
     assert logs[good] == good_log  # the resume did not train the finished trial again
 
