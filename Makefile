@@ -20,12 +20,8 @@ demo: setup
 	$(PY) pipelines/pretrain.py --config shakespeare_char_cpu --train.max_iters=$(DEMO_ITERS) \
 		--train.eval_interval=100 --optim.lr_decay_iters=$(DEMO_ITERS) --run.name=demo-$$(date +%Y%m%d-%H%M%S) --sample
 
-# The whole suite, a module at a time on each of TEST_WORKERS processes (pytest-xdist), the modules with
-# end-to-end runs handed out first (tests/conftest.py): most of the suite waits on Ray, MLflow and subprocesses.
-TEST_WORKERS ?= 2
-
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"

@@ -23,24 +23,6 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
-LONGEST_MODULES = ("test_tune.py", "test_cluster_rehearsal.py", "test_object_storage_e2e.py")
-"""The modules that take longest (pytest's --durations on `make test`, in the order measured)."""
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest modules run first, then the others with end-to-end (`slow`) tests, each module's tests in their
-    order: `make test` hands whole modules to two workers in this order, and a long module handed out last would run
-    alone at the end."""
-    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
-
-    def rank(item: pytest.Item) -> tuple[int, int]:
-        name = item.path.name
-        longest = LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
-        return longest, item.path not in slow_modules
-
-    items.sort(key=rank)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
