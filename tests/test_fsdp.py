@@ -111,12 +111,10 @@ def _two_rank_worker(rank: int, world_size: int, data: str, root: str, store: st
                 "val": [full.val_loss, ddp.val_loss], "rest_start": rest.start_step, "padded": padded}))
     finally:
         dist.destroy_process_group()
-    if rank == 0:  # then in a group of its own (a fresh process costs seconds of imports)
-        _one_rank_run(data, root, f"{store}-alone")
 
 
-def _one_rank_run(data: str, root: str, store: str) -> None:
-    _init(0, 1, store)
+def _one_rank_worker(rank: int, world_size: int, data: str, root: str, store: str) -> None:
+    _init(rank, world_size, store)
     try:
         out = Path(root)
         result = train(fsdp_config(), data, TrainContext(), LocalReporter(out / "one"),
@@ -128,11 +126,12 @@ def _one_rank_run(data: str, root: str, store: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory) -> Path:
-    """2 ranks: FSDP 6 steps; FSDP 3 steps then resumed to 6; DDP 6 steps; the padded eval. Then rank 0 alone, in a
-    new group of 1: FSDP resumed from the 2-rank checkpoint at step 3."""
+    """2 ranks: FSDP 6 steps; FSDP 3 steps then resumed to 6; DDP 6 steps; the padded eval. Then 1 rank: FSDP
+    resumed from the 2-rank checkpoint at step 3."""
     mp = pytest.importorskip("torch.multiprocessing")
     root = tmp_path_factory.mktemp("fsdp")
     mp.spawn(_two_rank_worker, args=(2, str(data_dir), str(root), str(root / "store2")), nprocs=2, join=True)
+    mp.spawn(_one_rank_worker, args=(1, str(data_dir), str(root), str(root / "store1")), nprocs=1, join=True)
     return root
 
 
