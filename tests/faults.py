@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanogpt.data import storage
+
 
 @dataclass
 class KillRankAt:
@@ -112,15 +114,15 @@ class CopySnapshotAt:
 
 
 def wait_for_latest(snapshot: str | Path, checkpoint: str | None, timeout_s: float = 60.0) -> str:
-    """Wait until Ray Train's snapshot of a run lists `checkpoint` (a directory name; None: any) as its latest, as
+    """Wait until Ray Train's snapshot of a run (a path or an object-store URI) lists `checkpoint` (a directory name; None: any) as its latest, as
     the controller writes it when it registers a reported checkpoint (at its poll of the workers, every 2 s); the
     snapshot's text. From then on a restarted worker group is handed that checkpoint."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            text = Path(snapshot).read_text()
+            text = storage.read_bytes(str(snapshot)).decode()
             latest = json.loads(text)["latest_checkpoint_result"]["checkpoint_dir_name"]
-        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+        except (storage.StorageError, ValueError, KeyError, TypeError):  # not written yet, or being written
             latest = None
         if latest is not None and checkpoint in (None, latest):
             return text

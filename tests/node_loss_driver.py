@@ -53,31 +53,13 @@ def lose_node(cluster, node) -> None:
     cluster.remove_node(node, allow_graceful=False)
 
 
-def wait_for_latest_checkpoint(run_dir: str, checkpoint: str, timeout_s: float = 60) -> None:
-    """Until Ray Train's snapshot of the run lists `checkpoint` as its latest: the controller registers a reported
-    checkpoint at its next poll (every 2 s), and a restarted group resumes from the registered one only."""
-    from pipelines.ray_adapter.runs import RAY_SNAPSHOT
-
-    snapshot = storage.join(run_dir, RAY_SNAPSHOT)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            latest = json.loads(storage.read_bytes(snapshot))["latest_checkpoint_result"]["checkpoint_dir_name"]
-        except (storage.StorageError, ValueError, KeyError, TypeError):  # not written yet, or being written
-            latest = None
-        if latest == checkpoint:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{snapshot} did not list {checkpoint} as its latest within {timeout_s} s")
-        time.sleep(0.2)
-
-
 def main(shards: str, out_dir: str, name: str, work_dir: str) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
     from pipelines.pretrain import pretrain
-    from tests.faults import HoldAt, NodeAt
+    from pipelines.ray_adapter.runs import RAY_SNAPSHOT
+    from tests.faults import HoldAt, NodeAt, wait_for_latest
     from tests.pretrain_runs import debug_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -105,7 +87,7 @@ def main(shards: str, out_dir: str, name: str, work_dir: str) -> int:
             if not trainer.is_alive():
                 raise RuntimeError("training ended before both ranks reached the hold")
             time.sleep(0.2)
-        wait_for_latest_checkpoint(storage.join(out_dir, name), "checkpoint_000010")
+        wait_for_latest(storage.join(storage.join(out_dir, name), RAY_SNAPSHOT), "checkpoint_000010")
         report["held"] = {rank: p.read_text() for rank, p in enumerate(held)}
         victim = next(node for node in workers if node.node_id == report["held"][0])  # rank 0's node
         lose_node(cluster, victim)
