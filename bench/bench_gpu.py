@@ -193,7 +193,7 @@ def run_updates(model: torch.nn.Module, precision: Precision, windows: TokenWind
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, OPTIM)
         stats = compute_gradients(model, optimizer, windows, step, seed=1337, batch_size=batch_size,
-                                  micro_steps=micro_steps, strategy=strategy, precision=precision, scaler=scaler,
+                                  accumulation=micro_steps, strategy=strategy, precision=precision, scaler=scaler,
                                   grad_clip=1.0)
         if read_every == 1:  # the loop: the non-finite check reads the statistics before the update
             read = read_stats(stats, 1)

@@ -17,6 +17,7 @@ sweep files go through too. Nothing is exec'd or eval'd.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,13 @@ class RunConfig:
     resume_from: str | None = None
     """With init_from=resume: a checkpoint directory; None: the latest checkpoint of run.name."""
     num_workers: int = 1
+    """Training workers (ranks); with run.min_workers, the most an elastic job grows to."""
+    min_workers: int | None = None
+    """Below run.num_workers: an elastic job. It goes on with as few as this many workers when nodes are lost
+    (a restart from the last checkpoint, with the same tokens per step) and grows back to run.num_workers when
+    they return. None: a fixed group of run.num_workers."""
+    resize_interval_s: float = 60.0
+    """Elastic jobs: how often Ray Train looks for room to grow the group (seconds; each growth is a restart)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -214,6 +222,7 @@ class RunConfig:
             object.__setattr__(self, "lean", "on" if self.lean else "off")
         _one_of(self, "lean", ("auto", "on", "off"))
         _positive(self, "num_workers", "cpus_per_worker")
+        self._check_elastic()
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ConfigError("run.gpus_per_worker must be positive when run.use_gpu is true")
         if self.max_failures < -1:
@@ -221,6 +230,26 @@ class RunConfig:
         _one_of(self, "tracker", ("mlflow", "none"))
         if self.num_to_keep is not None and self.num_to_keep < 1:
             raise ConfigError(f"run.num_to_keep must be >= 1 or null, got {self.num_to_keep}")
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def _check_elastic(self) -> None:
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"run.min_workers={self.min_workers} must be between 1 and run.num_workers="
+                              f"{self.num_workers} (or null for a fixed group)")
+        if not (self.resize_interval_s >= 0 and math.isfinite(self.resize_interval_s)):
+            raise ConfigError(f"run.resize_interval_s must be a finite number >= 0, got {self.resize_interval_s}")
+        if not self.elastic:
+            return
+        if self.max_failures == 0:
+            raise ConfigError(f"run.min_workers={self.min_workers} makes the job elastic, but run.max_failures=0 ends "
+                              "it at the first lost node: set run.max_failures=-1 (restart as often as nodes go) or "
+                              "a positive limit")
+        if self.lean == "on":
+            raise ConfigError("run.lean=on cannot apply to an elastic job (run.min_workers < run.num_workers): elastic "
+                              "jobs use Ray's public API only; use run.lean=auto or off")
 
 
 @dataclass(frozen=True)

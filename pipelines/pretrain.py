@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 from nanogpt.config import Config, ConfigError, load_config
 from nanogpt.data.shards import MANIFEST_NAME, Manifest, ShardError, load_manifest, store_error, verify
 from nanogpt.data.storage import StorageError, exists, is_uri, join, list_names, resolve_local
-from nanogpt.train.batch_geometry import micro_steps_per_rank
+from nanogpt.train.batch_geometry import check_worker_range
 from nanogpt.train.batch_memory import check_batch_memory, machine_memory
 from nanogpt.train.model_fit import check_resumable_dir, check_vocab_size
 from nanogpt.user_errors import USER_ERRORS  # "fix the config or the data": one line, exit status 2
@@ -229,7 +229,8 @@ def check_with_ray(config: Config, plan: RunPlan, manifest: Manifest | None, mem
 
 def validate(config: Config) -> None:
     """Checks that need no Ray and no data: they fail in milliseconds, before anything starts."""
-    micro_steps_per_rank(config.train.gradient_accumulation_steps, config.run.num_workers)
+    rc, tc = config.run, config.train
+    check_worker_range(tc.gradient_accumulation_steps, rc.min_workers or rc.num_workers, rc.num_workers, tc.parallel)
     if config.run.use_gpu and config.train.device in ("cpu", "mps"):
         raise ConfigError(f"run.use_gpu=true reserves GPUs but train.device={config.train.device}: use "
                           "--train.device=auto (or cuda), or --run.use_gpu=false")
@@ -464,10 +465,12 @@ def check_resources(config: Config) -> None:
     need = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.use_gpu else {})}
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     fits = sum(min(int(res.get(k, 0) // v) for k, v in need.items()) for res in nodes)
-    if fits >= rc.num_workers:
+    least = rc.min_workers if rc.elastic else rc.num_workers  # an elastic group starts with what fits
+    if fits >= least:
         return
     have = ", ".join(f"{res.get('CPU', 0):g} CPUs / {res.get('GPU', 0):g} GPUs" for res in nodes)
-    message = (f"run.num_workers={rc.num_workers} workers of {rc.cpus_per_worker:g} CPUs"
+    asked = f"run.min_workers={least}" if rc.elastic else f"run.num_workers={least}"
+    message = (f"{asked} workers of {rc.cpus_per_worker:g} CPUs"
                + (f" and {rc.gpus_per_worker:g} GPUs" if rc.use_gpu else "")
                + f" each: the cluster's nodes ({have}) hold {fits}")
     from pipelines.ray_adapter.session import started_local_instance

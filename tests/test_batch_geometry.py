@@ -7,7 +7,10 @@ import pytest
 from nanogpt.config import ConfigError
 from nanogpt.train.batch_geometry import (
     accumulation_for_tokens,
+    check_worker_range,
+    rank_micro_batches,
     rescale_steps,
+    sizes_that_cannot_split,
     steps_for_tokens,
     tokens_per_step,
 )
@@ -75,3 +78,52 @@ def test_steps_for_tokens_names_the_nearest_budgets():
 ])
 def test_rescale_steps_keeps_the_fraction_of_the_run(steps, old_total, new_total, expected):
     assert rescale_steps(steps, old_total, new_total) == expected
+
+
+@pytest.mark.parametrize("accumulation, world_size, counts", [
+    (40, 1, [40]), (40, 8, [5] * 8), (40, 40, [1] * 40), (4, 2, [2, 2]), (6, 3, [2, 2, 2]),  # even: G / W each
+    (4, 3, [2, 1, 1]), (8, 3, [3, 3, 2]), (40, 3, [14, 13, 13]), (5, 2, [3, 2]), (7, 4, [2, 2, 2, 1]),  # uneven
+    (12, 5, [3, 3, 2, 2, 2]), (8, 7, [2, 1, 1, 1, 1, 1, 1]), (3, 3, [1, 1, 1]),
+])
+def test_rank_micro_batches_split_the_step_in_order_as_evenly_as_possible(accumulation, world_size, counts):
+    ranges = [rank_micro_batches(accumulation, world_size, rank) for rank in range(world_size)]
+    assert [len(r) for r in ranges] == counts
+    assert [g for r in ranges for g in r] == list(range(accumulation))  # every micro-batch once, in order
+
+
+def test_every_split_up_to_16_covers_the_step_once_with_counts_one_apart():
+    for accumulation in range(1, 17):
+        for world_size in range(1, accumulation + 1):
+            ranges = [rank_micro_batches(accumulation, world_size, rank) for rank in range(world_size)]
+            assert [g for r in ranges for g in r] == list(range(accumulation)), (accumulation, world_size)
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1 and min(map(len, ranges)) >= 1
+
+
+@pytest.mark.parametrize("accumulation, world_size", [(4, 8), (2, 3), (1, 2), (5, 0)])
+def test_more_workers_than_micro_batches_is_a_config_error(accumulation, world_size):
+    with pytest.raises(ConfigError, match=rf"{world_size} workers cannot split train.gradient_accumulation_steps="
+                                          rf"{accumulation}"):
+        rank_micro_batches(accumulation, world_size, 0)
+
+
+@pytest.mark.parametrize("accumulation, sizes, parallel, bad", [
+    (8, range(1, 9), "ddp", []),                       # DDP takes uneven splits
+    (8, range(2, 11), "ddp", [9, 10]),                 # a rank with no micro-batch
+    (8, range(2, 10), "fsdp", [3, 5, 6, 7, 9]),        # FSDP: sizes that divide 8 only
+    (12, range(2, 7), "fsdp", [5]),
+    (40, range(4, 9), "fsdp", [6, 7]),
+    (4, range(2, 4), "ddp", []),                       # the rehearsal's range: 2 and 3 workers on 4 micro-batches
+])
+def test_sizes_that_cannot_split(accumulation, sizes, parallel, bad):
+    assert sizes_that_cannot_split(accumulation, sizes, parallel) == bad
+
+
+def test_a_worker_range_names_every_size_it_cannot_split():
+    check_worker_range(4, 2, 3, "ddp")
+    check_worker_range(6, 2, 3, "fsdp")
+    with pytest.raises(ConfigError, match=r"run.min_workers=2 .. run.num_workers=8: at 3, 5, 6 and 7 workers the 8 "
+                                          r"micro-batches per optimizer step \(train.gradient_accumulation_steps=8\) "
+                                          r"cannot be split \(under train.parallel=fsdp every size must divide it\)"):
+        check_worker_range(8, 2, 8, "fsdp")
+    with pytest.raises(ConfigError, match=r"run.num_workers=5: at 5 workers the 4 micro-batches"):
+        check_worker_range(4, 5, 5, "ddp")

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from nanogpt.data import shards
-from nanogpt.data.windows import BatchError, TokenWindows, global_micro_batch, rank_share, to_device
+from nanogpt.data.windows import BatchError, TokenWindows, rank_share, to_device
 from nanogpt.tokenizers import CharTokenizer
+from nanogpt.train.batch_geometry import rank_micro_batches
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
          "boxing matches of sphinx and black quartz").split()
@@ -116,16 +117,15 @@ def test_shards_are_sampled_in_proportion_to_their_windows():
     assert np.mean(picks == 1) == pytest.approx(100 / 1100, abs=0.02)
 
 
-def test_a_step_sees_the_same_windows_on_1_2_or_4_workers():
+def test_a_step_sees_the_same_windows_on_any_number_of_workers_even_or_uneven():
     w = TokenWindows(shard_arrays([300, 200, 500]), block_size=8)
     grad_accum, batch_size = 8, 4
     per_world = []
-    for world_size in (1, 2, 4):
-        micro = grad_accum // world_size
-        gs = [global_micro_batch(rank, m, micro) for rank in range(world_size) for m in range(micro)]
-        assert sorted(gs) == list(range(grad_accum))
+    for world_size in (1, 2, 3, 4, 5, 8):
+        gs = [g for rank in range(world_size) for g in rank_micro_batches(grad_accum, world_size, rank)]
+        assert gs == list(range(grad_accum))  # in order, each once
         per_world.append(window_set(w, seed=3, step=11, gs=gs, batch_size=batch_size))
-    assert per_world[0] == per_world[1] == per_world[2]
+    assert all(windows == per_world[0] for windows in per_world)
 
 
 def test_eval_windows_are_fixed_evenly_spaced_and_partitioned_across_ranks():

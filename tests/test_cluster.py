@@ -301,3 +301,45 @@ def test_dockerfile_pins_its_base_image_by_digest():
         assert ("ARG", argument.group(1)) in instructions[:index], f"ARG {argument.group(1)} (no default) before FROM"
         readme = (REPO / "README.md").read_text()
         assert f"--build-arg {argument.group(1)}" in readme and "docker buildx imagetools inspect" in readme
+
+
+# ------------------------------------------------------------------------------------------ the documented jobs
+
+
+def _pretrain_commands(text: str) -> list[list[str]]:
+    """The arguments after `pipelines/pretrain.py` of every command in `text` (comment markers and `\\`
+    continuations joined, a trailing `# comment` dropped)."""
+    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    commands = []
+    for line in joined.splitlines():
+        if "pipelines/pretrain.py" in line:
+            args = shlex.split(line.split("pipelines/pretrain.py", 1)[1].split(" # ")[0].split("   #")[0])
+            commands.append(args)
+    return commands
+
+
+def _documented_pretrain_jobs() -> dict[str, list[list[str]]]:
+    readme = (REPO / "README.md").read_text().split("## On a cluster")[1].split("\n## ")[0]
+    jobs = {name: _pretrain_commands((CLUSTER / name).read_text()) for name in CLOUD_YAMLS}
+    [rayjob] = _docs(CLUSTER / "kuberay" / "rayjob-pretrain.yaml")
+    jobs["rayjob-pretrain.yaml"] = _pretrain_commands(rayjob["spec"]["entrypoint"])
+    jobs["README.md"] = _pretrain_commands(readme)
+    return jobs
+
+
+def test_every_documented_cluster_job_passes_the_checks_before_ray_and_each_place_shows_an_elastic_one():
+    from nanogpt.config import load_config
+    from pipelines.pretrain import PRESET_DIR, parse_args, validate
+
+    for where, commands in _documented_pretrain_jobs().items():
+        assert commands, f"{where}: no pretrain command found"
+        elastic = []
+        for argv in commands:
+            args, overrides = parse_args(argv)
+            config = load_config(args.config, overrides, search_dirs=[PRESET_DIR])
+            validate(config)
+            if config.run.elastic:
+                elastic.append(config.run)
+        assert elastic, f"{where}: no elastic job among {commands}"
+        assert all(rc.max_failures != 0 and rc.min_workers < rc.num_workers for rc in elastic)

@@ -6,7 +6,11 @@
    the group there, from the checkpoint; the run's metrics.jsonl in the bucket holds every step exactly once, and
    every per-step loss equals the uninterrupted reference run's (tests/pretrain_runs.py, on the session's
    `ray_local`). Rank 0's node, not rank 1's: rank 0 alone keeps the run's records.
-2. Ray's fake autoscaler (cluster/local-fake.yaml): a head with no CPUs gets worker nodes when a pretrain job asks
+2. An elastic job (tests/elastic_driver.py): a head and three worker nodes; an elastic 2-3 worker pretrain loses
+   rank 0's node, goes on with 2 workers without waiting for a replacement, and grows back to 3 when a node joins.
+   Every step trains on the same 4 micro-batches (2+1+1 on 3 workers, 2+2 on 2); the per-step losses equal a fixed
+   3-worker run's within float32 reduction order, every update is logged once, with its world size.
+3. Ray's fake autoscaler (cluster/local-fake.yaml): a head with no CPUs gets worker nodes when a pretrain job asks
    for CPUs, and loses them again once they are idle.
 
 Each starts and stops its own cluster (never `ray stop`): a short temp dir of its own, its own token and ports; the
@@ -26,6 +30,7 @@ import pytest
 import yaml
 
 from nanogpt.data import storage
+from pipelines.pretrain import pretrain
 from tests.local_cluster import (
     cluster_env,
     dashboard_get,
@@ -35,12 +40,14 @@ from tests.local_cluster import (
     stop_group,
     wait_for_dashboard,
 )
-from tests.pretrain_runs import char_shards, debug_run, shared_root, step_losses
+from tests.pretrain_runs import char_shards, debug_config, debug_run, shared_root, step_losses
 
 pytestmark = pytest.mark.slow
-pytest_plugins = ("tests.s3_server",)
+pytest_plugins = ("tests.s3_server", "tests.mlflow_server")
 
 REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-6
+"""Elastic vs fixed per-step losses, relative: float32 summation order only (measured up to 9e-8: bench/NOTES.md)."""
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +103,85 @@ def test_rank0_node_lost_midrun_resumes_on_a_new_node_bit_exactly_with_every_ste
     assert [r["step"] for r in history if "val_loss" in r] == [0, 10, 20, 30]
     assert {r["step"]: r["loss"] for r in history if "loss" in r} == step_losses(reference.plan.run_dir)
     assert report["best_val_loss"] == reference.best_val_loss
+
+
+def _run_driver(script: str, args: list[str], work: str, env: dict[str, str], while_it_runs) -> tuple[dict, object]:
+    """Run a rehearsal driver (tests/<script>) in its own process group; meanwhile call `while_it_runs()` here.
+    Returns the driver's JSON report, with its whole output under "output", and what `while_it_runs` returned."""
+    log = Path(work) / "driver.log"  # a file, not a pipe: nobody reads the driver's output until it ends
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / script), *args], env=env, cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        meanwhile = while_it_runs()
+        try:
+            proc.wait(timeout=540)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the rehearsal did not finish in 540 s:\n{log.read_text()[-6000:]}")
+        output = log.read_text()
+        assert proc.returncode == 0, output[-6000:]
+        assert leftovers(work) == [], "Cluster.shutdown() left processes of the rehearsal's cluster"
+        return {**json.loads(output.strip().splitlines()[-1]), "output": output}, meanwhile
+    finally:
+        if proc.poll() is None:
+            stop_group(proc, work)
+
+
+def test_an_elastic_job_shrinks_when_rank0s_node_is_lost_and_grows_back_when_a_node_joins(
+        ray_local, root, shards, s3, mlflow_server):
+    from tests.elastic_driver import ELASTIC_ARGS
+
+    work = short_dir("el")
+    env = cluster_env(work)  # with the S3 server's endpoint and credentials (the s3 fixture set them)
+    out_dir = s3.bucket_uri("runs")
+    try:
+        # meanwhile, on the session's local Ray: the same config on a fixed group of 3, uninterrupted
+        report, fixed = _run_driver(
+            "elastic_driver.py", [str(shards), out_dir, "elastic", work, mlflow_server.uri], work, env,
+            lambda: pretrain(debug_config(shards, root / "runs", "fixed3", *ELASTIC_ARGS, "--run.min_workers=null",
+                                          "--run.max_failures=0")))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    three, two = report["three"], report["two"]
+    assert len(set(three.values())) == 3 and report["removed"] == three["0"]  # one rank per node; rank 0's died
+    assert set(two.values()) == set(three.values()) - {three["0"]}  # the 2 survivors, before any node was added
+    assert report["added"] not in three.values()
+    assert (report["step"], report["start_step"], report["world_size"]) == (30, 20, 3)  # grew back, from 20
+    output = report["output"]
+    assert "resized 3 -> 2 workers at step 10 (fewer workers than before: a node was lost); 1,024 tokens per step " \
+           "unchanged" in output
+    assert "resized 2 -> 3 workers at step 20 (more workers available); 1,024 tokens per step unchanged" in output
+
+    history = _stored_records(report["run_dir"])
+    updates = [r for r in history if "loss" in r]
+    assert [r["step"] for r in updates] == list(range(30))  # every update once: none twice, none skipped
+    assert [r["world_size"] for r in updates] == [3] * 10 + [2] * 10 + [3] * 10
+    assert {r["step"]: r["tokens"] for r in history if "val_loss" in r} == {s: s * 1024 for s in range(0, 31, 5)}
+    reference = step_losses(fixed.plan.run_dir)
+    print(_loss_table(updates, reference))
+    print(f"shrunk to 2 workers {report['shrink_s']:.1f} s after the node was lost; grew to 3 "
+          f"{report['grow_s']:.1f} s after a node joined")
+    # before the first resize the two runs are the same computation: equal to the bit
+    assert [r["loss"] for r in updates[:10]] == [reference[s] for s in range(10)]
+    # then float32 only: 2 ranks (2+2 micro-batches) sum the same gradients in another order than 3 (2+1+1), the
+    # weights differ in the last bits, and Adam carries that forward; the data and the scale of every step are equal
+    assert [r["loss"] for r in updates] == pytest.approx([reference[s] for s in range(30)], rel=TOLERANCE)
+    assert report["best_val_loss"] == pytest.approx(fixed.best_val_loss, rel=TOLERANCE)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(report["tracking"]["tracking_uri"])
+    run = client.get_run(report["tracking"]["run_id"])
+    assert run.data.tags["resizes"] == "2"
+    sizes = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "world_size")}
+    assert [sizes[s] for s in range(30)] == [3] * 10 + [2] * 10 + [3] * 10
+
+
+def _loss_table(updates: list[dict], reference: dict[int, float]) -> str:
+    rows = [f"{r['step']:>4} {r['world_size']:>7} {r['loss']:.7f} {reference[r['step']]:.7f} "
+            f"{abs(r['loss'] - reference[r['step']]) / reference[r['step']]:.1e}" for r in updates]
+    return "\n".join(["step workers elastic   fixed-3   rel.diff", *rows])
 
 
 def _stored_records(run_dir: str) -> list[dict]:

@@ -114,3 +114,24 @@ def test_the_public_paths_worker_logs_leave_out_rays_report_lines_and_its_traceb
     except RuntimeError:  # not a config or data error: Ray's traceback is the one that helps
         assert quiet.filter(_record("ray.train.v2._internal.util", logging.ERROR, "Error in training function:")) \
             is True
+
+
+@pytest.mark.slow
+def test_an_elastic_job_takes_rays_public_trainer_with_its_worker_range(ray_local, tmp_path):
+    """On the session's own local Ray, run.lean=auto gives a fixed job the wing; an elastic one the stock trainer."""
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_adapter.runs import plan_run
+    from pipelines.ray_adapter.trainer import build_trainer
+
+    args = [*DEBUG_ARGS, f"--run.out_dir={tmp_path}", "--run.num_workers=3", "--train.gradient_accumulation_steps=4"]
+    elastic = load_config("debug", [*args, "--run.min_workers=2", "--run.max_failures=-1", "--run.resize_interval_s=5"],
+                          search_dirs=[PRESET_DIR])
+    trainer = build_trainer(elastic, plan_run(elastic))
+    assert type(trainer) is TorchTrainer
+    scaling = trainer.scaling_config
+    assert scaling.num_workers == (2, 3) and scaling.elasticity_enabled
+    assert scaling.elastic_resize_monitor_interval_s == 5
+    fixed = load_config("debug", args, search_dirs=[PRESET_DIR])
+    trainer = build_trainer(fixed, plan_run(fixed))
+    assert type(trainer) is not TorchTrainer and trainer.scaling_config.num_workers == 3

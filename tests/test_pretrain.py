@@ -166,7 +166,8 @@ def _corrupt(shards: Path, dest: Path) -> Path:
     "case, extra, expected",
     [
         ("unknown key", ["--train.max_iter=5"], "unknown config key 'train.max_iter'; did you mean 'train.max_iters'"),
-        ("indivisible", ["--run.num_workers=3"], "gradient_accumulation_steps=2"),
+        ("more workers than micro-batches", ["--run.num_workers=3"],
+         "run.num_workers=3: at 3 workers the 2 micro-batches per optimizer step (train.gradient_accumulation_steps=2)"),
         ("missing shards", ["--data.input=null"], "manifest.json: missing"),
         ("corrupted shards", [], "val_000000.bin: corrupted"),
         ("resume without a run", ["--model.init_from=resume"], "nothing to resume"),

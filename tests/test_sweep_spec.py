@@ -127,6 +127,8 @@ def test_cli_changes_the_sweep_file(tmp_path):
     (dict(overrides={"train": {"max_iters": 0}, "run": {"tracker": "none"}}, scheduler={"name": "asha"}), [],
      "the trials end at 0 tokens (train.max_iters=0): ASHA needs trials that train"),
     (dict(search={"run.num_workers": {"values": [1, 2]}}), [], "search.run.num_workers: run.* cannot be swept"),
+    (dict(), ["--run.num_workers=2", "--run.min_workers=1", "--run.max_failures=-1"],
+     "run.min_workers=1 makes a job elastic, which a sweep's trials are not"),
     (dict(algorithm="grid"), [], "search.optim.learning_rate: algorithm grid needs a list of values"),
     (dict(algorithm="bayes"), [], "algorithm='bayes' must be one of grid, random, optuna"),
     (dict(scheduler={"name": "asha", "grace_perod": 5}), [], "unknown key 'grace_perod'; did you mean 'grace_period'?"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from nanogpt.config import Config, ConfigError
 from nanogpt.data import shards
 from nanogpt.model import GPT
 from nanogpt.tracking import JsonlTracker
-from nanogpt.train.batch_geometry import micro_steps_per_rank
 from nanogpt.train.devices import resolve_dtype
 from nanogpt.train.local_reporter import LocalReporter
 from nanogpt.train.loop import TrainContext, train
@@ -110,25 +110,16 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
 
 
-@pytest.mark.parametrize(
-    "grad_accum,world_size,expected",
-    [(40, 1, 40), (40, 8, 5), (40, 40, 1), (4, 2, 2), (6, 3, 2)],
-)
-def test_micro_steps_per_rank(grad_accum, world_size, expected):
-    assert micro_steps_per_rank(grad_accum, world_size) == expected
-
-
-@pytest.mark.parametrize("grad_accum,world_size", [(40, 3), (4, 8), (5, 2)])
-def test_micro_steps_indivisible_is_a_config_error(grad_accum, world_size):
-    with pytest.raises(ConfigError, match=rf"gradient_accumulation_steps={grad_accum}.*{world_size} workers"):
-        micro_steps_per_rank(grad_accum, world_size)
-
-
 def test_indivisible_world_size_fails_before_step_0(data_dir, tmp_path):
     steps = []
-    with pytest.raises(ConfigError, match=r"use a worker count that divides it \(1, 2\)"):
+    with pytest.raises(ConfigError, match=r"run.num_workers=3: at 3 workers the 2 micro-batches .* cannot be split "
+                                          r"\(a worker would have no micro-batch\)"):
         train(tiny_config(), str(data_dir), TrainContext(world_size=3), LocalReporter(tmp_path),
               on_step=lambda s, m: steps.append(s))
+    with pytest.raises(ConfigError, match=r"at 3 workers the 4 micro-batches .* \(under train.parallel=fsdp every size "
+                                          r"must divide it"):
+        train(tiny_config(train=dict(parallel="fsdp", gradient_accumulation_steps=4)), str(data_dir),
+              TrainContext(world_size=3), LocalReporter(tmp_path), on_step=lambda s, m: steps.append(s))
     assert steps == []
 
 
@@ -314,13 +305,15 @@ def test_sample_text_at_eval(data_dir, tmp_path):
     assert len(samples[-1].read_text()) == 31  # the "\n" it starts from + 30 characters
 
 
-def _ddp_worker(rank: int, world_size: int, data: str, out: str, store: str, result_file: str) -> None:
+def _ddp_worker(rank: int, world_size: int, data: str, out: str, store: str, result_file: str,
+                accumulation: int = 2) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        cfg = tiny_config(model=dict(dropout=0.1), train=dict(max_iters=6, eval_interval=3))
+        cfg = tiny_config(model=dict(dropout=0.1), train=dict(max_iters=6, eval_interval=3,
+                                                              gradient_accumulation_steps=accumulation))
         reporter = LocalReporter(out, num_to_keep=None)
         result = train(cfg, data, TrainContext(rank=rank, world_size=world_size), reporter)
         if rank == 0:
@@ -342,6 +335,47 @@ def test_two_ddp_workers_match_one(data_dir, tmp_path):
     assert two["losses"] == pytest.approx(single.losses, rel=1e-5)
     assert [m["val_loss"] for m in two["history"]] == pytest.approx([m["val_loss"] for m in reporter.history], rel=1e-5)
     assert [s for s, _ in checkpoint_dirs(tmp_path / "two")] == [3, 6]  # only rank 0 wrote checkpoints
+
+
+def test_three_ddp_workers_on_an_uneven_split_match_one(data_dir, tmp_path):
+    """4 micro-batches on 3 ranks (2, 1, 1): each micro-batch's loss is divided by the mean share 4/3, so after
+    DDP's average over 3 ranks the step's gradient is still the mean over its 4 micro-batches, as on one worker."""
+    mp = pytest.importorskip("torch.multiprocessing")
+    cfg = tiny_config(model=dict(dropout=0.1), train=dict(max_iters=6, eval_interval=3, gradient_accumulation_steps=4))
+    single, reporter = run(cfg, data_dir, tmp_path / "one")
+    result_file = tmp_path / "three.json"
+    mp.spawn(_ddp_worker, args=(3, str(data_dir), str(tmp_path / "three"), str(tmp_path / "store"),
+                                str(result_file), 4), nprocs=3, join=True)
+    three = json.loads(result_file.read_text())
+    assert three["losses"] == pytest.approx(single.losses, rel=1e-5)
+    assert [m["val_loss"] for m in three["history"]] == pytest.approx([m["val_loss"] for m in reporter.history],
+                                                                       rel=1e-5)
+    final_one = load_checkpoint(tmp_path / "one" / "checkpoint_000006").model_state
+    final_three = load_checkpoint(tmp_path / "three" / "checkpoint_000006").model_state
+    assert all(torch.allclose(final_one[k], final_three[k], rtol=1e-4, atol=1e-6) for k in final_one)
+
+
+def test_a_run_continued_on_another_world_size_says_so_and_counts_the_resize(data_dir, tmp_path, caplog):
+    """What an elastic job's restart does: the 2-worker run's checkpoint at 3, continued on one worker."""
+    mp = pytest.importorskip("torch.multiprocessing")
+    mp.spawn(_ddp_worker, args=(2, str(data_dir), str(tmp_path / "two"), str(tmp_path / "store"),
+                                str(tmp_path / "two.json")), nprocs=2, join=True)
+    two = json.loads((tmp_path / "two.json").read_text())
+    cfg = tiny_config(model=dict(dropout=0.1), train=dict(max_iters=6, eval_interval=3))
+    tracker = JsonlTracker(tmp_path / "one" / "metrics.jsonl")
+    with caplog.at_level(logging.INFO, logger="nanogpt.train.loop"):
+        result, _ = run(cfg, data_dir, tmp_path / "one", tracker=tracker,
+                        resume_from=str(tmp_path / "two" / "checkpoint_000003"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert ("resized 2 -> 1 workers at step 3 (fewer workers than before: a node was lost); 256 tokens per step "
+            "unchanged") in lines
+    assert "tokens per iteration will be: 256 (1 workers x 2 micro-steps x 4 x 32)" in lines
+    assert result.losses == pytest.approx(two["losses"][3:], rel=1e-5)
+    assert json.loads((tmp_path / "one" / "tags.json").read_text())["resizes"] == 1
+    assert load_checkpoint(tmp_path / "one" / "checkpoint_000006").extra["resizes"] == 1
+    assert load_checkpoint(tmp_path / "two" / "checkpoint_000006").extra["resizes"] == 0
+    logged = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["world_size"] for m in logged if "loss" in m] == [1, 1, 1]
 
 
 def test_sample_text_is_seeded_and_stays_in_the_tokenizer_vocabulary():

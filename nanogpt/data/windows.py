@@ -5,8 +5,8 @@ never cross a shard boundary (two shards' tokens are not consecutive text).
 
 Training windows (nanoGPT's `get_batch`, made deterministic): micro-batch `g` of optimizer step `step` is drawn by
 `np.random.default_rng([seed, step, g])`, uniformly over every window of every shard (so a shard is picked in
-proportion to its window count). `g` is the GLOBAL micro-batch index, `rank * micro_steps_per_rank + micro_step`,
-in [0, gradient_accumulation_steps): an optimizer step sees the same windows whatever the number of workers, and a
+proportion to its window count). `g` is the GLOBAL micro-batch index in [0, gradient_accumulation_steps); each rank
+runs a consecutive block of them (nanogpt/train/batch_geometry.py, rank_micro_batches): an optimizer step sees the same windows whatever the number of workers, and a
 resumed run sees exactly the windows the uninterrupted run would have, with no iterator state to checkpoint.
 
 Evaluation windows are fixed: `num_windows` window starts evenly spaced over all the windows of a split, split
@@ -95,11 +95,6 @@ def rank_share(positions: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     return positions[rank::world_size]
-
-
-def global_micro_batch(rank: int, micro_step: int, micro_steps_per_rank: int) -> int:
-    """The global index g of a rank's micro-step: ranks own consecutive blocks of the step's micro-batches."""
-    return rank * micro_steps_per_rank + micro_step
 
 
 def to_device(x: np.ndarray, y: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:

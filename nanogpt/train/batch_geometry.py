@@ -2,7 +2,9 @@
 micro-batch and accumulation that keep tokens per optimizer step constant, and schedule lengths kept constant in
 tokens when tokens per step change.
 
-    micro_steps_per_rank(gradient_accumulation_steps=8, world_size=2)                           # -> 4
+    rank_micro_batches(gradient_accumulation_steps=8, world_size=2, rank=1)                     # -> range(4, 8)
+    rank_micro_batches(gradient_accumulation_steps=8, world_size=3, rank=2)                     # -> range(6, 8)
+    sizes_that_cannot_split(gradient_accumulation_steps=8, sizes=range(2, 10), parallel="fsdp") # -> [3, 5, 6, 7, 9]
 
     accumulation_for_tokens(tokens_per_step=6144, batch_size=24, block_size=64, num_workers=2)   # -> 4
     steps_for_tokens(num_tokens=614_400, tokens_per_step=12288)                                    # -> 50
@@ -15,21 +17,53 @@ Tokens per step = batch_size * block_size * gradient_accumulation_steps, whateve
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from nanogpt.config import ConfigError
 
 
-def micro_steps_per_rank(gradient_accumulation_steps: int, world_size: int) -> int:
-    """Micro-batches each rank runs per optimizer step, so that the step's total stays the same on any world size."""
-    if world_size < 1:
-        raise ConfigError(f"world size must be >= 1, got {world_size}")
-    if gradient_accumulation_steps % world_size:
-        valid = [n for n in range(1, gradient_accumulation_steps + 1) if gradient_accumulation_steps % n == 0]
+def rank_micro_batches(gradient_accumulation_steps: int, world_size: int, rank: int) -> range:
+    """The global micro-batch indices rank `rank` runs in each optimizer step: consecutive blocks, as even as the
+    world size allows (the first G mod W ranks take one more), so that the step's micro-batches, and their order,
+    are the same on any world size. An even split gives every rank G / W."""
+    if not 1 <= world_size <= gradient_accumulation_steps:
         raise ConfigError(
-            f"train.gradient_accumulation_steps={gradient_accumulation_steps} (micro-batches per optimizer step, "
-            f"summed over workers) is not divisible by the {world_size} workers; use a worker count that divides it "
-            f"({', '.join(map(str, valid))}) or a multiple of {world_size} as gradient_accumulation_steps"
+            f"{world_size} workers cannot split train.gradient_accumulation_steps={gradient_accumulation_steps} "
+            "micro-batches per optimizer step: a worker would have none; use at most "
+            f"{gradient_accumulation_steps} workers or more micro-batches"
         )
-    return gradient_accumulation_steps // world_size
+    base, extra = divmod(gradient_accumulation_steps, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def sizes_that_cannot_split(gradient_accumulation_steps: int, sizes: Iterable[int], parallel: str) -> list[int]:
+    """The world sizes among `sizes` that cannot train every step on all its micro-batches: more workers than
+    micro-batches, and, under FSDP, any size that does not divide them (FSDP's per-micro-batch collectives need
+    the same micro-batch count on every rank; DDP communicates once per step and takes uneven splits)."""
+    return [n for n in sizes if n < 1 or n > gradient_accumulation_steps
+            or (parallel == "fsdp" and gradient_accumulation_steps % n)]
+
+
+def check_worker_range(gradient_accumulation_steps: int, min_workers: int, max_workers: int, parallel: str) -> None:
+    """ConfigError naming every size in [min_workers, max_workers] whose split cannot keep the step's data."""
+    bad = sizes_that_cannot_split(gradient_accumulation_steps, range(min_workers, max_workers + 1), parallel)
+    if not bad:
+        return
+    workers = (f"run.num_workers={max_workers}" if min_workers == max_workers
+               else f"run.min_workers={min_workers} .. run.num_workers={max_workers}")
+    rule = ("under train.parallel=fsdp every size must divide it" if parallel == "fsdp"
+            else "a worker would have no micro-batch")
+    raise ConfigError(
+        f"{workers}: at {_sizes(bad)} workers the {gradient_accumulation_steps} micro-batches per optimizer step "
+        f"(train.gradient_accumulation_steps={gradient_accumulation_steps}) cannot be split ({rule}); use "
+        f"{'a worker count that fits' if min_workers == max_workers else 'a range whose every size fits'}, or raise "
+        "train.gradient_accumulation_steps (and lower train.batch_size to keep tokens per step)"
+    )
+
+
+def _sizes(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes[:-1])) + (" and " if len(sizes) > 1 else "") + str(sizes[-1])
 
 
 def tokens_per_step(batch_size: int, block_size: int, gradient_accumulation_steps: int) -> int:

@@ -58,7 +58,7 @@ from nanogpt.model import GPT
 from nanogpt.sampling import sample_text
 from nanogpt.tokenizers import Tokenizer, TokenizerError, token_byte_lengths, tokenizer_from_dict
 from nanogpt.tracking import NullTracker, Tracker
-from nanogpt.train.batch_geometry import micro_steps_per_rank
+from nanogpt.train.batch_geometry import check_worker_range, rank_micro_batches
 from nanogpt.train.devices import Precision
 from nanogpt.train.evaluation import evaluate_windows
 from nanogpt.train.init_from import initial_model
@@ -243,6 +243,7 @@ class _Run:
     train_windows: TokenWindows
     val_windows: TokenWindows
     micro_steps: int
+    """Micro-batches this rank runs per step (ranks may differ by one: batch_geometry.rank_micro_batches)."""
     tokenizer: Tokenizer | None
     byte_lengths: np.ndarray | None
     reporter: Reporter
@@ -251,6 +252,8 @@ class _Run:
     best_val_loss: float = math.inf
     resumed: bool = False
     resumed_val: tuple[float | None, int | None] = (None, None)
+    resizes: int = 0
+    """How many times the run has continued on a world size other than its checkpoint's (carried in each one)."""
 
     @property
     def main(self) -> bool:
@@ -266,7 +269,8 @@ class _Run:
               resume_from: str | None) -> _Run:
         tc, oc = config.train, config.optim
         precision = Precision.resolve(ctx.device or tc.device, tc.dtype)
-        micro_steps = micro_steps_per_rank(tc.gradient_accumulation_steps, ctx.world_size)
+        check_worker_range(tc.gradient_accumulation_steps, ctx.world_size, ctx.world_size, tc.parallel)
+        micro_steps = len(rank_micro_batches(tc.gradient_accumulation_steps, ctx.world_size, ctx.rank))
         # data first: a damaged shard names itself here, not at step 1234
         manifest = shards.verify(data_dir, check_hashes=not ctx.shards_hashed and ctx.local_rank == 0)
         checkpoint = load_checkpoint(resume_from, map_location="cpu") if resume_from else None
@@ -305,21 +309,26 @@ class _Run:
         self.resumed, self.start_step, self.best_val_loss = True, checkpoint.step, checkpoint.best_val_loss
         # reports before the next eval carry the checkpoint's last val loss
         self.resumed_val = (checkpoint.extra.get("val_loss"), checkpoint.extra.get("val_loss_step"))
+        previous = int(checkpoint.state.get("world_size") or 1)
+        self.resizes = int(checkpoint.extra.get("resizes") or 0) + (previous != self.strategy.world_size)
         if self.main:
             log.info("resuming from %s at step %d (best val loss %.4f)", checkpoint.path, self.start_step,
                      self.best_val_loss)
+            if previous != self.strategy.world_size:
+                log.info("%s", resize_line(previous, self.strategy.world_size, self.start_step, self.tokens_per_step))
 
     def announce(self) -> None:
         """Rank 0: the step's geometry to the log, and what only this process knows as tags to the tracker (the
         config is the caller's to log as params: it knows whether the run is new)."""
         tc = self.config.train
-        log.info("tokens per iteration will be: %s (%d workers x %d micro-steps x %d x %d)",
-                 f"{self.tokens_per_step:,}", self.strategy.world_size, self.micro_steps, tc.batch_size,
+        log.info("tokens per iteration will be: %s (%s x %d x %d)", f"{self.tokens_per_step:,}",
+                 split_text(tc.gradient_accumulation_steps, self.strategy.world_size), tc.batch_size,
                  self.raw_model.config.block_size)
         self.tracker.set_tags({
             "num_params": self.raw_model.get_num_params(), "world_size": self.strategy.world_size,
             "device": self.precision.device, "dtype": str(self.precision.dtype).removeprefix("torch."),
             "tokens_per_step": self.tokens_per_step, "micro_steps_per_rank": self.micro_steps,
+            "resizes": self.resizes,
         })
 
     def start_state(self) -> LoopState:
@@ -369,7 +378,7 @@ class _Run:
         record = CheckpointRecord(
             model_args=self.raw_model.config, config=self.config, step=state.step, best_val_loss=state.best_val_loss,
             tokenizer=self.manifest.tokenizer, manifest_json=self.manifest.to_json(),
-            extra={"val_loss": state.val_loss, "val_loss_step": state.val_loss_step},
+            extra={"val_loss": state.val_loss, "val_loss_step": state.val_loss_step, "resizes": self.resizes},
             world_size=self.strategy.world_size, tokens_seen=state.step * self.tokens_per_step,
             scaler_state=self.scaler.state_dict() if self.scaler.is_enabled() else None,
         )
@@ -388,7 +397,7 @@ class _Run:
             param_group["lr"] = lr_at(step, self.config.optim)
         stats = read_stats(compute_gradients(
             self.model, self.optimizer, self.train_windows, step, seed=tc.seed, batch_size=tc.batch_size,
-            micro_steps=self.micro_steps, strategy=self.strategy, precision=self.precision, scaler=self.scaler,
+            accumulation=tc.gradient_accumulation_steps, strategy=self.strategy, precision=self.precision, scaler=self.scaler,
             grad_clip=self.config.optim.grad_clip,
         ), self.strategy.world_size)
         policy.check(step, stats, log_warning=self.main)
@@ -409,10 +418,26 @@ class _Run:
         mfu_text = "n/a" if mfu is None else f"{mfu * 100:.2f}%"
         log.info("iter %d: loss %.4f, time %.2fms, mfu %s", step, stats.loss, step_time * 1000, mfu_text)
         metrics = {**self.step_metrics(step, stats), "step_time_ms": step_time * 1000,
-                   "tokens_per_s": self.tokens_per_step / step_time}
+                   "tokens_per_s": self.tokens_per_step / step_time, "world_size": self.strategy.world_size}
         if mfu is not None:
             metrics["mfu"] = mfu
         self.tracker.log_metrics(metrics, step)
+
+
+def split_text(accumulation: int, world_size: int) -> str:
+    """How a step's micro-batches fall on the workers, for the geometry line: "2 workers x 4 micro-steps", or
+    "8 micro-steps over 3 workers (3, 3, 2)" when the split is uneven."""
+    counts = [len(rank_micro_batches(accumulation, world_size, rank)) for rank in range(world_size)]
+    if len(set(counts)) == 1:
+        return f"{world_size} workers x {counts[0]} micro-steps"
+    return f"{accumulation} micro-steps over {world_size} workers ({', '.join(map(str, counts))})"
+
+
+def resize_line(before: int, after: int, step: int, tokens_per_step: int) -> str:
+    """The console line of a run that continues on another number of workers (an elastic job's resize)."""
+    why = "fewer workers than before: a node was lost" if after < before else "more workers available"
+    return (f"resized {before} -> {after} workers at step {step} ({why}); {tokens_per_step:,} tokens per step "
+            "unchanged")
 
 
 def _tokenizer_for_bpb(manifest: shards.Manifest, need_tokenizer: bool) -> tuple[Tokenizer | None, np.ndarray | None]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanogpt.data.windows import TokenWindows, global_micro_batch, to_device
+from nanogpt.data.windows import TokenWindows, to_device
+from nanogpt.train.batch_geometry import rank_micro_batches
 from nanogpt.train.devices import Precision
 from nanogpt.train.parallel import Strategy
 
@@ -44,28 +45,32 @@ def dropout_seed(seed: int, step: int, g: int) -> int:
 
 def compute_gradients(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: TokenWindows, step: int, *, seed: int,
-    batch_size: int, micro_steps: int, strategy: Strategy, precision: Precision, scaler: torch.amp.GradScaler,
+    batch_size: int, accumulation: int, strategy: Strategy, precision: Precision, scaler: torch.amp.GradScaler,
     grad_clip: float,
 ) -> torch.Tensor:
-    """Forward and backward over this rank's `micro_steps` micro-batches of `step` (the gradients averaged over
-    ranks by the strategy), unscaled and clipped; one small all-reduce for the statistics, so every rank gets the
-    same and skips or stops at the same step (a rank leaving alone would hang the others). Returns them on the
-    device, unread: [loss, non-finite flag, gradient norm], each summed over ranks (`read_stats`)."""
+    """Forward and backward over this rank's share of the `accumulation` micro-batches of `step`
+    (batch_geometry.rank_micro_batches; the gradients averaged over ranks by the strategy), unscaled and clipped;
+    one small all-reduce for the statistics, so every rank gets the same and skips or stops at the same step (a
+    rank leaving alone would hang the others). Returns them on the device, unread: [loss, non-finite flag, gradient
+    norm], each summed over ranks (`read_stats`)."""
     device = precision.device
     loss_sum = torch.zeros((), device=device)
-    first = global_micro_batch(strategy.rank, 0, micro_steps)
-    x, y = to_device(*windows.train_batch(seed, step, first, batch_size), device)
-    for micro_step in range(micro_steps):
-        g = first + micro_step
+    mine = rank_micro_batches(accumulation, strategy.world_size, strategy.rank)
+    # Each micro-batch's loss is divided by the mean share G / W, not by this rank's own count: the strategy then
+    # averages over W ranks, so the step's gradient is the mean over all G micro-batches even when the split is
+    # uneven. An even split divides by exactly the integer G / W, as nanoGPT does.
+    share = accumulation / strategy.world_size
+    x, y = to_device(*windows.train_batch(seed, step, mine[0], batch_size), device)
+    for g in mine:
         # Dropout draws from torch's global RNG. Reseeding it from (seed, step, g) makes the masks a function of
         # where the loop is: a resumed run draws exactly the uninterrupted run's masks with no RNG state in
         # the checkpoint, and micro-batch g gets the same masks whatever the number of workers.
         torch.manual_seed(dropout_seed(seed, step, g))
-        last = micro_step == micro_steps - 1
+        last = g == mine[-1]
         with strategy.no_sync(model, sync=last):
             with precision.autocast():
                 _, loss = model(x, y)
-                scaled = loss / micro_steps  # scale the loss to account for gradient accumulation
+                scaled = loss / share  # scale the loss to account for gradient accumulation
             if not last:  # fetch the next micro-batch while the forward pass runs on the GPU (nanoGPT)
                 x, y = to_device(*windows.train_batch(seed, step, g + 1, batch_size), device)
             scaler.scale(scaled).backward()
@@ -81,7 +86,7 @@ def compute_gradients(
     bad = ~torch.isfinite(loss_sum)
     if not scaler.is_enabled():
         bad = bad | ~torch.isfinite(grad_norm)
-    stats = torch.stack([loss_sum / micro_steps, bad.float(), grad_norm.float()])
+    stats = torch.stack([loss_sum / share, bad.float(), grad_norm.float()])
     strategy.all_reduce_sum(stats)
     return stats
 

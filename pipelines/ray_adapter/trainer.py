@@ -48,7 +48,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     parts = {"train_loop_config": worker_config(config, plan, tracking_run_id, on_step),
              "scaling_config": scaling_config(config), "run_config": run_config(config, plan, callbacks)}
     own_instance = started_local_instance()
-    if wing_on(config.run.lean, own_instance):
+    if not config.run.elastic and wing_on(config.run.lean, own_instance):  # elastic jobs: Ray's public API only
         from pipelines.ray_adapter.lean.trainer import lean_trainer
 
         return lean_trainer(train_loop_per_worker, config.train.parallel,
@@ -70,6 +70,9 @@ def scaling_config(config: Config):
 
     rc = config.run
     resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.use_gpu else {})}
+    if rc.elastic:  # Ray Train's elastic group: starts with what fits in [min, max], regrows every resize_interval_s
+        return ScalingConfig(num_workers=(rc.min_workers, rc.num_workers), use_gpu=rc.use_gpu,
+                             resources_per_worker=resources, elastic_resize_monitor_interval_s=rc.resize_interval_s)
     return ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources)
 
 

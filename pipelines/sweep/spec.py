@@ -38,7 +38,7 @@ import yaml
 from nanogpt.config import Config, ConfigError, apply_overrides, find_preset, load_config, resolve_key
 from nanogpt.train.batch_geometry import (
     accumulation_for_tokens,
-    micro_steps_per_rank,
+    check_worker_range,
     rescale_steps,
     steps_for_tokens,
     tokens_per_step,
@@ -313,7 +313,11 @@ def check_trials(spec: SweepSpec, base: Config, source: str = "sweep file") -> l
     for params in corner_params(spec):
         try:
             config = trial_config(spec, base, params)
-            micro_steps_per_rank(config.train.gradient_accumulation_steps, config.run.num_workers)
+            rc, tc = config.run, config.train
+            if rc.elastic:  # Tune reserves each trial's resources up front: a trial's group is fixed
+                raise ConfigError(f"run.min_workers={rc.min_workers} makes a job elastic, which a sweep's trials "
+                                  f"are not: drop it (each trial runs on run.num_workers={rc.num_workers})")
+            check_worker_range(tc.gradient_accumulation_steps, rc.num_workers, rc.num_workers, tc.parallel)
         except ConfigError as e:
             where = ", ".join(f"{k}={v}" for k, v in params.items())
             raise ConfigError(f"{source}: the trial with {where}: {e}") from None
