@@ -2,12 +2,12 @@
 job's processes: labels, the split, the /proc tree walk."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench.bench_main_job import MainJob, ProcUse, _cpu_split, _label, _tree_cpu, main_jobs
@@ -73,9 +73,8 @@ def test_tree_cpu_follows_children_and_grandchildren():
         assert parent.pid in tree
         assert len(grandchildren) == 1 and grandchildren[0] >= 0.25  # its burn, seen through the parent
     finally:
-        for pid in _tree_cpu(parent.pid) if parent.poll() is None else ():
-            if pid != parent.pid:
-                os.kill(pid, signal.SIGKILL)
+        for child in psutil.Process(parent.pid).children(recursive=True) if parent.poll() is None else ():
+            child.kill()  # its own descendants only: _tree_cpu also counts other jobs' tracking helpers
         parent.kill()
         parent.wait()
 
@@ -85,14 +84,15 @@ def test_tree_cpu_counts_the_detached_tracking_helper():
     """pipelines/mlflow_adapter/tracker_process.py starts its helper outside the tree; the job's CPU still includes it."""
     script = ("import time\nfrom nanogpt.tracking import NullTracker\n"
               "from pipelines.mlflow_adapter.tracker_process import ProcessTracker\n"
-              "tracker = ProcessTracker(NullTracker)\nprint('started', flush=True)\ntime.sleep(30)")
+              "tracker = ProcessTracker(NullTracker)\nprint(tracker._pid, flush=True)\ntime.sleep(30)")
     repo = Path(__file__).resolve().parents[1]
     job = subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE, text=True,
                            env={**os.environ, "PYTHONPATH": str(repo)})
     try:
-        assert job.stdout.readline().strip() == "started"
+        helper = int(job.stdout.readline())
         tree = _tree_cpu(job.pid)
-        assert [use.label for use in tree.values()].count("-m pipelines.mlflow_adapter.tracker_process") == 1
+        assert tree[helper].label == "-m pipelines.mlflow_adapter.tracker_process"  # counted, though not a child
+        assert job.pid not in psutil.Process(helper).parents()
     finally:
         job.kill()  # the helper reads the end of its socket and exits
         job.wait()
