@@ -7,12 +7,8 @@ Both runs use the same seed and must give the same tokens (checked); the uncache
 forward of the whole context per token, so its cost per token grows with the length, while the cached run
 forwards one token against the stored keys/values. fp32, torch.inference_mode.
 
-Measured on the project's 2-core CPU machine (shared with other jobs, torch 2.13 CPU, MKL):
-    --threads 2: uncached 4.3 tokens/s (232 ms/token), cached 21.2 tokens/s (47 ms/token): 4.9x
-    --threads 1: uncached 1.8 tokens/s (570 ms/token), cached 18.9 tokens/s (53 ms/token): 10.8x
-A cached step is memory-bound: it streams all 495 MB of fp32 weights per token, and MKL's matrix-vector product
-reads them at ~12 GB/s with one thread or two (>= 41 ms/token), so a second core helps only the uncached,
-compute-bound forward. The gap grows with the length generated (uncached cost per token grows with the context).
+The cached run stores the weights column-major for the generation (nanogpt/weight_layout.py); a last line
+measures the floor under a cached step: every weight read once, nothing else. Figures: bench/NOTES.md.
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ import time
 import torch
 
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.weight_layout import decode_layout
 
 logger = logging.getLogger("bench_generate")
 
@@ -34,6 +31,22 @@ def time_generate(model: GPT, idx: torch.Tensor, new_tokens: int, use_cache: boo
     with torch.inference_mode():
         out = model.generate(idx, new_tokens, temperature=1.0, top_k=200, use_cache=use_cache, generator=generator)
     return out, time.perf_counter() - start
+
+
+def weights_floor(model: GPT, repeat: int = 9) -> tuple[float, float]:
+    """(seconds, bytes): one token through every Linear weight once, in the layout cached generation uses, and
+    nothing else: what reading the weights costs per token, the floor under a cached step. Median of `repeat`."""
+    x = {n: torch.randn(1, n) for n in {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}}
+    layers = list({id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
+    times = []
+    with torch.inference_mode(), decode_layout(model):
+        for _ in range(repeat + 2):
+            start = time.perf_counter()
+            for m in layers:
+                torch.nn.functional.linear(x[m.in_features], m.weight, m.bias)
+            times.append(time.perf_counter() - start)
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    return sorted(times[2:])[repeat // 2], weight_bytes
 
 
 def main() -> None:
@@ -63,7 +76,11 @@ def main() -> None:
     logger.info("%-10s %10s %12s %10s", "", "tokens/s", "ms/token", "total s")
     for name, t in (("uncached", t_uncached), ("cached", t_cached)):
         logger.info("%-10s %10.1f %12.1f %10.1f", name, args.new_tokens / t, 1000 * t / args.new_tokens, t)
-    logger.info("speedup: %.1fx; identical tokens: %s", t_uncached / t_cached, same)
+    floor, weight_bytes = weights_floor(model)
+    logger.info("%-10s %10s %12.1f %10s   (every weight read once: %.0f MB at %.1f GB/s)", "floor", "", 1000 * floor,
+                "", weight_bytes / 1e6, weight_bytes / floor / 1e9)
+    logger.info("speedup: %.1fx; identical tokens: %s; cached step %.2fx the weights-read floor", t_uncached / t_cached,
+                same, t_cached / args.new_tokens / floor)
     if not same:
         raise SystemExit("cached and uncached generation produced different tokens")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from nanogpt import metrics
+from nanogpt.weight_layout import decode_layout
 
 logger = logging.getLogger(__name__)
 
@@ -433,11 +435,12 @@ class GPT(nn.Module):
         if num_samples > 1:
             idx = idx.repeat_interleave(num_samples, dim=0)  # (b*num_samples, t)
         kv_cache = self.new_kv_cache() if use_cache else None
-        for _ in range(max_new_tokens):
-            logits = self.next_token_logits(idx, kv_cache)  # (B, V)
-            idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            # append sampled index to the running sequence and continue
-            idx = torch.cat((idx, idx_next), dim=1)
+        with decode_layout(self) if use_cache else nullcontext():  # the weights as one-token steps read them best
+            for _ in range(max_new_tokens):
+                logits = self.next_token_logits(idx, kv_cache)  # (B, V)
+                idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                # append sampled index to the running sequence and continue
+                idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
 

@@ -21,6 +21,7 @@ from nanogpt.checkpoint.format import Checkpoint, build_model, load_checkpoint
 from nanogpt.config import ConfigError
 from nanogpt.model import GPT, sample_next_token
 from nanogpt.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_dict
+from nanogpt.weight_layout import decode_layout
 
 
 def load_checkpoint_model(ckpt_dir: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
@@ -129,9 +130,10 @@ def _generate(
     vocabulary is padded (65 -> 128, 50257 -> 50304) could otherwise draw an id the tokenizer cannot decode."""
     idx = idx.repeat_interleave(num_samples, dim=0)  # (num_samples, t)
     kv_cache = model.new_kv_cache()
-    for _ in range(max_new_tokens):
-        logits = model.next_token_logits(idx, kv_cache)  # (B, V)
-        logits[:, vocab_size:] = float("-inf")
-        idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        idx = torch.cat((idx, idx_next), dim=1)
+    with decode_layout(model):  # the weights as one-token steps read them best (nanogpt/weight_layout.py)
+        for _ in range(max_new_tokens):
+            logits = model.next_token_logits(idx, kv_cache)  # (B, V)
+            logits[:, vocab_size:] = float("-inf")
+            idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
     return idx

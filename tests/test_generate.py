@@ -164,3 +164,54 @@ def test_sampling_argument_errors():
         sample_next_token(logits, top_k=0)
     with pytest.raises(ValueError, match="top_p"):
         sample_next_token(logits, top_p=0.0)
+
+
+# ------------------------------------------------------------------------------------------ the decode layout
+
+
+def _linear_weights(model: GPT) -> dict[str, torch.nn.Parameter]:
+    return {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_decode_layout_stores_linear_weights_column_major_for_the_block_and_restores_them():
+    from nanogpt.weight_layout import decode_layout
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=64)).eval()
+    before = {name: w.detach().clone() for name, w in _linear_weights(model).items()}
+    params = _linear_weights(model)
+    idx = prompt(2, 5)
+    logits_before = model(idx)[0]
+    with decode_layout(model):
+        for name, w in _linear_weights(model).items():
+            assert not w.is_contiguous() and w.t().is_contiguous() and torch.equal(w, before[name]), name
+            assert w is params[name]  # the same Parameter: only its storage moved
+        assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+        assert torch.allclose(model(idx)[0], logits_before, rtol=1e-5, atol=1e-6)  # the same model (sums may reorder)
+    for name, w in _linear_weights(model).items():
+        assert w.is_contiguous() and torch.equal(w, before[name]) and w is params[name], name
+    assert all(t.is_contiguous() for t in model.state_dict().values())  # safetensors can save it again
+
+
+def test_decode_layout_leaves_a_training_model_alone_and_restores_after_an_error():
+    from nanogpt.weight_layout import decode_layout
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=64))
+    with decode_layout(model.train()):
+        assert all(w.is_contiguous() for w in _linear_weights(model).values())
+    with pytest.raises(KeyboardInterrupt), decode_layout(model.eval()):
+        assert not model.lm_head.weight.is_contiguous()
+        raise KeyboardInterrupt
+    assert all(w.is_contiguous() for w in _linear_weights(model).values())
+
+
+def test_a_model_that_generated_under_inference_mode_trains_afterwards():
+    """The storage put back after generation is made outside inference mode: autograd can use it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=64)).eval()
+    with torch.inference_mode():
+        model.generate(prompt(1, 3), 4, generator=torch.Generator().manual_seed(0))
+    model.train()
+    _, loss = model(prompt(2, 8), prompt(2, 8))
+    loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.is_contiguous()

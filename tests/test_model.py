@@ -263,7 +263,7 @@ def test_the_model_file_holds_the_architecture_only():
     tree = ast.parse(Path(nanogpt.model.__file__).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
-    assert imported <= {"__future__", "inspect", "logging", "math", "dataclasses", "typing", "torch", "torch.nn",
-                        "nanogpt"}, imported
+    assert imported <= {"__future__", "inspect", "logging", "math", "contextlib", "dataclasses", "typing", "torch",
+                        "torch.nn", "nanogpt", "nanogpt.weight_layout"}, imported
     calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     assert not {c for c in calls if c.startswith(("torch.load", "torch.save", "open", "os."))}
