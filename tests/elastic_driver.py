@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
@@ -32,7 +31,6 @@ from nanogpt.data import storage
 
 SHRINK_AT = 13  # three ranks hold here; the last checkpoint is update 10's (debug: a checkpoint every 5 updates)
 GROW_AT = 22  # two ranks hold here, past the checkpoint at 20, until the group grows (Ray stops them to resize)
-WORKER_NODE = {"num_cpus": 1, "resources": {"worker_node": 1}, "object_store_memory": 100 * 1024**2}
 ELASTIC_ARGS = ["--run.num_workers=3", "--run.min_workers=2", "--run.max_failures=-1", "--run.resize_interval_s=2",
                 "--train.gradient_accumulation_steps=4", "--train.max_iters=30", "--train.eval_interval=5",
                 "--optim.lr_decay_iters=30", "--run.num_to_keep=null"]
@@ -79,71 +77,40 @@ class StampAt:
             Path(self.path).write_text(repr(time.time()))
 
 
-def wait_for_files(paths: list[Path], trainer: threading.Thread, timeout_s: float = 300) -> dict[int, str]:
-    deadline = time.monotonic() + timeout_s
-    while not all(p.exists() for p in paths):
-        if not trainer.is_alive():
-            raise RuntimeError(f"training ended before {[p.name for p in paths]} were all written")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{[p.name for p in paths]} not all written in {timeout_s} s")
-        time.sleep(0.2)
-    return {rank: p.read_text() for rank, p in enumerate(paths)}
-
-
 def main(shards: str, out_dir: str, name: str, work_dir: str, tracking_uri: str) -> int:
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from pipelines.pretrain import pretrain
     from pipelines.ray_adapter.runs import RAY_SNAPSHOT
     from tests.faults import wait_for_latest
-    from tests.node_loss_driver import lose_node
+    from tests.node_loss_driver import WORKER_NODE, Training, lose_node, node_cluster
     from tests.pretrain_runs import debug_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = Path(work_dir)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 1024**2,
-        "temp_dir": str(work / "ray")})
+    snapshot = storage.join(storage.join(out_dir, name), RAY_SNAPSHOT)
     report: dict = {}
-    try:
-        workers = [cluster.add_node(wait=False, **WORKER_NODE) for _ in range(3)]
-        cluster.wait_for_nodes(timeout=120)
-        ray.init(address=cluster.address, log_to_driver=True)
+    with node_cluster(work, 3) as (cluster, workers):
         report["worker_nodes"] = [node.node_id for node in workers]
         config = debug_config(Path(shards), out_dir, name, *ELASTIC_ARGS, "--run.tracker=mlflow",
                               f"--run.tracking_uri={tracking_uri}")
-        hooks = [HoldOnSize(SHRINK_AT, 3, str(work), "three"), HoldOnSize(GROW_AT, 2, str(work), "two"),
-                 StampAt(11, 2, str(work / "shrunk")), StampAt(21, 3, str(work / "grown"))]
-        training: dict = {}
-        # pretrain in a thread: Ray starts a node's processes from the main thread only (it sets signal handlers)
-        trainer = threading.Thread(target=lambda: training.update(outcome=pretrain(config, on_step=hooks)), daemon=True)
-        trainer.start()
-        snapshot = storage.join(storage.join(out_dir, name), RAY_SNAPSHOT)
+        training = Training(config, [HoldOnSize(SHRINK_AT, 3, str(work), "three"),
+                                     HoldOnSize(GROW_AT, 2, str(work), "two"),
+                                     StampAt(11, 2, str(work / "shrunk")), StampAt(21, 3, str(work / "grown"))])
 
-        report["three"] = wait_for_files([work / f"three.rank{r}" for r in range(3)], trainer)
+        report["three"] = training.wait_for([work / f"three.rank{r}" for r in range(3)])
         wait_for_latest(snapshot, "checkpoint_000010")
         victim = next(node for node in workers if node.node_id == report["three"][0])  # rank 0's node
         report["lost_at"] = time.time()
         lose_node(cluster, victim)
         report["removed"] = victim.node_id
 
-        report["two"] = wait_for_files([work / f"two.rank{r}" for r in range(2)], trainer)
+        report["two"] = training.wait_for([work / f"two.rank{r}" for r in range(2)])
         wait_for_latest(snapshot, "checkpoint_000020")
         report["added"] = cluster.add_node(**WORKER_NODE).node_id
         report["added_at"] = time.time()
         logging.info("added node %s", report["added"])
-        trainer.join()
-        # seconds from the node's loss to the 2-worker group's first update, and from the new node to the 3-worker one's
-        report["shrink_s"] = float((work / "shrunk").read_text()) - report["lost_at"]
-        report["grow_s"] = float((work / "grown").read_text()) - report["added_at"]
-        outcome = training["outcome"]  # a KeyError here: the training thread raised (its traceback is above)
-        report.update(run_dir=outcome.plan.run_dir, tracking=outcome.tracking, best_val_loss=outcome.best_val_loss,
-                      world_size=outcome.summary.get("world_size"), step=outcome.summary.get("step"),
-                      start_step=outcome.summary.get("start_step"))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+        report.update(training.finish())
+    # seconds from the node's loss to the 2-worker group's first update, and from the new node to the 3-worker one's
+    report["shrink_s"] = float((work / "shrunk").read_text()) - report["lost_at"]
+    report["grow_s"] = float((work / "grown").read_text()) - report["added_at"]
     print(json.dumps(report))
     return 0
 

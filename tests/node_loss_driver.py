@@ -30,6 +30,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 from nanogpt.data import storage
 
@@ -53,57 +54,83 @@ def lose_node(cluster, node) -> None:
     cluster.remove_node(node, allow_graceful=False)
 
 
-def main(shards: str, out_dir: str, name: str, work_dir: str) -> int:
+@contextlib.contextmanager
+def node_cluster(work: Path, num_nodes: int) -> Iterator[tuple[object, list]]:
+    """(cluster, worker nodes): a head with no CPUs (the driver and Ray Train's controller live there) and `num_nodes`
+    worker nodes of one CPU each, separate raylets, started at once; this process connected. Stopped after: only
+    what it started (Cluster.shutdown)."""
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.pretrain import pretrain
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 1024**2,
+        "temp_dir": str(work / "ray")})
+    try:
+        workers = [cluster.add_node(wait=False, **WORKER_NODE) for _ in range(num_nodes)]
+        cluster.wait_for_nodes(timeout=120)
+        ray.init(address=cluster.address, log_to_driver=True)
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+class Training:
+    """pretrain(config, on_step=hooks) in a thread: Ray starts a node's processes from the main thread only (it sets
+    signal handlers), which the driver keeps for adding and removing nodes meanwhile."""
+
+    def __init__(self, config, hooks: list) -> None:
+        from pipelines.pretrain import pretrain
+
+        self.result: dict = {}
+        self.thread = threading.Thread(target=lambda: self.result.update(outcome=pretrain(config, on_step=hooks)),
+                                       daemon=True)
+        self.thread.start()
+
+    def wait_for(self, paths: list[Path], timeout_s: float = 300) -> dict[int, str]:
+        """{i: text} of files the ranks write (rank i the i-th), once all exist; an error if training ends first."""
+        deadline = time.monotonic() + timeout_s
+        while not all(p.exists() for p in paths):
+            if not self.thread.is_alive():
+                raise RuntimeError(f"training ended before {[p.name for p in paths]} were all written")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{[p.name for p in paths]} not all written in {timeout_s} s")
+            time.sleep(0.2)
+        return {rank: p.read_text() for rank, p in enumerate(paths)}
+
+    def finish(self) -> dict:
+        """The outcome's fields a report needs, once training has ended."""
+        self.thread.join()
+        outcome = self.result["outcome"]  # a KeyError here: the training thread raised (its traceback is above)
+        return dict(run_dir=outcome.plan.run_dir, tracking=outcome.tracking, best_val_loss=outcome.best_val_loss,
+                    world_size=outcome.summary.get("world_size"), step=outcome.summary.get("step"),
+                    start_step=outcome.summary.get("start_step"))
+
+
+def main(shards: str, out_dir: str, name: str, work_dir: str) -> int:
     from pipelines.ray_adapter.runs import RAY_SNAPSHOT
     from tests.faults import HoldAt, NodeAt, wait_for_latest
     from tests.pretrain_runs import debug_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = Path(work_dir)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 1024**2,
-        "temp_dir": str(work / "ray")})
     report: dict = {}
-    try:
-        workers = [cluster.add_node(wait=False, **WORKER_NODE) for _ in range(2)]  # both start at once
-        cluster.wait_for_nodes(timeout=120)
-        ray.init(address=cluster.address, log_to_driver=True)
+    with node_cluster(work, 2) as (cluster, workers):
         report["worker_nodes"] = [node.node_id for node in workers]
-
         release = work / "released"
         config = debug_config(Path(shards), out_dir, name, "--run.num_workers=2", "--run.max_failures=1")
-        hooks = [HoldAt(HOLD_STEP, str(work), str(release)), NodeAt(AFTER_STEP, str(work))]
-        # pretrain in a thread: Ray starts a node's processes from the main thread only (it sets signal handlers)
-        training: dict = {}
-        trainer = threading.Thread(target=lambda: training.update(outcome=pretrain(config, on_step=hooks)), daemon=True)
-        trainer.start()
+        training = Training(config, [HoldAt(HOLD_STEP, str(work), str(release)), NodeAt(AFTER_STEP, str(work))])
 
-        held = [work / f"held.rank{rank}" for rank in (0, 1)]
-        while not all(p.exists() for p in held):
-            if not trainer.is_alive():
-                raise RuntimeError("training ended before both ranks reached the hold")
-            time.sleep(0.2)
+        report["held"] = training.wait_for([work / f"held.rank{rank}" for rank in (0, 1)])
         wait_for_latest(storage.join(storage.join(out_dir, name), RAY_SNAPSHOT), "checkpoint_000010")
-        report["held"] = {rank: p.read_text() for rank, p in enumerate(held)}
         victim = next(node for node in workers if node.node_id == report["held"][0])  # rank 0's node
         lose_node(cluster, victim)
         report["removed"] = victim.node_id
         release.write_text("go\n")
         report["added"] = cluster.add_node(**WORKER_NODE).node_id
         logging.info("added node %s", report["added"])
-        trainer.join()
-        outcome = training["outcome"]  # a KeyError here: the training thread raised (its traceback is above)
+        report.update(training.finish())
         report["after"] = {rank: (work / f"step{AFTER_STEP}.rank{rank}").read_text() for rank in (0, 1)}
-        report.update(run_dir=outcome.plan.run_dir, best_val_loss=outcome.best_val_loss,
-                      world_size=outcome.summary.get("world_size"), step=outcome.summary.get("step"),
-                      start_step=outcome.summary.get("start_step"))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     print(json.dumps(report))
     return 0
 
