@@ -168,7 +168,9 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
     from pipelines.ray_adapter.trainer import build_trainer
 
     trainer = build_trainer(config, plan, tracking_run_id=run_id, on_step=on_step, callbacks=callbacks)
-    log.info("run %s -> %s (%d workers)%s", plan.name, plan.run_dir, config.run.num_workers,
+    rc = config.run
+    workers = f"{rc.min_workers} to {rc.num_workers} workers, elastic" if rc.elastic else f"{rc.num_workers} workers"
+    log.info("run %s -> %s (%s)%s", plan.name, plan.run_dir, workers,
              f", resuming from {plan.resume_from}" if plan.resume_from else
              (", continuing from its latest checkpoint" if plan.continues_run else ""))
     try:

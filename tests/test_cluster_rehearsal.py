@@ -149,6 +149,7 @@ def test_an_elastic_job_shrinks_when_rank0s_node_is_lost_and_grows_back_when_a_n
     assert report["added"] not in three.values()
     assert (report["step"], report["start_step"], report["world_size"]) == (30, 20, 3)  # grew back, from 20
     output = report["output"]
+    assert f"run elastic -> {out_dir}/elastic (2 to 3 workers, elastic)" in output
     assert "resized 3 -> 2 workers at step 10 (fewer workers than before: a node was lost); 1,024 tokens per step " \
            "unchanged" in output
     assert "resized 2 -> 3 workers at step 20 (more workers available); 1,024 tokens per step unchanged" in output
