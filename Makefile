@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_ITERS ?= 300
 export RAY_USAGE_STATS_ENABLED ?= 0
+# the whole suite on two pytest-xdist workers, a module at a time each: its end-to-end tests spend much of their time
+# waiting on Ray (the order: tests/conftest.py); TEST_WORKERS=0 runs it in this one process
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint bench clean
 
@@ -21,7 +24,7 @@ demo: setup
 		--train.eval_interval=100 --optim.lr_decay_iters=$(DEMO_ITERS) --run.name=demo-$$(date +%Y%m%d-%H%M%S) --sample
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"

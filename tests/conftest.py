@@ -7,6 +7,7 @@ Tests that need them are skipped (with the reason) when the variables are unset.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -21,6 +22,23 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+# `make test` runs the suite on two pytest-xdist workers, a module at a time each (--dist loadfile), so a module's
+# servers and shared runs start once: much of an end-to-end test is waiting on Ray's timeouts, polls and process
+# start-ups, which the other worker fills. Modules go out longest first (figures: `--durations`), so both workers
+# end together; those not listed follow in collection order. (Not --dist loadgroup: under pytest 9.2 xdist 3.8's
+# group suffix never reaches the node id, and every test becomes a unit of its own.)
+LONGEST_FIRST = ["test_cluster_rehearsal.py", "test_tune.py", "test_object_storage_e2e.py", "test_pretrain_mlflow.py",
+                 "test_pretrain.py", "test_pretrain_fsdp.py", "test_job_submit.py", "test_mlflow_tracking.py",
+                 "test_lean_trainer.py", "test_ray_exposure.py", "test_driver_controller.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest modules first (a stable sort: the order within a module is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def _free_port() -> int:
@@ -42,12 +60,31 @@ def ray_local():
     # machine, which fails while other Ray instances run beside this one.
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _temp_dir=temp_dir, log_to_driver=True)
+    with _instance_env():
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, _temp_dir=temp_dir, log_to_driver=True)
     yield ray
     ray.shutdown()
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _instance_env():
+    """The session instance's processes (its raylet, and every worker it starts) get the environment of a local
+    instance the project starts (pipelines/ray_adapter/session.py): no preemption-watcher actor beside each Ray
+    Train run, no metrics export, workers at nice 0. Only while Ray starts: tests of that environment start their
+    own instance, and must see what the project sets, not what this process had. (Not the loopback switch, read
+    when ray is imported: the rehearsals' clusters inherit this process's environment.)"""
+    from pipelines.ray_adapter.session import LOCAL_INSTANCE_ENV
+
+    added = {k: v for k, v in LOCAL_INSTANCE_ENV.items() if k not in os.environ and k != LOOPBACK_SWITCH}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="session")

@@ -197,8 +197,17 @@ def _fake_cluster_config(gcs_address: str) -> dict:
     return config
 
 
-def _nodes(dashboard: str, token: str) -> list[dict]:
-    status, body = dashboard_get(f"{dashboard}/api/v0/nodes?limit=100&detail=true", token)
+def _nodes(dashboard: str, token: str, attempts: int = 5) -> list[dict]:
+    """The cluster's nodes, from the dashboard's State API. A loaded head's dashboard now and then drops a request
+    without an answer: asked again, a second later, a few times."""
+    for attempt in range(attempts):
+        try:
+            status, body = dashboard_get(f"{dashboard}/api/v0/nodes?limit=100&detail=true", token)
+            break
+        except OSError:  # http.client.RemoteDisconnected, a reset: no answer at all
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1)
     assert status == 200, status
     return body["data"]["result"]["result"]
 
