@@ -23,6 +23,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray Train's controller takes a worker's report off a one-slot queue once per health check, every 2 s by default:
+# a worker that reports again sooner waits for it. The debug runs here report every 10 updates, a fraction of a
+# second apart, so at Ray's default each report after the first waits up to 2 s, a third of a short run (measured:
+# bench/NOTES.md, "The test suite's time"). The session instance's controllers (through its raylet's environment,
+# which Tune trials inherit too) poll every 0.25 s. Runs whose subject is how Ray Train notices a dead worker put
+# Ray's default back (tests/faults.py, ray_train_default_timings); the rehearsals' clusters never see this.
+PROMPT_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 # `make test` runs the suite on two pytest-xdist workers, a module at a time each (--dist loadfile), so a module's
@@ -75,10 +82,11 @@ def _instance_env():
     instance the project starts (pipelines/ray_adapter/session.py): no preemption-watcher actor beside each Ray
     Train run, no metrics export, workers at nice 0. Only while Ray starts: tests of that environment start their
     own instance, and must see what the project sets, not what this process had. (Not the loopback switch, read
-    when ray is imported: the rehearsals' clusters inherit this process's environment.)"""
+    when ray is imported: the rehearsals' clusters inherit this process's environment.) Also PROMPT_REPORTS."""
     from pipelines.ray_adapter.session import LOCAL_INSTANCE_ENV
 
-    added = {k: v for k, v in LOCAL_INSTANCE_ENV.items() if k not in os.environ and k != LOOPBACK_SWITCH}
+    wanted = {**{k: v for k, v in LOCAL_INSTANCE_ENV.items() if k != LOOPBACK_SWITCH}, **PROMPT_REPORTS}
+    added = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(added)
     try:
         yield

@@ -3,11 +3,13 @@ the production code knows nothing of them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +113,27 @@ class CopySnapshotAt:
         if step != self.step or ray.train.get_context().get_world_rank() != 0 or Path(self.dest).exists():
             return
         Path(self.dest).write_text(wait_for_latest(self.snapshot, self.checkpoint, self.timeout_s))
+
+
+@contextlib.contextmanager
+def ray_train_default_timings() -> Iterator[None]:
+    """Ray Train's default health-check interval for the runs started meanwhile from this process (the driver's
+    value reaches their controller and workers): the session instance polls faster (tests/conftest.py,
+    PROMPT_REPORTS), and a fault rehearsed here must be noticed the way Ray notices it by default."""
+    from ray.train.v2._internal.constants import (
+        DEFAULT_HEALTH_CHECK_INTERVAL_S,
+        HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+    )
+
+    previous = os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR)
+    os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] = str(DEFAULT_HEALTH_CHECK_INTERVAL_S)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(HEALTH_CHECK_INTERVAL_S_ENV_VAR, None)
+        else:
+            os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] = previous
 
 
 def wait_for_latest(snapshot: str | Path, checkpoint: str | None, timeout_s: float = 60.0) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from nanogpt.config import Config, DataConfig, load_config
 from pipelines.pretrain import PRESET_DIR, PretrainOutcome, pretrain
 from pipelines.ray_adapter.runs import RAY_SNAPSHOT
-from tests.faults import CopySnapshotAt, KillRankAt
+from tests.faults import CopySnapshotAt, KillRankAt, ray_train_default_timings
 
 # The debug preset, 30 updates with an eval and a checkpoint every 10; 2 micro-batches per step, so 1 or 2 workers.
 # MLflow is off here (tests/test_pretrain_mlflow.py covers it): each new sqlite store costs ~7 s of migrations.
@@ -74,10 +74,11 @@ def killed_midrun(shards: Path, out_dir: Path, name: str, *overrides: str) -> Ki
     snapshot = str(run_dir / RAY_SNAPSHOT)
     config = debug_config(shards, out_dir, name, "--run.num_workers=2", "--run.max_failures=1",
                           "--train.max_iters=20", "--run.num_to_keep=null", *overrides)
-    outcome = pretrain(config, on_step=[
-        CopySnapshotAt(step=11, snapshot=snapshot, dest=str(stale), checkpoint="checkpoint_000010"),
-        KillRankAt(step=KILL_STEP, marker=str(marker), snapshot=snapshot, checkpoint="checkpoint_000010"),
-    ])
+    with ray_train_default_timings():  # the fault is the subject: Ray notices the dead worker at its own pace
+        outcome = pretrain(config, on_step=[
+            CopySnapshotAt(step=11, snapshot=snapshot, dest=str(stale), checkpoint="checkpoint_000010"),
+            KillRankAt(step=KILL_STEP, marker=str(marker), snapshot=snapshot, checkpoint="checkpoint_000010"),
+        ])
     return KilledRun(outcome, marker, stale)
 
 

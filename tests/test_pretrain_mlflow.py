@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import sample
 from pipelines.pretrain import pretrain
-from tests.faults import KillRankAt, ctrl_c_when
+from tests.faults import KillRankAt, ctrl_c_when, ray_train_default_timings
 from tests.mlflow_server import MlflowServer
 from tests.pretrain_runs import char_shards, debug_config, records, shared_root
 
@@ -54,7 +54,8 @@ def test_two_workers_one_restart_one_mlflow_run(mlflow_server, shards, tmp_path,
                             "--train.max_iters=20", f"--run.tracking_uri={mlflow_server.uri}",
                             "--train.sample_tokens=16", "--run.registered_model=shakespeare-debug")
     marker = tmp_path / "killed"
-    outcome = pretrain(config, on_step=[KillRankAt(step=15, marker=str(marker))])
+    with ray_train_default_timings():
+        outcome = pretrain(config, on_step=[KillRankAt(step=15, marker=str(marker))])
     assert marker.exists()  # the worker really died and the group restarted
 
     client = MlflowClient(mlflow_server.uri)
