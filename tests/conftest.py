@@ -86,13 +86,11 @@ def _instance_env():
     from pipelines.ray_adapter.session import LOCAL_INSTANCE_ENV
 
     wanted = {**{k: v for k, v in LOCAL_INSTANCE_ENV.items() if k != LOOPBACK_SWITCH}, **PROMPT_REPORTS}
-    added = {k: v for k, v in wanted.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in wanted.items():
+            if key not in os.environ:  # a variable the user set wins
+                env.setenv(key, value)
         yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="session")

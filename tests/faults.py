@@ -120,20 +120,15 @@ def ray_train_default_timings() -> Iterator[None]:
     """Ray Train's default health-check interval for the runs started meanwhile from this process (the driver's
     value reaches their controller and workers): the session instance polls faster (tests/conftest.py,
     PROMPT_REPORTS), and a fault rehearsed here must be noticed the way Ray notices it by default."""
+    import pytest
     from ray.train.v2._internal.constants import (
         DEFAULT_HEALTH_CHECK_INTERVAL_S,
         HEALTH_CHECK_INTERVAL_S_ENV_VAR,
     )
 
-    previous = os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR)
-    os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] = str(DEFAULT_HEALTH_CHECK_INTERVAL_S)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, str(DEFAULT_HEALTH_CHECK_INTERVAL_S))
         yield
-    finally:
-        if previous is None:
-            os.environ.pop(HEALTH_CHECK_INTERVAL_S_ENV_VAR, None)
-        else:
-            os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] = previous
 
 
 def wait_for_latest(snapshot: str | Path, checkpoint: str | None, timeout_s: float = 60.0) -> str:
