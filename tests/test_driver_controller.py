@@ -35,8 +35,15 @@ def _ray_actors() -> dict[str, set[int]]:
 def _this_instances_raylet() -> psutil.Process:
     """The raylet of the session's Ray instance: a child of the driver (which started it), a parent of its workers."""
     me = psutil.Process()
-    [raylet] = [p for p in [*me.parents(), *me.children(recursive=True)] if p.name() == "raylet"]
+    [raylet] = [p for p in [*me.parents(), *me.children(recursive=True)] if _name(p) == "raylet"]
     return raylet
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:  # it ended between the listing and this call
+        return ""
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
