@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -243,7 +244,9 @@ def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
 
     def trained_5_steps() -> bool:
         if (checkpoint / "state.json").exists():
-            processes.extend(" ".join(p.cmdline()) for p in psutil.Process(job.pid).children(recursive=True))
+            for p in psutil.Process(job.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):  # it ended between the listing and this call
+                    processes.append(" ".join(p.cmdline()))
             return True
         return False
 
