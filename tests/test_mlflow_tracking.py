@@ -12,17 +12,20 @@ import os
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
 from nanogpt.config import Config
+from pipelines.mlflow_adapter import tracking_uri_swap
 from pipelines.mlflow_adapter.checkpoint_uris import resolve_checkpoint_uri
 from pipelines.mlflow_adapter.job_run import finish_job_run, make_mlflow_tracker, open_job_run
 from pipelines.mlflow_adapter.registry import log_final_checkpoint, register_checkpoint
 from pipelines.mlflow_adapter.run_tags import manifest_fingerprint
 from pipelines.mlflow_adapter.tracker import MlflowTracker
+from pipelines.mlflow_adapter.tracking_uri_swap import process_tracking_uri
 from pipelines.ray_adapter.runs import RunPlan
 
 pytest_plugins = ("tests.mlflow_server",)
@@ -180,7 +183,7 @@ def test_local_store_round_trip_without_server(tmp_path, monkeypatch):
     checkpoint = fake_checkpoint(tmp_path / "checkpoint_000004", config, step=4, val_loss=2.99)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     tracker, version = run_training_like_job(config, checkpoint, system_metrics_interval_s=0.3)
-    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9" == mlflow.get_tracking_uri()
 
     assert tracker.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
     assert (out / "mlflow.db").is_file()
@@ -190,6 +193,25 @@ def test_local_store_round_trip_without_server(tmp_path, monkeypatch):
     check_round_trip(client, tracker, config, checkpoint, version, tmp_path)
     metrics = client.get_run(tracker.run_id).data.metrics
     assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+
+
+@pytest.mark.parametrize("way", ["private global", "public fallback"])
+def test_the_process_tracking_uri_is_put_back_and_the_variable_left_as_it_was(way, tmp_path, monkeypatch):
+    if way == "public fallback":  # an MLflow whose private global is unknown
+        monkeypatch.setattr(tracking_uri_swap, "private_holder", lambda: None)
+    else:
+        assert tracking_uri_swap.private_holder() is not None  # this MLflow is one it knows
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = mlflow.get_tracking_uri()
+    store = f"sqlite:///{tmp_path}/elsewhere.db"
+    with process_tracking_uri(store):
+        assert mlflow.get_tracking_uri() == store
+    assert mlflow.get_tracking_uri() == before and "MLFLOW_TRACKING_URI" not in os.environ
+    with pytest.raises(RuntimeError, match="in the block"), process_tracking_uri(store):
+        raise RuntimeError("in the block")
+    assert mlflow.get_tracking_uri() == before and "MLFLOW_TRACKING_URI" not in os.environ
+    mlflow.set_tracking_uri(None)  # unset again for the tests after this one in this process
 
 
 def test_local_resume_keeps_one_run_and_tags_changed_params(tmp_path):

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from nanogpt.checkpoint.files import (
 from pipelines.mlflow_adapter.checkpoint_uris import FINAL_CHECKPOINT_PATH, LOGGED_MODEL_NAME
 from pipelines.mlflow_adapter.store import sanitize_model_name, sqlite_path
 from pipelines.mlflow_adapter.tracker import MlflowTracker
+from pipelines.mlflow_adapter.tracking_uri_swap import process_tracking_uri
 from pipelines.ray_adapter.run_records import RECORDS_DIR
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 # The registered model is weights + config + tokenizer: no pickled optimizer state (optimizer.pt is torch.save), nor
 # the run's records that a checkpoint in object storage carries.
 FILES_NOT_REGISTERED = (OPTIMIZER_FILE, SCALER_FILE, RECORDS_DIR)
-_LOCAL_REGISTRY_LOCK = threading.Lock()
 
 
 def register_checkpoint(tracker: MlflowTracker, checkpoint_dir: str | os.PathLike,
@@ -145,18 +144,9 @@ def _create_model_version(client: Any, tracking_uri: str, name: str, run_id: str
     source = f"models:/{model_id}"
     if sqlite_path(tracking_uri) is None and not tracking_uri.startswith("file:"):
         return client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
-    # A local registry store resolves models:/<model_id> through the process-wide tracking URI (MLflow
-    # 3.17's SqlAlchemyStore.create_model_version), not this client's: point it at our store meanwhile.
-    # Not mlflow's _use_tracking_uri: restoring an unset URI unsets MLFLOW_TRACKING_URI in os.environ.
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with _LOCAL_REGISTRY_LOCK:
-        before = tracking_utils._tracking_uri
-        tracking_utils._tracking_uri = tracking_uri
-        try:
-            return client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
-        finally:
-            tracking_utils._tracking_uri = before
+    # A local registry store resolves models:/<model_id> through the process-wide tracking URI, not this client's
+    with process_tracking_uri(tracking_uri):
+        return client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
 
 
 def _link_model_version(client: Any, model_id: str, name: str, version: str) -> None:
