@@ -7,7 +7,9 @@ The corpus: Tiny Shakespeare's paragraphs (split on blank lines), repeated until
 (seeded), written as --files text files into a temporary directory; prepare.py reads them with separator "\\n\\n"
 and the default tail split. The baseline tokenizes the same documents, already in memory, with tiktoken's
 `encode_ordinary` in one process (so it pays no reading, splitting or writing), before and after the pipelines;
-the ratio is against it. A second line also keeps the tokens (as any prepare must).
+the ratio is against it. A second line also keeps the tokens (as any prepare must). The corpus repeats paragraphs, so
+the pipeline runs with dedup off (--data.dedup=false): both sides tokenize every document, and a run whose token
+count differs from the baseline's stops with an error instead of printing a ratio of unequal work.
 Each pipeline run gets a fresh Ray instance limited to N CPUs, its workers at the baseline's niceness (Ray's default
 is 15), and a warm-up run on a tiny corpus (worker processes started, tiktoken loaded, as on any run but the first);
 its time is then the whole prepare() call: scheduling, reading, tokenizing, shards, sha256, manifest.
@@ -77,10 +79,10 @@ def pipeline(corpus: Path, out: Path, num_cpus: int, shard_size: int) -> tuple[i
         warm.mkdir(exist_ok=True)
         for i in range(2 * num_cpus):
             (warm / f"w{i}.txt").write_text("Warm up the workers.\n\n" * 1000)
-        prepare(DataConfig(input=str(warm), tokenizer="gpt2", separator="\n\n"), out, force=True)
+        prepare(DataConfig(input=str(warm), tokenizer="gpt2", separator="\n\n", dedup=False), out, force=True)
         start = time.perf_counter()
-        manifest = prepare(DataConfig(input=str(corpus), tokenizer="gpt2", separator="\n\n", shard_size=shard_size),
-                           out, force=True)
+        manifest = prepare(DataConfig(input=str(corpus), tokenizer="gpt2", separator="\n\n", shard_size=shard_size,
+                                      dedup=False), out, force=True)
         seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
@@ -119,6 +121,9 @@ def main() -> None:
         rows.insert(0, ("single process, tiktoken loop", base_tokens, base_s,
                         f"(before {before_s:.1f} s, after {after_s:.1f} s)"))
         rows.insert(1, ("  same, keeping uint16 tokens", base_tokens, keep_s, ""))
+        unequal = [(name, tokens) for name, tokens, _, _ in rows[2:] if tokens != base_tokens]
+        if unequal:
+            raise SystemExit(f"the pipeline wrote other tokens than the baseline counted ({base_tokens:,}): {unequal}")
         base_rate = base_tokens / base_s
         print(header)
         for name, tokens, seconds, phases in rows:  # printed together, after Ray's own logging
