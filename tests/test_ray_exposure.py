@@ -8,6 +8,7 @@ Ray instance, importing ray only through init_ray (as the entry points do)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -73,6 +74,30 @@ def start_driver(tmp_path: Path, state_api: bool, lean: str = "auto") -> tuple[s
     return proc, started, {p.pid for p in psutil.Process(proc.pid).children(recursive=True)} | {proc.pid}
 
 
+def process(pid: int) -> psutil.Process | None:
+    """The process, or None when it has ended since its family was listed (a short-lived helper of Ray's)."""
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def command_lines(pids: set[int]) -> dict[int, str]:
+    """{pid: command line} of those still running (one that ended meanwhile has no sockets either)."""
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+            found[pid] = " ".join(psutil.Process(pid).cmdline())
+    return found
+
+
+def running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.mark.parametrize("lean", ["auto", "off"])
 def test_local_ray_is_private_and_dies_with_its_driver(tmp_path, lean):
     from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
@@ -88,7 +113,7 @@ def test_local_ray_is_private_and_dies_with_its_driver(tmp_path, lean):
         assert "pipelines.ray_adapter.lean.loopback" not in started["wing"]
         assert started["wing"] == (["pipelines.ray_adapter.lean", "pipelines.ray_adapter.lean.head"]
                                    if lean == "auto" else [])
-        commands = {p: " ".join(psutil.Process(p).cmdline()) for p in family}
+        commands = command_lines(family)
         answering = answering_without_token(sockets)
         if lean == "auto":
             # Ray's metrics export is off: no Prometheus endpoint of this instance answers without the token
@@ -107,14 +132,14 @@ def test_local_ray_is_private_and_dies_with_its_driver(tmp_path, lean):
         token = Path.home() / ".ray" / "auth_token"
         if token.exists():
             assert token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)
-        ray_processes = [psutil.Process(pid) for pid in family - {proc.pid}]
+        ray_processes = [p for p in map(process, family - {proc.pid}) if p is not None]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 20
         alive = ray_processes
         while alive and time.monotonic() < deadline:
             time.sleep(0.5)
-            alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            alive = [p for p in alive if running(p)]
         assert alive == [], [p.name() for p in alive]
     finally:
         if proc is not None and proc.poll() is None:
@@ -128,7 +153,7 @@ def test_a_sweeps_local_ray_runs_no_autoscaler_and_exports_no_metrics_but_the_da
     try:
         proc, started, family = start_driver(tmp_path, state_api=True)
         assert started["state_api"] is True
-        commands = {p: " ".join(psutil.Process(p).cmdline()) for p in family}
+        commands = command_lines(family)
         assert [c for c in commands.values() if "/monitor.py " in c] == []  # no cluster to grow, no autoscaler
         sockets = listening(family)
         assert [s for s in sockets if s[1] not in LOOPBACK] == []
