@@ -25,31 +25,37 @@ def test_tokens_per_step(batch_size, block_size, accumulation, expected):
     assert tokens_per_step(batch_size, block_size, accumulation) == expected
 
 
-@pytest.mark.parametrize("tokens, batch_size, block_size, workers, expected", [
-    (3072, 6, 64, 1, 8),     # 48 sequences per step: 6 x 8
-    (3072, 12, 64, 1, 4),
-    (3072, 24, 64, 2, 2),    # 2 micro-batches, one per worker
-    (3072, 48, 64, 1, 1),
-    (491_520, 12, 1024, 8, 40),  # nanoGPT's 5 x 8 GPUs
-    (491_520, 24, 1024, 4, 20),
+@pytest.mark.parametrize("tokens, batch_size, block_size, workers, parallel, expected", [
+    (3072, 6, 64, 1, "ddp", 8),     # 48 sequences per step: 6 x 8
+    (3072, 12, 64, 1, "ddp", 4),
+    (3072, 24, 64, 2, "ddp", 2),    # 2 micro-batches, one per worker
+    (3072, 48, 64, 1, "ddp", 1),
+    (3072, 16, 64, 2, "ddp", 3),    # 2 + 1: DDP takes an uneven split, as a pretrain run does
+    (491_520, 12, 1024, 8, "ddp", 40),  # nanoGPT's 5 x 8 GPUs
+    (491_520, 24, 1024, 4, "fsdp", 20),
 ])
-def test_accumulation_keeps_tokens_per_step(tokens, batch_size, block_size, workers, expected):
-    accumulation = accumulation_for_tokens(tokens, batch_size, block_size, workers)
+def test_accumulation_keeps_tokens_per_step(tokens, batch_size, block_size, workers, parallel, expected):
+    accumulation = accumulation_for_tokens(tokens, batch_size, block_size, workers, parallel)
     assert accumulation == expected
     assert tokens_per_step(batch_size, block_size, accumulation) == tokens
-    assert accumulation % workers == 0
+    assert sizes_that_cannot_split(accumulation, [workers], parallel) == []  # the rule every run is checked by
 
 
-@pytest.mark.parametrize("tokens, batch_size, workers, message", [
-    (3072, 5, 1, "train.batch_size=5 cannot keep 3,072 tokens per step: 3,072 / (5 x block_size 64) is not a whole "
-                 "number of micro-batches; use one of 1, 2, 3, 4, 6, 8, 12, 16, 24, 48"),
-    (3072, 16, 2, "train.batch_size=16 cannot keep 3,072 tokens per step on 2 workers: its 3 micro-batches per step "
-                  "do not split evenly over the workers; use one of 1, 2, 3, 4, 6, 8, 12, 24"),
-    (3000, 4, 1, "use one of none (tokens per step is not a multiple of 64)"),
+@pytest.mark.parametrize("tokens, batch_size, workers, parallel, message", [
+    (3072, 5, 1, "ddp", "train.batch_size=5 cannot keep 3,072 tokens per step: 3,072 / (5 x block_size 64) is not a "
+                        "whole number of micro-batches; use one of 1, 2, 3, 4, 6, 8, 12, 16, 24, 48"),
+    (3072, 16, 2, "fsdp", "train.batch_size=16 cannot keep 3,072 tokens per step on 2 workers: its 3 micro-batches "
+                          "per step cannot be split over them (under train.parallel=fsdp the workers must divide "
+                          "them); use one of 1, 2, 3, 4, 6, 8, 12, 24"),
+    (3072, 48, 2, "ddp", "train.batch_size=48 cannot keep 3,072 tokens per step on 2 workers: its 1 micro-batches "
+                         "per step cannot be split over them (a worker would have none); use one of 1, 2, 3, 4, 6, 8, "
+                         "12, 16, 24"),
+    (3000, 4, 1, "ddp", "use one of none (tokens per step is not a multiple of 64)"),
+    (192, 1, 4, "ddp", "use one of none (its 3 sequences per step cannot be split over 4 workers)"),
 ])
-def test_accumulation_errors_name_the_batch_size(tokens, batch_size, workers, message):
+def test_accumulation_errors_name_the_batch_size(tokens, batch_size, workers, parallel, message):
     with pytest.raises(ConfigError) as e:
-        accumulation_for_tokens(tokens, batch_size, 64, workers)
+        accumulation_for_tokens(tokens, batch_size, 64, workers, parallel)
     assert message in str(e.value)
 
 

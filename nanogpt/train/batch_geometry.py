@@ -6,7 +6,7 @@ tokens when tokens per step change.
     rank_micro_batches(gradient_accumulation_steps=8, world_size=3, rank=2)                     # -> range(6, 8)
     sizes_that_cannot_split(gradient_accumulation_steps=8, sizes=range(2, 10), parallel="fsdp") # -> [3, 5, 6, 7, 9]
 
-    accumulation_for_tokens(tokens_per_step=6144, batch_size=24, block_size=64, num_workers=2)   # -> 4
+    accumulation_for_tokens(tokens_per_step=6144, batch_size=24, block_size=64, num_workers=2, parallel="ddp")  # -> 4
     steps_for_tokens(num_tokens=614_400, tokens_per_step=12288)                                    # -> 50
     rescale_steps(100, old_total=2000, new_total=500)      # -> 25: a warmup keeps its fraction of the run
 
@@ -70,23 +70,27 @@ def tokens_per_step(batch_size: int, block_size: int, gradient_accumulation_step
     return batch_size * block_size * gradient_accumulation_steps
 
 
-def accumulation_for_tokens(tokens_per_step: int, batch_size: int, block_size: int, num_workers: int) -> int:
+def accumulation_for_tokens(tokens_per_step: int, batch_size: int, block_size: int, num_workers: int,
+                            parallel: str) -> int:
     """train.gradient_accumulation_steps that makes micro-batches of `batch_size` sequences add up to
-    `tokens_per_step` tokens per optimizer step, split evenly over `num_workers`. ConfigError (naming the batch
+    `tokens_per_step` tokens per optimizer step, split over `num_workers` as any run splits them
+    (sizes_that_cannot_split: DDP takes an uneven split, FSDP needs an even one). ConfigError (naming the batch
     size) when no whole number of micro-batches does it."""
     tokens_per_micro_batch = batch_size * block_size
     if tokens_per_step % tokens_per_micro_batch:
         raise ConfigError(
             f"train.batch_size={batch_size} cannot keep {tokens_per_step:,} tokens per step: {tokens_per_step:,} / "
             f"({batch_size} x block_size {block_size}) is not a whole number of micro-batches; use one of "
-            f"{_batch_sizes_that_fit(tokens_per_step, block_size, num_workers)}"
+            f"{_batch_sizes_that_fit(tokens_per_step, block_size, num_workers, parallel)}"
         )
     accumulation = tokens_per_step // tokens_per_micro_batch
-    if accumulation % num_workers:
+    if sizes_that_cannot_split(accumulation, [num_workers], parallel):
+        rule = ("under train.parallel=fsdp the workers must divide them" if parallel == "fsdp"
+                else "a worker would have none")
         raise ConfigError(
             f"train.batch_size={batch_size} cannot keep {tokens_per_step:,} tokens per step on {num_workers} "
-            f"workers: its {accumulation} micro-batches per step do not split evenly over the workers; use one of "
-            f"{_batch_sizes_that_fit(tokens_per_step, block_size, num_workers)}"
+            f"workers: its {accumulation} micro-batches per step cannot be split over them ({rule}); use one of "
+            f"{_batch_sizes_that_fit(tokens_per_step, block_size, num_workers, parallel)}"
         )
     return accumulation
 
@@ -111,7 +115,12 @@ def rescale_steps(steps: int, old_total: int, new_total: int) -> int:
     return max(round(steps * new_total / old_total), 1)
 
 
-def _batch_sizes_that_fit(tokens_per_step: int, block_size: int, num_workers: int) -> str:
+def _batch_sizes_that_fit(tokens_per_step: int, block_size: int, num_workers: int, parallel: str) -> str:
     sequences = tokens_per_step // block_size if tokens_per_step % block_size == 0 else 0
-    fits = [b for b in range(1, sequences + 1) if sequences % b == 0 and (sequences // b) % num_workers == 0]
-    return ", ".join(map(str, fits)) if fits else f"none (tokens per step is not a multiple of {block_size * num_workers})"
+    fits = [b for b in range(1, sequences + 1)
+            if sequences % b == 0 and not sizes_that_cannot_split(sequences // b, [num_workers], parallel)]
+    if fits:
+        return ", ".join(map(str, fits))
+    if not sequences:
+        return f"none (tokens per step is not a multiple of {block_size})"
+    return f"none (its {sequences} sequences per step cannot be split over {num_workers} workers)"

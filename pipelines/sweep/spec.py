@@ -274,7 +274,7 @@ def trial_config(spec: SweepSpec, base: Config, params: Mapping[str, Any]) -> Co
 def _keep_tokens_per_step(config: Config, base: Config, amount: int | None) -> Config:
     target = amount or base_tokens_per_step(base)
     accumulation = accumulation_for_tokens(target, config.train.batch_size, config.model.block_size,
-                                           config.run.num_workers)
+                                           config.run.num_workers, config.train.parallel)
     return config.replace(train__gradient_accumulation_steps=accumulation)
 
 
