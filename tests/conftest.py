@@ -27,9 +27,10 @@ LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # a worker that reports again sooner waits for it. The debug runs here report every 10 updates, a fraction of a
 # second apart, so at Ray's default each report after the first waits up to 2 s, a third of a short run (measured:
 # bench/NOTES.md, "The test suite's time"). The session instance's controllers (through its raylet's environment,
-# which Tune trials inherit too) poll every 0.25 s. Runs whose subject is how Ray Train notices a dead worker put
-# Ray's default back (tests/faults.py, ray_train_default_timings); the rehearsals' clusters never see this.
-PROMPT_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# which Tune trials inherit too) poll every PROMPT_REPORT_INTERVAL_S seconds. Runs whose subject is how Ray Train
+# notices a dead worker put Ray's default back (tests/faults.py, ray_train_default_timings); the rehearsals' clusters
+# never see this.
+PROMPT_REPORT_INTERVAL_S = 0.25
 
 
 # `make test` runs the suite on two pytest-xdist workers, a module at a time each (--dist loadfile), so a module's
@@ -82,10 +83,13 @@ def _instance_env():
     instance the project starts (pipelines/ray_adapter/session.py): no preemption-watcher actor beside each Ray
     Train run, no metrics export, workers at nice 0. Only while Ray starts: tests of that environment start their
     own instance, and must see what the project sets, not what this process had. (Not the loopback switch, read
-    when ray is imported: the rehearsals' clusters inherit this process's environment.) Also PROMPT_REPORTS."""
+    when ray is imported: the rehearsals' clusters inherit this process's environment.) Also Ray Train's health
+    check every PROMPT_REPORT_INTERVAL_S."""
     from pipelines.ray_adapter.session import LOCAL_INSTANCE_ENV
+    from tests.faults import ray_train_health_check_env
 
-    wanted = {**{k: v for k, v in LOCAL_INSTANCE_ENV.items() if k != LOOPBACK_SWITCH}, **PROMPT_REPORTS}
+    wanted = {**{k: v for k, v in LOCAL_INSTANCE_ENV.items() if k != LOOPBACK_SWITCH},
+              **ray_train_health_check_env(PROMPT_REPORT_INTERVAL_S)}
     with pytest.MonkeyPatch.context() as env:
         for key, value in wanted.items():
             if key not in os.environ:  # a variable the user set wins

@@ -115,19 +115,28 @@ class CopySnapshotAt:
         Path(self.dest).write_text(wait_for_latest(self.snapshot, self.checkpoint, self.timeout_s))
 
 
-@contextlib.contextmanager
-def ray_train_default_timings() -> Iterator[None]:
-    """Ray Train's default health-check interval for the runs started meanwhile from this process (the driver's
-    value reaches their controller and workers): the session instance polls faster (tests/conftest.py,
-    PROMPT_REPORTS), and a fault rehearsed here must be noticed the way Ray notices it by default."""
-    import pytest
+def ray_train_health_check_env(interval_s: float | None = None) -> dict[str, str]:
+    """{RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: `interval_s`, or Ray's default}, named by Ray Train's own constants, so
+    that a renamed variable or a new default is followed. Ray Train's controller takes a worker's report off a
+    one-slot queue once per health check; the driver's value reaches its controller and workers."""
     from ray.train.v2._internal.constants import (
         DEFAULT_HEALTH_CHECK_INTERVAL_S,
         HEALTH_CHECK_INTERVAL_S_ENV_VAR,
     )
 
+    return {HEALTH_CHECK_INTERVAL_S_ENV_VAR: str(DEFAULT_HEALTH_CHECK_INTERVAL_S if interval_s is None else interval_s)}
+
+
+@contextlib.contextmanager
+def ray_train_default_timings() -> Iterator[None]:
+    """Ray Train's default health-check interval for the runs started meanwhile from this process: the session
+    instance polls faster (tests/conftest.py, PROMPT_REPORT_INTERVAL_S), and a fault rehearsed here must be noticed
+    the way Ray notices it by default."""
+    import pytest
+
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, str(DEFAULT_HEALTH_CHECK_INTERVAL_S))
+        for key, value in ray_train_health_check_env().items():
+            env.setenv(key, value)
         yield
 
 
