@@ -85,6 +85,17 @@ def test_constant_tokens_sweep_keeps_tokens_per_step():
         assert {c.train.max_iters for c in got.values()} == {500}
 
 
+def test_constant_tokens_split_over_the_workers_as_a_run_splits_them():
+    """4 micro-batches on 3 workers: 2 + 1 + 1 under DDP, as pretrain takes them; FSDP needs an even split."""
+    spec = parse_sweep(read_sweep_file("lr_batch_constant_tokens"))
+    base = base_config(spec).replace(run__num_workers=3)
+    trial = {"optim.learning_rate": 1e-3, "train.batch_size": 12}
+    assert trial_config(spec, base, trial).train.gradient_accumulation_steps == 4
+    with pytest.raises(ConfigError, match=r"train.batch_size=12 cannot keep 3,072 tokens per step on 3 workers: its 4 "
+                                          r"micro-batches per step cannot be split over them \(under train.parallel=fsdp"):
+        trial_config(spec, base.replace(train__parallel="fsdp", train__dtype="float32"), trial)
+
+
 def test_constant_budget_sweep_shrinks_max_iters_as_the_batch_grows():
     spec = parse_sweep(read_sweep_file("lr_batch_constant_budget"))
     base = base_config(spec)
