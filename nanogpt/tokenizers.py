@@ -77,26 +77,21 @@ class GPT2Tokenizer:
         return self._enc.decode([int(i) for i in ids])
 
     def encode_flat(self, texts: Sequence[str], append_eot: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        # tiktoken's Rust core can write a document's tokens as a uint32 buffer (what its public encode_to_numpy
-        # wraps): no Python int per token, so bulk tokenization is faster than encode_ordinary's lists
-        # (bench/NOTES.md).
-        # With no special token allowed it is encode_ordinary.
-        encode_buffer = getattr(self._enc._core_bpe, "encode_to_tiktoken_buffer", None)
+        # tiktoken writes a document's tokens as a uint32 buffer (nanogpt/tiktoken_buffer.py): no Python int per
+        # token, so bulk tokenization is faster than encode_ordinary's lists (bench/NOTES.md)
+        from nanogpt.tiktoken_buffer import buffer_encoder
+
+        encode_buffer = buffer_encoder(self._enc)
         eot = np.array([self.eot_token], dtype="<u4").tobytes() if append_eot else None
-        no_special: set[str] = set()
         chunks: list[Any] = []
         sizes = []
         for text in texts:
             if not text:
                 sizes.append(0)  # an empty text gets no end-of-text token either
                 continue
-            chunk = None
-            if encode_buffer is not None:
-                try:
-                    chunk = encode_buffer(text, no_special)
-                except UnicodeEncodeError:  # a lone surrogate: encode_ordinary knows tiktoken's fix-up
-                    pass
-            if chunk is None:
+            try:
+                chunk = encode_buffer(text)
+            except UnicodeEncodeError:  # a lone surrogate: encode_ordinary knows tiktoken's fix-up
                 chunk = np.array(self.encode(text), dtype="<u4")
             chunks.append(chunk)
             n = memoryview(chunk).nbytes // 4
