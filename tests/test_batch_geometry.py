@@ -45,11 +45,11 @@ def test_accumulation_keeps_tokens_per_step(tokens, batch_size, block_size, work
     (3072, 5, 1, "ddp", "train.batch_size=5 cannot keep 3,072 tokens per step: 3,072 / (5 x block_size 64) is not a "
                         "whole number of micro-batches; use one of 1, 2, 3, 4, 6, 8, 12, 16, 24, 48"),
     (3072, 16, 2, "fsdp", "train.batch_size=16 cannot keep 3,072 tokens per step on 2 workers: its 3 micro-batches "
-                          "per step cannot be split over them (under train.parallel=fsdp the workers must divide "
-                          "them); use one of 1, 2, 3, 4, 6, 8, 12, 24"),
+                          "per step cannot be split over them (under train.parallel=fsdp every size must divide "
+                          "it); use one of 1, 2, 3, 4, 6, 8, 12, 24"),
     (3072, 48, 2, "ddp", "train.batch_size=48 cannot keep 3,072 tokens per step on 2 workers: its 1 micro-batches "
-                         "per step cannot be split over them (a worker would have none); use one of 1, 2, 3, 4, 6, 8, "
-                         "12, 16, 24"),
+                         "per step cannot be split over them (a worker would have no micro-batch); use one of 1, 2, "
+                         "3, 4, 6, 8, 12, 16, 24"),
     (3000, 4, 1, "ddp", "use one of none (tokens per step is not a multiple of 64)"),
     (192, 1, 4, "ddp", "use one of none (its 3 sequences per step cannot be split over 4 workers)"),
 ])

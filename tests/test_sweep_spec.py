@@ -92,7 +92,8 @@ def test_constant_tokens_split_over_the_workers_as_a_run_splits_them():
     trial = {"optim.learning_rate": 1e-3, "train.batch_size": 12}
     assert trial_config(spec, base, trial).train.gradient_accumulation_steps == 4
     with pytest.raises(ConfigError, match=r"train.batch_size=12 cannot keep 3,072 tokens per step on 3 workers: its 4 "
-                                          r"micro-batches per step cannot be split over them \(under train.parallel=fsdp"):
+                                          r"micro-batches per step cannot be split over them \(under train.parallel=fsdp every "
+                                          r"size must divide it\)"):
         trial_config(spec, base.replace(train__parallel="fsdp", train__dtype="float32"), trial)
 
 

@@ -52,14 +52,18 @@ def check_worker_range(gradient_accumulation_steps: int, min_workers: int, max_w
         return
     workers = (f"run.num_workers={max_workers}" if min_workers == max_workers
                else f"run.min_workers={min_workers} .. run.num_workers={max_workers}")
-    rule = ("under train.parallel=fsdp every size must divide it" if parallel == "fsdp"
-            else "a worker would have no micro-batch")
     raise ConfigError(
         f"{workers}: at {_sizes(bad)} workers the {gradient_accumulation_steps} micro-batches per optimizer step "
-        f"(train.gradient_accumulation_steps={gradient_accumulation_steps}) cannot be split ({rule}); use "
+        f"(train.gradient_accumulation_steps={gradient_accumulation_steps}) cannot be split ({_split_rule(parallel)}); use "
         f"{'a worker count that fits' if min_workers == max_workers else 'a range whose every size fits'}, or raise "
         "train.gradient_accumulation_steps (and lower train.batch_size to keep tokens per step)"
     )
+
+
+def _split_rule(parallel: str) -> str:
+    """Why a size cannot split a step's micro-batches (sizes_that_cannot_split), in a message's words."""
+    return "under train.parallel=fsdp every size must divide it" if parallel == "fsdp" else \
+        "a worker would have no micro-batch"
 
 
 def _sizes(sizes: list[int]) -> str:
@@ -85,11 +89,10 @@ def accumulation_for_tokens(tokens_per_step: int, batch_size: int, block_size: i
         )
     accumulation = tokens_per_step // tokens_per_micro_batch
     if sizes_that_cannot_split(accumulation, [num_workers], parallel):
-        rule = ("under train.parallel=fsdp the workers must divide them" if parallel == "fsdp"
-                else "a worker would have none")
         raise ConfigError(
             f"train.batch_size={batch_size} cannot keep {tokens_per_step:,} tokens per step on {num_workers} "
-            f"workers: its {accumulation} micro-batches per step cannot be split over them ({rule}); use one of "
+            f"workers: its {accumulation} micro-batches per step cannot be split over them ({_split_rule(parallel)}); "
+            "use one of "
             f"{_batch_sizes_that_fit(tokens_per_step, block_size, num_workers, parallel)}"
         )
     return accumulation
