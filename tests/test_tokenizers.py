@@ -81,9 +81,16 @@ def test_build_tokenizer_errors():
     assert build_tokenizer("char", chars=["a", "b"]).encode("ba") == [1, 0]
 
 
-def test_encode_flat_is_encode_back_to_back(tiktoken_cache):
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_encode_flat_is_encode_back_to_back(tiktoken_cache, monkeypatch, switch):
+    """With tiktoken's core call (nanogpt/tiktoken_buffer.py) and, switched off, with its public one."""
+    from nanogpt import tiktoken_buffer
+
+    monkeypatch.setenv(tiktoken_buffer.SWITCH, switch)
     texts = [SAMPLE, "", "a<|endoftext|>b", "naïve 🙂\r\n", "lone \ud800 surrogate", "x"]
     gpt2 = build_tokenizer("gpt2")
+    # this tiktoken is the release the core call was written for: used unless switched off
+    assert (tiktoken_buffer.private_core(gpt2._enc) is not None) == (switch == "1")
     for append_eot in (False, True):
         tokens, lengths = gpt2.encode_flat(texts, append_eot=append_eot)
         expected = [gpt2.encode(t) + ([50256] if append_eot and t else []) for t in texts]
@@ -95,18 +102,3 @@ def test_encode_flat_is_encode_back_to_back(tiktoken_cache):
     with pytest.raises(TokenizerError, match="no end-of-text"):
         char.encode_flat(["a"], append_eot=True)
 
-
-@pytest.mark.parametrize("switch", ["1", "0"])
-def test_encode_flat_takes_tiktokens_core_only_where_allowed_and_the_public_call_gives_the_same(
-        tiktoken_cache, monkeypatch, switch):
-    from nanogpt import tiktoken_buffer
-
-    monkeypatch.setenv(tiktoken_buffer.SWITCH, switch)
-    gpt2 = build_tokenizer("gpt2")
-    # this tiktoken is the release the private call was written for: used unless switched off
-    assert (tiktoken_buffer.private_core(gpt2._enc) is not None) == (switch == "1")
-    texts = [SAMPLE, "", "a<|endoftext|>b", "naïve 🙂\r\n", "lone \ud800 surrogate"]
-    tokens, lengths = gpt2.encode_flat(texts, append_eot=True)
-    expected = [gpt2.encode(t) + [50256] for t in texts if t]
-    assert tokens.tolist() == [i for e in expected for i in e]
-    assert lengths.tolist() == [len(expected[0]), 0, *map(len, expected[1:])]
