@@ -112,3 +112,14 @@ def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout: flo
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
     raise TimeoutError(f"the dashboard at {url} did not answer in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def unless_ended(call, default):
+    """call() on a process, or `default` when the process ended since it was listed (psutil.Error): a short-lived
+    helper of Ray's can end between psutil's listing and the next question about it."""
+    import psutil
+
+    try:
+        return call()
+    except psutil.Error:
+        return default

@@ -20,6 +20,7 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 
 from pipelines.ray_adapter.lean.trainer import ControllerInDriverTrainer, backend_config
 from pipelines.ray_adapter.runs import RAY_SNAPSHOT
+from tests.local_cluster import unless_ended
 
 CONTROLLER, SYNC = "ray::TrainController", "ray::SynchronizationActor"
 
@@ -29,28 +30,14 @@ def _ray_actors() -> dict[str, set[int]]:
     actors now (an idle Ray worker process takes an actor's name when it starts running it). Only this instance's:
     other Ray instances on the machine (another test session's) run such actors too."""
     processes = _this_instances_raylet().children(recursive=True)
-    return {name: {p.pid for p in processes if name in " ".join(_cmdline(p))} for name in (CONTROLLER, SYNC)}
+    return {name: {p.pid for p in processes if name in " ".join(unless_ended(p.cmdline, []))} for name in (CONTROLLER, SYNC)}
 
 
 def _this_instances_raylet() -> psutil.Process:
     """The raylet of the session's Ray instance: a child of the driver (which started it), a parent of its workers."""
     me = psutil.Process()
-    [raylet] = [p for p in [*me.parents(), *me.children(recursive=True)] if _name(p) == "raylet"]
+    [raylet] = [p for p in [*me.parents(), *me.children(recursive=True)] if unless_ended(p.name, "") == "raylet"]
     return raylet
-
-
-def _name(process: psutil.Process) -> str:
-    try:
-        return process.name()
-    except psutil.Error:  # it ended between the listing and this call
-        return ""
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:  # it ended meanwhile
-        return []
 
 
 def _record_ray_actors(config: dict) -> None:

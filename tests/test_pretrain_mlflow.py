@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import sample
 from pipelines.pretrain import pretrain
 from tests.faults import KillRankAt, ctrl_c_when, ray_train_default_timings
+from tests.local_cluster import unless_ended
 from tests.mlflow_server import MlflowServer
 from tests.pretrain_runs import char_shards, debug_config, records, shared_root
 
@@ -244,9 +244,8 @@ def test_ctrl_c_ends_the_job_killed_and_keeps_its_checkpoints(shards, tmp_path):
 
     def trained_5_steps() -> bool:
         if (checkpoint / "state.json").exists():
-            for p in psutil.Process(job.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):  # it ended between the listing and this call
-                    processes.append(" ".join(p.cmdline()))
+            processes.extend(" ".join(unless_ended(p.cmdline, []))
+                             for p in psutil.Process(job.pid).children(recursive=True))
             return True
         return False
 

@@ -8,7 +8,6 @@ Ray instance, importing ray only through init_ray (as the entry points do)."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.local_cluster import unless_ended
 
 pytestmark = pytest.mark.slow
 
@@ -74,28 +75,10 @@ def start_driver(tmp_path: Path, state_api: bool, lean: str = "auto") -> tuple[s
     return proc, started, {p.pid for p in psutil.Process(proc.pid).children(recursive=True)} | {proc.pid}
 
 
-def process(pid: int) -> psutil.Process | None:
-    """The process, or None when it has ended since its family was listed (a short-lived helper of Ray's)."""
-    try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return None
-
-
 def command_lines(pids: set[int]) -> dict[int, str]:
     """{pid: command line} of those still running (one that ended meanwhile has no sockets either)."""
-    found = {}
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
-            found[pid] = " ".join(psutil.Process(pid).cmdline())
-    return found
-
-
-def running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    lines = {pid: unless_ended(lambda pid=pid: " ".join(psutil.Process(pid).cmdline()), None) for pid in pids}
+    return {pid: line for pid, line in lines.items() if line is not None}
 
 
 @pytest.mark.parametrize("lean", ["auto", "off"])
@@ -132,14 +115,16 @@ def test_local_ray_is_private_and_dies_with_its_driver(tmp_path, lean):
         token = Path.home() / ".ray" / "auth_token"
         if token.exists():
             assert token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)
-        ray_processes = [p for p in map(process, family - {proc.pid}) if p is not None]
+        ray_processes = [p for p in (unless_ended(lambda pid=pid: psutil.Process(pid), None)
+                                     for pid in family - {proc.pid}) if p is not None]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 20
         alive = ray_processes
         while alive and time.monotonic() < deadline:
             time.sleep(0.5)
-            alive = [p for p in alive if running(p)]
+            alive = [p for p in alive
+                     if unless_ended(lambda p=p: p.is_running() and p.status() != psutil.STATUS_ZOMBIE, False)]
         assert alive == [], [p.name() for p in alive]
     finally:
         if proc is not None and proc.poll() is None:
