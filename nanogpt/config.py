@@ -199,6 +199,11 @@ class RunConfig:
     they return. None: a fixed group of run.num_workers."""
     resize_interval_s: float = 60.0
     """Elastic jobs: how often Ray Train looks for room to grow the group (seconds; each growth is a restart)."""
+    group_start_timeout_s: float = 20.0
+    """Elastic jobs: how long Ray Train waits for the worker group of the size it chose before it looks at the
+    cluster again and chooses anew (seconds). Right after a node is lost the cluster still lists it, and under Ray's
+    60 s (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, which wins when set) a shrinking job stood still for a minute; a
+    start that times out is retried, never counted against run.max_failures."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -241,6 +246,9 @@ class RunConfig:
                               f"{self.num_workers} (or null for a fixed group)")
         if not (self.resize_interval_s >= 0 and math.isfinite(self.resize_interval_s)):
             raise ConfigError(f"run.resize_interval_s must be a finite number >= 0, got {self.resize_interval_s}")
+        if not (self.group_start_timeout_s > 0 and math.isfinite(self.group_start_timeout_s)):
+            raise ConfigError("run.group_start_timeout_s must be a finite number > 0, got "
+                              f"{self.group_start_timeout_s}")
         if not self.elastic:
             return
         if self.max_failures == 0:

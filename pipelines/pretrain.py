@@ -165,7 +165,7 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
     run without logging or registering checkpoints (a sweep registers only its best trial's)."""
     import ray.train
 
-    from pipelines.ray_adapter.trainer import build_trainer
+    from pipelines.ray_adapter.trainer import build_trainer, group_start_timeout
 
     trainer = build_trainer(config, plan, tracking_run_id=run_id, on_step=on_step, callbacks=callbacks)
     rc = config.run
@@ -174,7 +174,8 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
              f", resuming from {plan.resume_from}" if plan.resume_from else
              (", continuing from its latest checkpoint" if plan.continues_run else ""))
     try:
-        result = trainer.fit()  # raises TrainingFailedError when the workers fail beyond run.max_failures
+        with group_start_timeout(config):
+            result = trainer.fit()  # raises TrainingFailedError when the workers fail beyond run.max_failures
     except ray.train.TrainingFailedError as e:
         _end_job_run(config, plan, run_id, "FAILED")
         user_error = user_error_of(e)  # a worker's config or data error: ended the run at once, not retried

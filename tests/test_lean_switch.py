@@ -135,3 +135,24 @@ def test_an_elastic_job_takes_rays_public_trainer_with_its_worker_range(ray_loca
     fixed = load_config("debug", args, search_dirs=[PRESET_DIR])
     trainer = build_trainer(fixed, plan_run(fixed))
     assert type(trainer) is not TorchTrainer and trainer.scaling_config.num_workers == 3
+
+
+def test_an_elastic_jobs_fit_waits_its_own_group_start_timeout_and_a_users_variable_wins(monkeypatch):
+    """Ray Train reads RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S in the driver when fit() starts its controller: during
+    an elastic job's fit() it is run.group_start_timeout_s, and gone after it; a fixed job and a variable the user
+    set are left alone."""
+    from pipelines.ray_adapter.trainer import GROUP_START_TIMEOUT_ENV, group_start_timeout
+
+    elastic = ["--run.num_workers=3", "--run.min_workers=2", "--run.max_failures=-1", "--train.gradient_accumulation_steps=4"]
+    monkeypatch.delenv(GROUP_START_TIMEOUT_ENV, raising=False)
+    seen = {}
+    for name, args in {"elastic": elastic, "elastic 7.5": [*elastic, "--run.group_start_timeout_s=7.5"],
+                       "fixed": elastic[:1]}.items():
+        with group_start_timeout(load_config("debug", args, search_dirs=[PRESET_DIR])):
+            seen[name] = os.environ.get(GROUP_START_TIMEOUT_ENV)
+        assert GROUP_START_TIMEOUT_ENV not in os.environ
+    assert seen == {"elastic": "20.0", "elastic 7.5": "7.5", "fixed": None}
+    monkeypatch.setenv(GROUP_START_TIMEOUT_ENV, "90")
+    with group_start_timeout(load_config("debug", elastic, search_dirs=[PRESET_DIR])):
+        assert os.environ[GROUP_START_TIMEOUT_ENV] == "90"
+    assert os.environ[GROUP_START_TIMEOUT_ENV] == "90"

@@ -81,6 +81,8 @@ def refused(argv: list[str], caplog) -> str:
         ("minimum above the maximum", ["--run.min_workers=3", "--run.num_workers=2"],
          "run.min_workers=3 must be between 1 and run.num_workers=2"),
         ("negative resize interval", ["--run.resize_interval_s=-1"], "run.resize_interval_s must be a finite number"),
+        ("zero group start timeout", ["--run.group_start_timeout_s=0"],
+         "run.group_start_timeout_s must be a finite number > 0, got 0"),
     ],
 )
 def test_refused_in_one_line_before_ray(request, tmp_path, shards, no_ray, caplog, case, extra, expected):

@@ -76,6 +76,27 @@ def scaling_config(config: Config):
     return ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources)
 
 
+GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's wait for a worker group's placement group (60 s by default), the variable its timeout error names;
+Ray Train hands it from the driver's environment to its controller."""
+
+
+@contextlib.contextmanager
+def group_start_timeout(config: Config):
+    """Around `fit()` of an elastic job: Ray Train waits run.group_start_timeout_s for the group of the size it chose,
+    then chooses again from a fresh look at the cluster, as its elastic policy is built to (a lost node is listed
+    for a while after it died). Left as it is for a fixed group, which may be waiting for an autoscaler, and where
+    the user set the variable."""
+    if not config.run.elastic or GROUP_START_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[GROUP_START_TIMEOUT_ENV] = str(float(config.run.group_start_timeout_s))
+    try:
+        yield
+    finally:
+        os.environ.pop(GROUP_START_TIMEOUT_ENV, None)
+
+
 def run_config(config: Config, plan: RunPlan, callbacks: Sequence[Any] = ()):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
