@@ -25,13 +25,14 @@ SWITCH = "NANOGPT_TIKTOKEN_CORE"
 """Set to 0 for tiktoken's public call only."""
 
 
-def buffer_encoder(enc: Any) -> Callable[[str], Any]:
-    """text -> its tokens with no special token allowed (encode_ordinary's), as a uint32 buffer."""
+def buffer_encoder(enc: Any, allowed_special: frozenset[str] = frozenset()) -> Callable[[str], Any]:
+    """text -> its tokens as a uint32 buffer: the special tokens in `allowed_special` are read as such, any other
+    special token's text as ordinary text (none allowed: encode_ordinary's tokens)."""
     core = private_core(enc)
+    allowed = set(allowed_special)
     if core is not None:
-        no_special: set[str] = set()
-        return lambda text: core(text, no_special)
-    return lambda text: enc.encode_to_numpy(text, disallowed_special=())
+        return lambda text: core(text, allowed)
+    return lambda text: enc.encode_to_numpy(text, allowed_special=allowed, disallowed_special=())
 
 
 def private_core(enc: Any) -> Callable[[str, set], Any] | None:

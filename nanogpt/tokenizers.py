@@ -79,6 +79,31 @@ class GPT2Tokenizer:
     def encode_flat(self, texts: Sequence[str], append_eot: bool = False) -> tuple[np.ndarray, np.ndarray]:
         # tiktoken writes a document's tokens as a uint32 buffer (nanogpt/tiktoken_buffer.py): no Python int per
         # token, so bulk tokenization is faster than encode_ordinary's lists (bench/NOTES.md)
+        separated = self._encode_separated(texts, append_eot)
+        return separated if separated is not None else self._encode_each(texts, append_eot)
+
+    def _encode_separated(self, texts: Sequence[str], append_eot: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        """encode_flat in one call to tiktoken, 13% less CPU over short documents (bench/NOTES.md): the texts joined
+        by the end-of-text token's text, which tiktoken reads as the token and encodes each piece between as it would
+        alone; the tokens then dropped unless asked for. None where that would not be the same: a text holding the
+        token's text (ordinary text there), or a lone surrogate."""
+        from nanogpt.tiktoken_buffer import buffer_encoder
+
+        eot_text = self._enc.decode([self.eot_token])
+        kept = [t for t in texts if t]
+        joined = eot_text.join(kept) + eot_text if kept else ""
+        if joined.count(eot_text) != len(kept):  # the token's text has no border: a count off means a text holds it
+            return None
+        try:
+            tokens = np.frombuffer(buffer_encoder(self._enc, frozenset({eot_text}))(joined), dtype="<u4")
+        except UnicodeEncodeError:
+            return None
+        is_eot = tokens == self.eot_token
+        lengths = np.zeros(len(texts), dtype=np.int64)
+        lengths[[i for i, t in enumerate(texts) if t]] = np.diff(np.flatnonzero(is_eot), prepend=-1) - (not append_eot)
+        return (tokens, lengths) if append_eot else (tokens[~is_eot], lengths)
+
+    def _encode_each(self, texts: Sequence[str], append_eot: bool) -> tuple[np.ndarray, np.ndarray]:
         from nanogpt.tiktoken_buffer import buffer_encoder
 
         encode_buffer = buffer_encoder(self._enc)

@@ -87,15 +87,18 @@ def test_encode_flat_is_encode_back_to_back(tiktoken_cache, monkeypatch, switch)
     from nanogpt import tiktoken_buffer
 
     monkeypatch.setenv(tiktoken_buffer.SWITCH, switch)
-    texts = [SAMPLE, "", "a<|endoftext|>b", "naïve 🙂\r\n", "lone \ud800 surrogate", "x"]
+    # the first list is encoded in one call (joined by the end-of-text token); a text of the others holds the
+    # token's text or a lone surrogate, and the list is encoded text by text
+    plain = [SAMPLE, "", "naïve 🙂\r\n", "  trailing spaces  ", "", "x<|endoftext", "|>y"]
     gpt2 = build_tokenizer("gpt2")
     # this tiktoken is the release the core call was written for: used unless switched off
     assert (tiktoken_buffer.private_core(gpt2._enc) is not None) == (switch == "1")
-    for append_eot in (False, True):
-        tokens, lengths = gpt2.encode_flat(texts, append_eot=append_eot)
-        expected = [gpt2.encode(t) + ([50256] if append_eot and t else []) for t in texts]
-        assert lengths.tolist() == [len(e) for e in expected]
-        assert tokens.tolist() == [i for e in expected for i in e]
+    for texts in (plain, [*plain, "a<|endoftext|>b"], [*plain, "lone \ud800 surrogate"], [], [""]):
+        for append_eot in (False, True):
+            tokens, lengths = gpt2.encode_flat(texts, append_eot=append_eot)
+            expected = [gpt2.encode(t) + ([50256] if append_eot and t else []) for t in texts]
+            assert lengths.tolist() == [len(e) for e in expected]
+            assert tokens.tolist() == [i for e in expected for i in e]
     char = CharTokenizer.from_text(SAMPLE)
     tokens, lengths = char.encode_flat(["Speak", "", "all"])
     assert tokens.tolist() == char.encode("Speakall") and lengths.tolist() == [5, 0, 3]
