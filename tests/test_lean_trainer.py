@@ -22,6 +22,7 @@ from pipelines.ray_adapter.end_on_user_error import EndRunOnUserError
 from pipelines.ray_adapter.lean import trainer as lean_trainer
 from pipelines.ray_adapter.lean.controller import FixedScalingWithoutRequests, TorchConfigWithoutProcessGroup
 from pipelines.ray_adapter.lean.trainer import (
+    ControllerHereTrainer,
     ControllerInDriverTrainer,
     TrainerWithoutDatasets,
     backend_config,
@@ -36,19 +37,43 @@ def _callback_types(cls: type) -> list[type]:
     return [type(cb) for cb in cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))._create_default_callbacks()]
 
 
-@pytest.mark.parametrize("controller_in_driver, left_out", [
-    (False, {DatasetsCallback}),
-    (True, {DatasetsCallback, PlacementGroupCleanerCallback}),
+@pytest.mark.parametrize("controller, left_out", [
+    ("actor", {DatasetsCallback}),
+    ("here", {DatasetsCallback}),
+    ("driver", {DatasetsCallback, PlacementGroupCleanerCallback}),
 ])
-def test_the_trainer_leaves_out_only_the_callbacks_it_names(controller_in_driver, left_out):
+def test_the_trainer_leaves_out_only_the_callbacks_it_names(controller, left_out):
     ray_default = _callback_types(TorchTrainer)
     assert left_out <= set(ray_default)  # Ray still adds them: leaving them out still means something
-    assert _callback_types(trainer_class(controller_in_driver)) == [t for t in ray_default if t not in left_out]
+    assert _callback_types(trainer_class(controller)) == [t for t in ray_default if t not in left_out]
 
 
 def test_the_cleaner_stays_where_the_state_api_is_served():
-    assert trainer_class(controller_in_driver=False) is TrainerWithoutDatasets
-    assert trainer_class(controller_in_driver=True) is ControllerInDriverTrainer
+    assert trainer_class("actor") is TrainerWithoutDatasets
+    assert trainer_class("here") is ControllerHereTrainer  # watches the actor it runs in: a sweep trial's
+    assert trainer_class("driver") is ControllerInDriverTrainer
+
+
+def test_the_controller_runs_in_the_driver_of_its_own_instance_or_in_the_actor_that_calls_fit(ray_local):
+    """A job's own instance without the State API: the driver; a caller that is an actor (a sweep trial): there;
+    any other caller (a driver on a cluster, a task): an actor of its own, as Ray does."""
+    import ray
+
+    from pipelines.ray_adapter.trainer import controller_place
+
+    @ray.remote(num_cpus=0)
+    class Caller:
+        def place(self) -> str:
+            return controller_place(False)
+
+    @ray.remote(num_cpus=0)
+    def task_place() -> str:
+        return controller_place(False)
+
+    assert (controller_place(True), controller_place(False)) == ("driver", "actor")
+    caller = Caller.remote()
+    assert ray.get([caller.place.remote(), task_place.remote()]) == ["here", "actor"]
+    ray.kill(caller)
 
 
 def test_a_trainer_without_the_datasets_callback_refuses_datasets(ray_local):

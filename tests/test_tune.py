@@ -85,7 +85,11 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
                        min_lr_ratio=0.1, max_concurrent_trials=1, overrides=overrides)
     args = ["--sweep", sweep, "--name", "asha", *common_args(shards, tmp_path / "out", mlflow_server, "tune-asha"),
             "--run.registered_model=tune-asha-best"]
+    controllers = train_controller_actors()
     assert tune.main(args) == 0
+    # on the local instance its driver started, each trial ran Ray Train's controller in its own actor (the lean
+    # wing's ControllerHereTrainer): no controller actor was started
+    assert train_controller_actors() == controllers
     out = capsys.readouterr().out
     assert "stopped early" in out and "best: trial" in out
     assert "tokens_per_step" in out  # the table's column
@@ -123,6 +127,13 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
     assert f"--optim.learning_rate={float(best.data.params['optim.learning_rate'])!r}" in out
     assert "--run.registered_model=tune-asha-best-retrain" in out  # the command's model is not the sweep's
     assert_no_placement_group_left(ray_local)
+
+
+def train_controller_actors() -> int:
+    """How many Ray Train controller actors this Ray instance has started, alive or not (Ray's State API)."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "TrainController")], limit=10_000))
 
 
 def assert_tokens_per_step_kept(parent, children: list, finished: list) -> None:

@@ -52,10 +52,21 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
         from pipelines.ray_adapter.lean.trainer import lean_trainer
 
         return lean_trainer(train_loop_per_worker, config.train.parallel,
-                            controller_in_driver=own_instance and not serves_state_api(), **parts)
+                            controller=controller_place(own_instance and not serves_state_api()), **parts)
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(train_loop_per_worker, **parts)
+
+
+def controller_place(own_instance_without_state_api: bool) -> str:
+    """Where the wing's trainer runs Ray Train's controller (pipelines/ray_adapter/lean/trainer.py): in the driver of
+    a job's own instance without the State API; in the calling actor (a sweep trial), as the actor Ray would start
+    for it would be its child anyway; else in an actor of its own, as Ray does."""
+    import ray
+
+    if own_instance_without_state_api:
+        return "driver"
+    return "here" if ray.get_runtime_context().get_actor_id() is not None else "actor"
 
 
 def worker_config(config: Config, plan: RunPlan, tracking_run_id: str | None,

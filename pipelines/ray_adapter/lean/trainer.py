@@ -6,6 +6,10 @@ is all that TorchTrainer adds, less its import of torch in the driver (pipelines
 - TrainerWithoutDatasets, wherever the wing applies: no Ray Train datasets callback, whose DatasetManager actor hands
   out Ray Data shards of the trainer's `datasets`. The workers read their token shards themselves
   (nanogpt/data/windows.py) and no job passes datasets.
+- ControllerHereTrainer, where fit() is called in a Ray actor (a sweep trial, on a local instance its driver
+  started): also without the controller's own actor, and for one worker its synchronization actor. The controller
+  runs in the calling actor, whose child Ray's controller actor would be anyway; the placement-group cleaner stays,
+  and watches that actor: once Tune has stopped the trial (its actor gone), it frees the workers' placement group.
 - ControllerInDriverTrainer, on a local instance this process started without the dashboard (a job's own, which
   dies with its driver and cannot grow), also without:
   - Ray Train's placement-group cleaner, which asks the dashboard's State API every second whether the controller
@@ -50,33 +54,46 @@ class TrainerWithoutDatasets(DataParallelTrainer):
         return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, self.LEFT_OUT)]
 
 
-class ControllerInDriverTrainer(TrainerWithoutDatasets):
-    """TrainerWithoutDatasets also without the placement-group cleaner and the autoscaling coordinator, for a local
-    instance with no State API; its controller runs in the driver, unless the driver's thread runs an event loop
-    already (a notebook)."""
+class ControllerHereTrainer(TrainerWithoutDatasets):
+    """TrainerWithoutDatasets whose controller runs in the process that calls fit(), unless its thread runs an event
+    loop already (a notebook)."""
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        if can_run_in_driver():
+            return run_in_driver(**controller_init_kwargs)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
+class ControllerInDriverTrainer(ControllerHereTrainer):
+    """ControllerHereTrainer also without the placement-group cleaner and the autoscaling coordinator, for a local
+    instance with no State API, in its driver."""
 
     LEFT_OUT = (*TrainerWithoutDatasets.LEFT_OUT, PlacementGroupCleanerCallback)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         if type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
             controller_init_kwargs["scaling_policy"] = FixedScalingWithoutRequests(self.scaling_config)
-        if can_run_in_driver():
-            return run_in_driver(**controller_init_kwargs)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
-def lean_trainer(train_fn: Callable, parallel: str, *, controller_in_driver: bool, train_loop_config: Any,
+def lean_trainer(train_fn: Callable, parallel: str, *, controller: str, train_loop_config: Any,
                  scaling_config: ScalingConfig, run_config: RunConfig) -> TrainerWithoutDatasets:
-    """The wing's trainer for a job training with `parallel` (train.parallel) on `scaling_config`'s workers."""
-    return trainer_class(controller_in_driver)(
+    """The wing's trainer for a job training with `parallel` (train.parallel) on `scaling_config`'s workers, its
+    controller where `controller` says (trainer_class)."""
+    return trainer_class(controller)(
         train_fn, train_loop_config=train_loop_config, scaling_config=scaling_config, run_config=run_config,
         backend_config=backend_config(scaling_config.num_workers, parallel, scaling_config.use_gpu),
     )
 
 
-def trainer_class(controller_in_driver: bool) -> type[TrainerWithoutDatasets]:
-    """ControllerInDriverTrainer for a job's own local instance without the dashboard, else TrainerWithoutDatasets."""
-    return ControllerInDriverTrainer if controller_in_driver else TrainerWithoutDatasets
+CONTROLLER_PLACES = {"actor": TrainerWithoutDatasets, "here": ControllerHereTrainer, "driver": ControllerInDriverTrainer}
+"""Where the controller runs: its own actor (Ray's way), here (the calling actor: a sweep trial), the driver of a
+job's own local instance without the dashboard."""
+
+
+def trainer_class(controller: str) -> type[TrainerWithoutDatasets]:
+    """The wing's trainer class for a controller run where CONTROLLER_PLACES says."""
+    return CONTROLLER_PLACES[controller]
 
 
 def backend_config(num_workers: int, parallel: str, use_gpu: bool) -> BackendConfig:
