@@ -85,11 +85,11 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
                        min_lr_ratio=0.1, max_concurrent_trials=1, overrides=overrides)
     args = ["--sweep", sweep, "--name", "asha", *common_args(shards, tmp_path / "out", mlflow_server, "tune-asha"),
             "--run.registered_model=tune-asha-best"]
-    controllers = train_controller_actors()
+    helpers = helper_actors()
     assert tune.main(args) == 0
     # on the local instance its driver started, each trial ran Ray Train's controller in its own actor (the lean
-    # wing's ControllerHereTrainer): no controller actor was started
-    assert train_controller_actors() == controllers
+    # wing's ControllerHereTrainer) and reported to Tune there: no controller or report queue actor was started
+    assert helper_actors() == helpers
     out = capsys.readouterr().out
     assert "stopped early" in out and "best: trial" in out
     assert "tokens_per_step" in out  # the table's column
@@ -129,11 +129,13 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
     assert_no_placement_group_left(ray_local)
 
 
-def train_controller_actors() -> int:
-    """How many Ray Train controller actors this Ray instance has started, alive or not (Ray's State API)."""
+def helper_actors() -> dict[str, int]:
+    """How many Ray Train controller actors and Tune report queue actors (ray.util.queue) this Ray instance has
+    started, alive or not (Ray's State API)."""
     from ray.util.state import list_actors
 
-    return len(list_actors(filters=[("class_name", "=", "TrainController")], limit=10_000))
+    return {name: len(list_actors(filters=[("class_name", "=", name)], limit=10_000))
+            for name in ("TrainController", "_QueueActor")}
 
 
 def assert_tokens_per_step_kept(parent, children: list, finished: list) -> None:

@@ -42,20 +42,28 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     TorchTrainer, or the lean wing's where run.lean says so (pipelines/ray_adapter/lean_switch.py). Checkpoints are
     kept by val_loss; one plain dict goes to the workers. `callbacks`: Ray Train callbacks, e.g. a sweep trial's
     TuneReportCallback."""
-    from pipelines.ray_adapter.lean_switch import wing_on
-    from pipelines.ray_adapter.session import serves_state_api, started_local_instance
-
     parts = {"train_loop_config": worker_config(config, plan, tracking_run_id, on_step),
              "scaling_config": scaling_config(config), "run_config": run_config(config, plan, callbacks)}
-    own_instance = started_local_instance()
-    if not config.run.elastic and wing_on(config.run.lean, own_instance):  # elastic jobs: Ray's public API only
+    controller = wing_controller(config)
+    if controller is not None:
         from pipelines.ray_adapter.lean.trainer import lean_trainer
 
-        return lean_trainer(train_loop_per_worker, config.train.parallel,
-                            controller=controller_place(own_instance and not serves_state_api()), **parts)
+        return lean_trainer(train_loop_per_worker, config.train.parallel, controller=controller, **parts)
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(train_loop_per_worker, **parts)
+
+
+def wing_controller(config: Config) -> str | None:
+    """Where the lean wing's trainer for `config`, built in this process, runs Ray Train's controller
+    (controller_place); None where the job takes Ray's public TorchTrainer (run.lean, and every elastic job)."""
+    from pipelines.ray_adapter.lean_switch import wing_on
+    from pipelines.ray_adapter.session import serves_state_api, started_local_instance
+
+    own_instance = started_local_instance()
+    if config.run.elastic or not wing_on(config.run.lean, own_instance):
+        return None
+    return controller_place(own_instance and not serves_state_api())
 
 
 def controller_place(own_instance_without_state_api: bool) -> str:

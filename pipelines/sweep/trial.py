@@ -5,10 +5,12 @@
 The trial builds its config (pipelines/sweep/spec.py), plans its run as `<sweep dir>/trials/trial-<trial id>`
 (a name that stays the same when Tune restarts the trial or a resumed sweep runs it again, so the TorchTrainer
 continues its own checkpoints), opens its MLflow run nested under the sweep's, and fits the same TorchTrainer as
-pipelines/pretrain.py (build_trainer) with a TuneReportCallback; run.lean=auto comes resolved by the sweep's driver
-(pipelines/sweep/run.py: the lean wing on a local instance it started, Ray's public API on a cluster). Worker failures
-are Ray Train's to handle (run.max_failures), exactly as in pretrain.py. Its last act is its record, `outcome.json` in its run directory
-(pipelines/sweep/outcome.py): a trial run again after it ended reports that record again and trains nothing.
+pipelines/pretrain.py (build_trainer) with a callback that reports to Tune (tune_reports). run.lean=auto comes
+resolved by the sweep's driver (pipelines/sweep/run.py: the lean wing on a local instance it started, whose trainer
+runs Ray Train's controller in this trial's actor; Ray's public API on a cluster). Worker failures are Ray Train's
+to handle (run.max_failures), exactly as in pretrain.py. Its last act is its record, `outcome.json` in its run
+directory (pipelines/sweep/outcome.py): a trial run again after it ended reports that record again and trains
+nothing.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def trial_params(tune_config: Mapping[str, Any], spec: SweepSpec) -> dict[str, A
 
 
 def run_trial(tune_config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune trainable. Reports reach Tune through TuneReportCallback: it forwards rank 0's metrics only, which
+    """The Tune trainable. Reports reach Tune through tune_reports' callback: it forwards rank 0's metrics only, which
     is enough here because the loop all-reduces val_loss over every rank before reporting it (nanogpt/train/loop.py),
     so rank 0's val_loss is the whole model's on the whole fixed eval set, the same number on every rank.
 
@@ -98,8 +100,6 @@ def report_again(outcome: TrialOutcome, run_dir: str) -> None:
 def _fit(config: Config, setup: TrialSetup) -> dict[str, Any]:
     """Fit the trial's TorchTrainer (continuing its own run, if it has one); rank 0's summary (step, start_step,
     best_val_loss, val_loss)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from pipelines.pretrain import fit
     from pipelines.ray_adapter.runs import plan_trial_run
 
@@ -111,5 +111,20 @@ def _fit(config: Config, setup: TrialSetup) -> dict[str, Any]:
         run_id = open_job_run(config, plan, parent_run_id=setup.parent_run_id)
     # the trial's own MLflow run ends here (FINISHED, or FAILED when Train gives up); the sweep driver marks the
     # runs of trials its scheduler stopped, and logs and registers the best trial's checkpoint
-    outcome = fit(config, plan, run_id, setup.on_step, callbacks=[TuneReportCallback()], log_checkpoints=False)
+    outcome = fit(config, plan, run_id, setup.on_step, callbacks=[tune_reports(config)], log_checkpoints=False)
     return outcome.summary
+
+
+def tune_reports(config: Config):
+    """The Ray Train callback that hands the trial's reports to Tune: ray.tune.report in this actor where the lean
+    wing runs the controller here (pipelines/ray_adapter/lean/report_here.py), else Ray's TuneReportCallback, through
+    its queue actor."""
+    from pipelines.ray_adapter.trainer import wing_controller
+
+    if wing_controller(config) == "here":
+        from pipelines.ray_adapter.lean.report_here import ReportToTuneHere
+
+        return ReportToTuneHere()
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
