@@ -161,7 +161,7 @@ class _JobRunOpener:
 def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnStep] = (), *,
         callbacks: Sequence[Any] = (), log_checkpoints: bool = True) -> PretrainOutcome:
     """Build the TorchTrainer, fit it, and finish the job's MLflow run (FAILED when the workers failed).
-    `callbacks`: Ray Train callbacks (a sweep trial's TuneReportCallback). `log_checkpoints=False` ends the MLflow
+    `callbacks`: Ray Train callbacks (a sweep trial's report to Tune). `log_checkpoints=False` ends the MLflow
     run without logging or registering checkpoints (a sweep registers only its best trial's)."""
     import ray.train
 

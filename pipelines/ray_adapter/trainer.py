@@ -41,7 +41,7 @@ def build_trainer(config: Config, plan: RunPlan, *, tracking_run_id: str | None 
     """The trainer for `config` (resolved by the driver: run name, storage, data and tracking paths): Ray's
     TorchTrainer, or the lean wing's where run.lean says so (pipelines/ray_adapter/lean_switch.py). Checkpoints are
     kept by val_loss; one plain dict goes to the workers. `callbacks`: Ray Train callbacks, e.g. a sweep trial's
-    TuneReportCallback."""
+    report to Tune (pipelines/sweep/trial.py, tune_reports)."""
     parts = {"train_loop_config": worker_config(config, plan, tracking_run_id, on_step),
              "scaling_config": scaling_config(config), "run_config": run_config(config, plan, callbacks)}
     controller = wing_controller(config)
