@@ -83,7 +83,7 @@ class GPT2Tokenizer:
         return separated if separated is not None else self._encode_each(texts, append_eot)
 
     def _encode_separated(self, texts: Sequence[str], append_eot: bool) -> tuple[np.ndarray, np.ndarray] | None:
-        """encode_flat in one call to tiktoken, 13% less CPU over short documents (bench/NOTES.md): the texts joined
+        """encode_flat in one call to tiktoken, less CPU over short documents (bench/NOTES.md): the texts joined
         by the end-of-text token's text, which tiktoken reads as the token and encodes each piece between as it would
         alone; the tokens then dropped unless asked for. None where that would not be the same: a text holding the
         token's text (ordinary text there), or a lone surrogate."""
