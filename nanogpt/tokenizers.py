@@ -90,7 +90,8 @@ class GPT2Tokenizer:
         from nanogpt.tiktoken_buffer import buffer_encoder
 
         eot_text = self._enc.decode([self.eot_token])
-        kept = [t for t in texts if t]
+        nonempty = np.fromiter((bool(t) for t in texts), dtype=bool, count=len(texts))
+        kept = [t for t, keep in zip(texts, nonempty) if keep]
         joined = eot_text.join(kept) + eot_text if kept else ""
         if joined.count(eot_text) != len(kept):  # the token's text has no border: a count off means a text holds it
             return None
@@ -100,7 +101,7 @@ class GPT2Tokenizer:
             return None
         is_eot = tokens == self.eot_token
         lengths = np.zeros(len(texts), dtype=np.int64)
-        lengths[[i for i, t in enumerate(texts) if t]] = np.diff(np.flatnonzero(is_eot), prepend=-1) - (not append_eot)
+        lengths[nonempty] = np.diff(np.flatnonzero(is_eot), prepend=-1) - (not append_eot)
         return (tokens, lengths) if append_eot else (tokens[~is_eot], lengths)
 
     def _encode_each(self, texts: Sequence[str], append_eot: bool) -> tuple[np.ndarray, np.ndarray]:
