@@ -75,16 +75,25 @@ def test_an_existing_store_is_never_replaced(tmp_path, cache):
     assert MlflowClient(_uri(db)).get_experiment(experiment).name == "kept"
 
 
-def test_without_a_usable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypatch, usual_umask):
-    blocked = tmp_path / "not-a-dir"
-    blocked.write_text("a file where the cache directory would go")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+@pytest.mark.parametrize("why", ["cache unusable", "unknown MLflow"])
+def test_without_a_usable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypatch, usual_umask, why):
+    """The cache directory cannot be made, or MLflow is a release whose private table builder this project does not
+    know (store.TABLE_BUILDER_MAJORS)."""
+    from pipelines.mlflow_adapter import store
+
+    cache_home = tmp_path / ("not-a-dir" if why == "cache unusable" else "cache")
+    if why == "cache unusable":
+        cache_home.write_text("a file where the cache directory would go")
+    else:
+        monkeypatch.setattr(store, "TABLE_BUILDER_MAJORS", ())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     db = tmp_path / "run" / "mlflow.db"
     db.parent.mkdir()
     seed_sqlite_store(_uri(db))
     assert list(db.parent.iterdir()) == [db] and db.stat().st_size == 0  # an empty file, the owner's alone
     assert [e.name for e in MlflowClient(_uri(db)).search_experiments()] == ["Default"]
     assert _mode(db) == 0o600
+    assert cache_home.is_file() or not (cache_home / CACHE_DIR_NAME).exists()  # no cached store built
 
 
 def test_a_new_store_and_the_directory_made_for_it_are_the_owners_alone(tmp_path, cache, usual_umask):

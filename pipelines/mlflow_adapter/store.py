@@ -110,19 +110,37 @@ def _migrated_empty_store(cache_dir: Path) -> Path:
     template = cache_dir / f"mlflow-{importlib.metadata.version('mlflow')}-empty.db"
     if template.is_file():
         return template
+    initialize_tables = _private_table_builder()
+    if initialize_tables is None:
+        raise LookupError(f"no known table builder in MLflow {importlib.metadata.version('mlflow')}")
     import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables  # MLflow 3.17; private, MLflow is pinned
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     building = template.with_name(f".{template.name}.{uuid.uuid4().hex}")
     engine = sqlalchemy.create_engine(f"sqlite:///{building}")
     try:
-        _initialize_tables(engine)  # what MLflow's store runs on a database without its tables
+        initialize_tables(engine)  # what MLflow's store runs on a database without its tables
         os.replace(building, template)  # whole or not at all; a concurrent builder's equal file may win
     finally:
         engine.dispose()
         building.unlink(missing_ok=True)
     return template
+
+
+TABLE_BUILDER_MAJORS = (3,)
+"""MLflow majors whose private `mlflow.store.db.utils._initialize_tables` builds a store's tables (written against
+3.17); under any other, or where the name is gone, MLflow migrates each new store itself."""
+
+
+def _private_table_builder():
+    """MLflow's private table builder where this module may use it, else None: the one private MLflow name here."""
+    import mlflow
+
+    if int(mlflow.__version__.split(".")[0]) not in TABLE_BUILDER_MAJORS:
+        return None
+    from mlflow.store.db import utils
+
+    return getattr(utils, "_initialize_tables", None)
 
 
 def _place_new(source: Path, db: Path) -> None:
