@@ -108,3 +108,18 @@ def step_losses(run_dir: str | Path) -> dict[int, float]:
 
 def eval_records(run_dir: str | Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(run_dir) if "val_loss" in r}
+
+
+def the_only_run(client, experiment: str):
+    """The one MLflow run of `experiment` (an MlflowClient's), failing with the names of all when there are more."""
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, f"expected exactly one MLflow run, got {[r.info.run_name for r in runs]}"
+    return runs[0]
+
+
+def metric_history(client, run_id: str, key: str) -> dict[int, list[float]]:
+    """{step: every value logged at it, in order}: a step logged again after a restart has two."""
+    points: dict[int, list[float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        points.setdefault(m.step, []).append(m.value)
+    return points

@@ -1,7 +1,8 @@
 """pipelines/pretrain.py on a real Ray local cluster (the session's `ray_local`), CPU + gloo, real shards on disk.
 
 What is checked: a 2-worker run learns; a worker SIGKILLed mid-run under FailureConfig(max_failures=1) gives
-bit-identical per-step losses to the uninterrupted run; a run resumed on 2 workers after 1 keeps tokens per step
+bit-identical per-step losses to the uninterrupted run; that killed run is one MLflow run, its artifacts and its
+registered model whole (on the session's MLflow server); a run resumed on 2 workers after 1 keeps tokens per step
 and continues at the right step; a run whose Ray snapshot lags its checkpoints resumes from the newest complete one;
 a worker's config error ends the run at once under max_failures=-1; bad configs and data fail before any trainer
 starts, leaving no run directory (those that need no Ray: tests/test_pretrain_checks.py).
@@ -15,8 +16,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from nanogpt.config import ConfigError
+from pipelines import sample
 from pipelines.pretrain import main, pretrain
 from pipelines.ray_adapter.runs import RAY_SNAPSHOT, plan_run
 from tests.pretrain_runs import (
@@ -28,12 +31,15 @@ from tests.pretrain_runs import (
     debug_run,
     eval_records,
     killed_midrun,
+    metric_history,
     records,
     resume_from_a_stale_snapshot,
     shared_root,
     step_losses,
+    the_only_run,
 )
 
+pytest_plugins = ("tests.mlflow_server",)
 pytestmark = pytest.mark.slow
 
 
@@ -69,9 +75,17 @@ def test_two_worker_run_learns_and_keeps_the_best_checkpoint(reference):
     assert reference.summary["world_size"] == 2 and reference.summary["step"] == 30
 
 
+KILLED_EXPERIMENT = "killed-midrun"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.fixture(scope="module")
-def killed(ray_local, root, shards) -> KilledRun:
-    return killed_midrun(shards, root / "runs", "killed")
+def killed(ray_local, root, shards, mlflow_server) -> KilledRun:
+    """The fault scenario, tracked to an MLflow server as a user's job is: what Ray Train's restart does to the
+    numbers and what it does to the MLflow run are checked on the one run (neither changes the other's)."""
+    return killed_midrun(shards, root / "runs", "killed", "--run.tracker=mlflow", f"--run.experiment={KILLED_EXPERIMENT}",
+                         f"--run.tracking_uri={mlflow_server.uri}", "--train.sample_tokens=16",
+                         "--run.registered_model=shakespeare-debug")
 
 
 def test_worker_killed_midrun_resumes_bit_exactly(killed, reference):
@@ -86,6 +100,70 @@ def test_worker_killed_midrun_resumes_bit_exactly(killed, reference):
     ours, theirs = eval_records(run_dir), eval_records(reference.plan.run_dir)
     assert {s: r["val_loss"] for s, r in ours.items()} == {s: theirs[s]["val_loss"] for s in (0, 10, 20)}
     assert killed.outcome.best_val_loss == min(theirs[s]["val_loss"] for s in (10, 20))  # of its checkpoints
+
+
+def test_the_killed_run_is_one_mlflow_run_with_its_artifacts_and_registered_model(killed, mlflow_server, tmp_path,
+                                                                                  capsys):
+    """Rank 1 SIGKILLed and restarted by Ray: still exactly one MLflow run, with the config as params, every step's
+    metrics, the artifacts, and the best checkpoint in the Model Registry."""
+    assert killed.marker.is_file(), "the fault hook did not fire"
+    outcome = killed.outcome
+    client = MlflowClient(mlflow_server.uri)
+    run = the_only_run(client, KILLED_EXPERIMENT)
+    assert outcome.tracking["run_id"] == run.info.run_id and run.info.status == "FINISHED"
+    assert run.info.run_name == "killed"
+
+    params = run.data.params
+    assert params["model.n_layer"] == "2" and params["train.max_iters"] == "20" and params["run.num_workers"] == "2"
+    assert params["train.gradient_accumulation_steps"] == "2" and params["optim.learning_rate"] == "0.001"
+    assert {"world_size", "version.torch", "version.ray", "version.mlflow", "device.type",
+            "data.fingerprint"} <= set(run.data.tags)
+    assert run.data.tags["world_size"] == "2"
+
+    # every update's loss is logged; the updates redone after the restart (10..12) logged again with equal values
+    loss = metric_history(client, run.info.run_id, "loss")
+    assert sorted(loss) == list(range(20))
+    assert all(len(set(values)) == 1 for values in loss.values())
+    assert [len(loss[step]) for step in (9, 10, KILL_STEP, KILL_STEP + 1)] == [1, 2, 2, 1]  # from checkpoint_000010
+    jsonl = {r["step"]: r["loss"] for r in records(outcome.plan.run_dir) if "loss" in r}
+    assert {step: values[-1] for step, values in loss.items()} == pytest.approx(jsonl, rel=1e-6)
+    val = metric_history(client, run.info.run_id, "val_loss")
+    assert {0, 10, 20} <= set(val)
+    assert val[20][-1] == pytest.approx(outcome.summary["val_loss"], rel=1e-6)
+    assert {"lr", "grad_norm", "tokens_per_s", "step_time_ms", "val_perplexity"} <= set(run.data.metrics)
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "data", "checkpoints", "plots", "samples"} <= artifacts
+    [best_model] = [o.model_id for o in run.outputs.model_outputs]  # the best checkpoint: the run's logged model
+    best = {Path(a.path).name for a in client.list_logged_model_artifacts(best_model)}
+    final = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints/final")}
+    assert {"model.safetensors", "config.yaml", "tokenizer.json", "state.json"} <= best
+    assert "optimizer.pt" not in best and "optimizer.pt" in final  # the registered model holds no pickles
+    samples = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"step_000000.txt", "step_000010.txt", "step_000020.txt"} <= samples
+    png = Path(client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+    assert outcome.tracking["model_uri"] == "models:/shakespeare-debug/1"
+    version = client.get_model_version("shakespeare-debug", "1")
+    assert version.run_id == run.info.run_id and version.source.startswith("models:/m-")  # its LoggedModel
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert model.source_run_id == run.info.run_id and [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    # what the UI shows: the dataset input (logged once, by the driver), the source, the experiment's kind
+    [dataset] = [i.dataset for i in run.inputs.dataset_inputs]
+    assert dataset.digest == run.data.tags["data.fingerprint"] and dataset.source_type == "local"
+    assert run.data.tags["mlflow.source.type"] == "PROJECT"
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # and the registered model samples through pipelines/sample.py
+    capsys.readouterr()
+    argv = ["--checkpoint", "models:/shakespeare-debug/1", "--tracking-uri", mlflow_server.uri,
+            "--num_samples", "2", "--max_new_tokens", "24", "--start", "ROMEO:"]
+    assert sample.main(argv) == 0
+    texts = [t.strip("\n") for t in capsys.readouterr().out.split(sample.SEPARATOR) if t.strip()]
+    assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 24 for t in texts)
+
+
 
 
 def test_resume_starts_from_the_newest_complete_checkpoint_when_rays_snapshot_lags(root, shards, killed, reference):

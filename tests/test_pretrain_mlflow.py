@@ -1,7 +1,8 @@
 """MLflow in the main job, end to end: pipelines/pretrain.py on a real Ray local cluster logging to a real
-`mlflow server` on 127.0.0.1 (or the default local sqlite store), read back with MlflowClient. No mocks.
+`mlflow server` on 127.0.0.1 (or the default local sqlite store), read back with MlflowClient. No mocks. (A run
+whose worker Ray restarts is one MLflow run: tests/test_pretrain.py, on its fault scenario's run.)
 
-    NANOGPT_TINYSHAKESPEARE=... .venv/bin/python -m pytest tests/test_pretrain_mlflow.py     # ~3-4 min on 2 cores
+    NANOGPT_TINYSHAKESPEARE=... .venv/bin/python -m pytest tests/test_pretrain_mlflow.py     # ~2 min on 2 cores
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import sample
 from pipelines.pretrain import pretrain
-from tests.faults import KillRankAt, ctrl_c_when, ray_train_default_timings
+from tests.faults import ctrl_c_when
 from tests.local_cluster import unless_ended
 from tests.mlflow_server import MlflowServer
-from tests.pretrain_runs import char_shards, debug_config, records, shared_root
+from tests.pretrain_runs import char_shards, debug_config, metric_history, records, shared_root, the_only_run
 
 pytest_plugins = ("tests.mlflow_server",)
 pytestmark = pytest.mark.slow
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -33,86 +31,6 @@ def shards(ray_local, tmp_path_factory, shakespeare_path) -> Path:
 
 def tracked_config(shards: Path, out: Path, name: str, experiment: str, *overrides: str):
     return debug_config(shards, out, name, "--run.tracker=mlflow", f"--run.experiment={experiment}", *overrides)
-
-
-def the_only_run(client: MlflowClient, experiment: str):
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1, f"expected exactly one MLflow run, got {[r.info.run_name for r in runs]}"
-    return runs[0]
-
-
-def history(client: MlflowClient, run_id: str, key: str) -> dict[int, list[float]]:
-    points: dict[int, list[float]] = {}
-    for m in client.get_metric_history(run_id, key):
-        points.setdefault(m.step, []).append(m.value)
-    return points
-
-
-def test_two_workers_one_restart_one_mlflow_run(mlflow_server, shards, tmp_path, capsys):
-    """2 workers, rank 1 SIGKILLed after update 15 and restarted by Ray: still exactly one MLflow run, with the
-    config as params, every step's metrics, the artifacts, and the best checkpoint in the Model Registry."""
-    config = tracked_config(shards, tmp_path / "runs", "tracked", "e2e", "--run.num_workers=2", "--run.max_failures=1",
-                            "--train.max_iters=20", f"--run.tracking_uri={mlflow_server.uri}",
-                            "--train.sample_tokens=16", "--run.registered_model=shakespeare-debug")
-    marker = tmp_path / "killed"
-    with ray_train_default_timings():
-        outcome = pretrain(config, on_step=[KillRankAt(step=15, marker=str(marker))])
-    assert marker.exists()  # the worker really died and the group restarted
-
-    client = MlflowClient(mlflow_server.uri)
-    run = the_only_run(client, "e2e")
-    assert outcome.tracking["run_id"] == run.info.run_id and run.info.status == "FINISHED"
-    assert run.info.run_name == "tracked"
-
-    params = run.data.params
-    assert params["model.n_layer"] == "2" and params["train.max_iters"] == "20" and params["run.num_workers"] == "2"
-    assert params["train.gradient_accumulation_steps"] == "2" and params["optim.learning_rate"] == "0.001"
-    assert {"world_size", "version.torch", "version.ray", "version.mlflow", "device.type",
-            "data.fingerprint"} <= set(run.data.tags)
-    assert run.data.tags["world_size"] == "2"
-
-    # every update's loss is logged; the updates redone after the restart (10..15) logged again with equal values
-    loss = history(client, run.info.run_id, "loss")
-    assert sorted(loss) == list(range(20))
-    assert all(len(set(values)) == 1 for values in loss.values())
-    assert [len(loss[step]) for step in (9, 10, 15, 16)] == [1, 2, 2, 1]  # resumed from checkpoint_000010
-    jsonl = {r["step"]: r["loss"] for r in records(outcome.plan.run_dir) if "loss" in r}
-    assert {step: values[-1] for step, values in loss.items()} == pytest.approx(jsonl, rel=1e-6)
-    val = history(client, run.info.run_id, "val_loss")
-    assert {0, 10, 20} <= set(val)
-    assert val[20][-1] == pytest.approx(outcome.summary["val_loss"], rel=1e-6)
-    assert {"lr", "grad_norm", "tokens_per_s", "step_time_ms", "val_perplexity"} <= set(run.data.metrics)
-
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "data", "checkpoints", "plots", "samples"} <= artifacts
-    [best_model] = [o.model_id for o in run.outputs.model_outputs]  # the best checkpoint: the run's logged model
-    best = {Path(a.path).name for a in client.list_logged_model_artifacts(best_model)}
-    final = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints/final")}
-    assert {"model.safetensors", "config.yaml", "tokenizer.json", "state.json"} <= best
-    assert "optimizer.pt" not in best and "optimizer.pt" in final  # the registered model holds no pickles
-    samples = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"step_000000.txt", "step_000010.txt", "step_000020.txt"} <= samples
-    png = Path(client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path)))
-    assert png.read_bytes()[:8] == PNG_MAGIC
-
-    assert outcome.tracking["model_uri"] == "models:/shakespeare-debug/1"
-    version = client.get_model_version("shakespeare-debug", "1")
-    assert version.run_id == run.info.run_id and version.source.startswith("models:/m-")  # its LoggedModel
-    model = client.get_logged_model(version.source.removeprefix("models:/"))
-    assert model.source_run_id == run.info.run_id and [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
-    # what the UI shows: the dataset input (logged once, by the driver), the source, the experiment's kind
-    [dataset] = [i.dataset for i in run.inputs.dataset_inputs]
-    assert dataset.digest == run.data.tags["data.fingerprint"] and dataset.source_type == "local"
-    assert run.data.tags["mlflow.source.type"] == "PROJECT"
-    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-
-    # and the registered model samples through pipelines/sample.py
-    capsys.readouterr()
-    argv = ["--checkpoint", "models:/shakespeare-debug/1", "--tracking-uri", mlflow_server.uri,
-            "--num_samples", "2", "--max_new_tokens", "24", "--start", "ROMEO:"]
-    assert sample.main(argv) == 0
-    texts = [t.strip("\n") for t in capsys.readouterr().out.split(sample.SEPARATOR) if t.strip()]
-    assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 24 for t in texts)
 
 
 def test_local_store_with_no_server_and_resume_appends(shards, tmp_path, monkeypatch):
@@ -130,8 +48,8 @@ def test_local_store_with_no_server_and_resume_appends(shards, tmp_path, monkeyp
 
     client = MlflowClient(f"sqlite:///{db}")
     run = the_only_run(client, "e2e-local")
-    assert sorted(history(client, run.info.run_id, "loss")) == list(range(10))
-    assert {5, 10} <= set(history(client, run.info.run_id, "val_loss"))
+    assert sorted(metric_history(client, run.info.run_id, "loss")) == list(range(10))
+    assert {5, 10} <= set(metric_history(client, run.info.run_id, "val_loss"))
     # each job registered its best checkpoint as a new version of the experiment's model
     assert first.tracking["model_uri"] == "models:/e2e-local/1" and second.tracking["model_uri"] == "models:/e2e-local/2"
 
