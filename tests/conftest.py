@@ -49,6 +49,27 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+# Modules that use the same memoized run of tests/pretrain_runs.py (`debug_run`, the uninterrupted reference) go to
+# one xdist worker as one unit, so that run is trained once: a worker's memo is its own.
+SHARED_RUN_UNITS = {name: "debug_run" for name in (
+    "test_cluster_rehearsal.py", "test_pretrain.py", "test_pretrain_fsdp.py", "test_sample_evaluate.py")}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with SHARED_RUN_UNITS' modules as one unit (xdist's own scheduler otherwise)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return SHARED_RUN_UNITS.get(Path(module).name, module)
+
+    return SharedRunScheduling(config, log)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
