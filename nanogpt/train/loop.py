@@ -39,11 +39,9 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -56,6 +54,7 @@ from nanogpt.data.windows import TokenWindows
 from nanogpt.metrics import perplexity
 from nanogpt.model import GPT
 from nanogpt.sampling import sample_text
+from nanogpt.scratch import scratch_dir
 from nanogpt.tokenizers import Tokenizer, TokenizerError, token_byte_lengths, tokenizer_from_dict
 from nanogpt.tracking import NullTracker, Tracker
 from nanogpt.train.batch_geometry import check_worker_range, rank_micro_batches
@@ -369,8 +368,8 @@ class _Run:
 
     def report(self, state: LoopState, save: bool) -> None:
         """Every rank reports (a reporter may be a barrier); with `save`, every rank first writes its part of the
-        checkpoint (DDP: rank 0 the whole of it; FSDP: every rank its shards) into a fresh temporary directory and
-        hands it over with the report."""
+        checkpoint (DDP: rank 0 the whole of it; FSDP: every rank its shards) into a scratch directory of its own
+        and hands it over with the report (a rank killed meanwhile leaves it to the next one's reclaim)."""
         metrics = state.report_metrics(self.tokens_per_step)
         if not save:
             self.reporter.report(metrics, None)
@@ -382,7 +381,7 @@ class _Run:
             world_size=self.strategy.world_size, tokens_seen=state.step * self.tokens_per_step,
             scaler_state=self.scaler.state_dict() if self.scaler.is_enabled() else None,
         )
-        tmp_root = Path(tempfile.mkdtemp(prefix="nanogpt-ckpt-"))
+        tmp_root = scratch_dir("staging")
         try:
             part = self.strategy.save_checkpoint(tmp_root / f"checkpoint_{state.step:06d}", self.raw_model,
                                                  self.optimizer, record)

@@ -20,9 +20,9 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 
 from nanogpt.data.storage import StorageError, download, exists, is_uri, join, upload
+from nanogpt.scratch import scratch_dir
 from nanogpt.tracking import PARAMS_FILE, TAGS_FILE, NullTracker, Tracker
 from pipelines.ray_adapter.runs import METRICS_FILE
 
@@ -45,7 +45,7 @@ class LocalRecords:
         """Download the records this rank 0 continues (those of the checkpoint `resume_from`, else those of the
         run's directory) into a new directory of this process's own: never the files of a rank 0 that died on this
         machine before."""
-        records = cls(run_dir, tempfile.mkdtemp(prefix="nanogpt-records-"))
+        records = cls(run_dir, str(scratch_dir("records")))
         source = records._source(resume_from)
         for name in RECORD_FILES:
             _fetch(join(source, name), os.path.join(records.local_dir, name))
