@@ -177,7 +177,7 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
         with group_start_timeout(config):
             result = trainer.fit()  # raises TrainingFailedError when the workers fail beyond run.max_failures
     except ray.train.TrainingFailedError as e:
-        _end_job_run(config, plan, run_id, "FAILED")
+        end_job_run(config, plan, run_id, "FAILED")
         user_error = user_error_of(e)  # a worker's config or data error: ended the run at once, not retried
         if user_error is not None:
             raise user_error from None
@@ -185,7 +185,7 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C: Ray Train's SIGINT handler (or Ray's daemons, which the terminal's SIGINT stops too) ends fit()
         # with SystemExit. The run is not left RUNNING in the UI: KILLED, as MLflow marks an interrupted run.
-        _end_job_run(config, plan, run_id, "KILLED")
+        end_job_run(config, plan, run_id, "KILLED")
         raise KeyboardInterrupt(plan.name) from None
     outcome = _outcome(plan, result)
     if config.run.tracker == "mlflow":
@@ -196,7 +196,8 @@ def fit(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnS
     return outcome
 
 
-def _end_job_run(config: Config, plan: RunPlan, run_id: str | None, status: str) -> None:
+def end_job_run(config: Config, plan: RunPlan, run_id: str | None, status: str) -> None:
+    """End the job's MLflow run with `status`, logging no checkpoint (the loss curve is drawn)."""
     if config.run.tracker == "mlflow":
         from pipelines.mlflow_adapter.job_run import finish_job_run
 

@@ -51,6 +51,23 @@ class KillRankAt:
 
 
 @dataclass
+class KillProcessAt:
+    """SIGKILL the process that trains (a one-worker sweep trial's Tune actor) after update `step`, like an OOM
+    kill, once: it creates `marker` first, so the restarted trial runs through. That actor writes its checkpoints
+    itself, whole before it reports them, so no delay is needed."""
+
+    step: int
+    marker: str
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        marker = Path(self.marker)
+        if step != self.step or marker.exists():
+            return
+        marker.write_text(f"killed pid {os.getpid()} after update {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
 class HoldAt:
     """Every rank stops after update `step` and waits for the file `release` (at most `timeout_s`), once: a
     restarted group finds `release` and runs through. Rank r first writes `<held_dir>/held.rank<r>` with the id of

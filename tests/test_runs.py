@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from nanogpt.config import Config, ConfigError
-from pipelines.ray_adapter.runs import RAY_SNAPSHOT, check_run_name, newer_checkpoint, plan_run, unique_name
+from pipelines.ray_adapter.runs import (
+    RAY_SNAPSHOT,
+    check_run_name,
+    newer_checkpoint,
+    plan_run,
+    plan_trial_run,
+    unique_name,
+)
 from pipelines.ray_adapter.trainer import committed_or_newest
 from tests.test_checkpoint import save, trained_model
 
@@ -122,3 +129,16 @@ def test_a_run_refused_before_its_first_step_does_not_hold_its_name(tmp_path):
     (run_dir / "checkpoint_000010").mkdir()
     with pytest.raises(ConfigError, match="already exists"):
         plan_run(config)
+
+
+def test_a_sweep_trial_continues_from_its_newest_complete_checkpoint_with_or_without_ray_snapshot(
+        run_with_checkpoints, tmp_path):
+    """A one-worker trial trains in its Tune actor and writes no Ray snapshot; run again (Tune restarted it, or the
+    sweep was resumed), it continues from its newest complete checkpoint, as a TorchTrainer's trial does."""
+    config = Config.from_dict({"run": {"out_dir": str(tmp_path / "runs"), "name": "r1"}})
+    shutil.copytree(run_with_checkpoints / "checkpoint_000020", run_with_checkpoints / "checkpoint_000030")
+    (run_with_checkpoints / "checkpoint_000030" / "state.json").unlink()  # cut short: not complete
+    plan = plan_trial_run(config)
+    assert plan.continues_run and plan.resume_from == str(run_with_checkpoints / "checkpoint_000020")
+    fresh = plan_trial_run(config.replace(run__name="r2"))
+    assert not fresh.continues_run and fresh.resume_from is None

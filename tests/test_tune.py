@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tune
 from pipelines.sweep.report import FINISHED, STOPPED
-from tests.faults import ctrl_c_when
-from tests.pretrain_runs import char_shards, eval_records, records, shared_root
+from tests.faults import KillProcessAt, ctrl_c_when
+from tests.pretrain_runs import char_shards, eval_records, metric_history, records, shared_root
 
 pytest_plugins = ("tests.mlflow_server",)
 pytestmark = pytest.mark.slow
@@ -87,8 +87,8 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
             "--run.registered_model=tune-asha-best"]
     helpers = helper_actors()
     assert tune.main(args) == 0
-    # on the local instance its driver started, each trial ran Ray Train's controller in its own actor (the lean
-    # wing's ControllerHereTrainer) and reported to Tune there: no controller or report queue actor was started
+    # each one-worker trial trained in its own Tune actor (pipelines/sweep/trial_here.py): no Ray Train worker,
+    # controller or report queue actor was started
     assert helper_actors() == helpers
     out = capsys.readouterr().out
     assert "stopped early" in out and "best: trial" in out
@@ -130,12 +130,12 @@ def test_asha_sweep_stops_trials_early_one_parent_four_children(ray_local, shard
 
 
 def helper_actors() -> dict[str, int]:
-    """How many Ray Train controller actors and Tune report queue actors (ray.util.queue) this Ray instance has
-    started, alive or not (Ray's State API)."""
+    """How many Ray Train workers, Ray Train controller actors and Tune report queue actors (ray.util.queue) this
+    Ray instance has started, alive or not (Ray's State API)."""
     from ray.util.state import list_actors
 
     return {name: len(list_actors(filters=[("class_name", "=", name)], limit=10_000))
-            for name in ("TrainController", "_QueueActor")}
+            for name in ("RayTrainWorker", "TrainController", "_QueueActor")}
 
 
 def assert_tokens_per_step_kept(parent, children: list, finished: list) -> None:
@@ -162,19 +162,23 @@ def assert_no_placement_group_left(ray, timeout: float = 60) -> None:
     assert alive == []
 
 
+TRAINING_ACTORS = ("RayTrainWorker", "ImplicitFunc")  # Ray Train's workers; Tune's trials, where one-worker ones train
+
+
 def wait_until_training_workers_exit(timeout: float = 60) -> None:
-    """A killed driver's training workers outlive it by a moment (Ray ends the actors of an owner that died, then
-    their processes): until they are gone they may still log a step. Ray's State API names them, /proc says when
-    their processes have exited."""
+    """A killed driver's training processes (its trials' actors, and their Ray Train workers) outlive it by a
+    moment (Ray ends the actors of an owner that died, then their processes): until they are gone they may still
+    log a step. Ray's State API names them, /proc says when their processes have exited."""
     import psutil
     from ray.util.state import list_actors
 
     def alive() -> list[int]:
-        pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000) if a.pid]
+        pids = [a.pid for name in TRAINING_ACTORS
+                for a in list_actors(filters=[("class_name", "=", name)], limit=10_000) if a.pid]
         running = []
         for pid in pids:
             try:
-                if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
+                if any(name in " ".join(psutil.Process(pid).cmdline()) for name in TRAINING_ACTORS):
                     running.append(pid)
             except psutil.Error:  # exited
                 pass
@@ -184,6 +188,38 @@ def wait_until_training_workers_exit(timeout: float = 60) -> None:
     while (running := alive()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert running == [], f"training workers still running {timeout:.0f} s after their driver was killed: {running}"
+
+
+def test_a_one_worker_trial_killed_midrun_is_restarted_by_tune_and_continues_from_its_checkpoint(
+        ray_local, shards, mlflow_server, tmp_path):
+    """A one-worker trial trains in its Tune actor; that process is SIGKILLed after update 12 (its checkpoint is
+    step 10's). Tune restarts the trial (run.max_failures=1 is Tune's FailureConfig here), which continues from
+    checkpoint_000010 on the same batches: updates 10..12 are made again with the same losses, the trial finishes,
+    and it is still one MLflow run, holding every step."""
+    from pipelines.sweep.plan import plan_sweep
+    from pipelines.sweep.run import run_sweep
+
+    sweep = sweep_file(tmp_path, {"optim.learning_rate": {"values": [1e-2]}}, algorithm="grid")
+    marker = tmp_path / "killed"
+    planned = plan_sweep(sweep, [], [f"--data.dir={shards}", f"--run.out_dir={tmp_path / 'out'}",
+                                     f"--run.tracking_uri={mlflow_server.uri}", "--run.experiment=tune-restart",
+                                     "--run.max_failures=1"], "restart")
+    outcome = run_sweep(planned, on_step=[KillProcessAt(12, str(marker))])
+    assert marker.exists()  # the kill happened
+    [row] = outcome.rows
+    assert row.status == FINISHED and row.step == 30
+    lines = [r for r in records(row.run_dir) if "loss" in r]
+    assert sorted({r["step"] for r in lines}) == list(range(30))
+    redone = {}
+    for r in lines:
+        redone.setdefault(r["step"], []).append(r["loss"])
+    assert sorted(s for s, losses in redone.items() if len(losses) == 2) == [10, 11, 12]
+    assert all(losses[0] == losses[-1] for losses in redone.values())  # bit-exact on CPU: the same batches
+    client = MlflowClient(mlflow_server.uri)
+    parent, [child] = settled(client, "tune-restart", lambda r: r.info.status == "FINISHED")
+    assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    history = metric_history(client, child.info.run_id, "loss")
+    assert sorted(history) == list(range(30)) and history[10] == redone[10]
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +260,9 @@ def test_finetune_sweep_from_a_local_hf_gpt2_dir(bpe_shards, tmp_path, capsys):
     assert "python pipelines/pretrain.py --config finetune_shakespeare " in capsys.readouterr().out  # the base
 
 
+UNFINISHED = ("PENDING", "RUNNING")  # trial states that Tuner.restore(resume_unfinished=True) runs again
+
+
 def experiment_trials(sweep_dir: Path) -> dict[str, str]:
     """{trial id: status} from Tune's saved experiment state (what a restore will see)."""
     states = sorted(glob.glob(str(sweep_dir / "experiment_state-*.json")))
@@ -256,13 +295,17 @@ def test_sweep_killed_right_after_a_trial_ends_resumes_without_training_it_again
     first = ["--sweep", sweep, "--name", "resume", *common_args(shards, out, mlflow_server, "tune-resume")]
 
     good = kill_driver_when(first, env, tmp_path / "driver1.log", ended(client, sweep_dir, 1e-2, FINISHED))
-    assert experiment_trials(sweep_dir)[good] == "RUNNING"  # the hard case: a restore runs it again
+    # the hard case: Tune's saved state has not seen it end (PENDING when the trial ended within Tune's first
+    # saving period), so a restore runs it again
+    assert experiment_trials(sweep_dir)[good] in UNFINISHED
     assert_no_placement_group_left(ray_local)  # the killed driver's trials are gone: no more writes
     wait_until_training_workers_exit()
     good_log = (sweep_dir / "trials" / f"trial-{good}" / "metrics.jsonl").read_text()
     bad = kill_driver_when(["--resume", str(sweep_dir)], env, tmp_path / "driver2.log",
                            ended(client, sweep_dir, 1e-5, STOPPED))
-    assert experiment_trials(sweep_dir)[bad] == "RUNNING"
+    # or not in it at all (it started and was stopped within Tune's saving period): the restore creates it
+    # again, under the same id, from the searcher's saved state
+    assert experiment_trials(sweep_dir).get(bad) in (*UNFINISHED, None)
     assert_no_placement_group_left(ray_local)
     wait_until_training_workers_exit()  # a stopped trial's workers log on until they are gone (the record says where it ended)
     logs = {t: (sweep_dir / "trials" / f"trial-{t}" / "metrics.jsonl").read_text() for t in (good, bad)}
@@ -355,11 +398,14 @@ def kill_driver_when(args: list[str], env: dict, log_path: Path, found, timeout:
 def test_ctrl_c_stops_the_sweep_for_resume_and_ends_its_mlflow_runs_killed(ray_local, shards, mlflow_server, tmp_path):
     """Ctrl-C in the driver's terminal (SIGINT to its process group) once a trial has a checkpoint: Tune saves its
     state, the command exits 130 saying how to resume, and no MLflow run of the sweep is left RUNNING (Tune's own
-    handler made fit() return as if the sweep had ended: parent FINISHED, the trial "stopped early", exit 1)."""
+    handler made fit() return as if the sweep had ended: parent FINISHED, the trial "stopped early", exit 1).
+    The trials here are two workers each: the sweeps' TorchTrainer path, from the trial's actor through Ray Train's
+    workers to Tune (the other tests' one-worker trials train in their actors)."""
     sweep = sweep_file(tmp_path, {"optim.learning_rate": {"values": [1e-3, 2e-3]}}, algorithm="grid",
                        max_concurrent_trials=1, overrides={
                            "train": {"max_iters": 2000, "eval_interval": 20, "eval_iters": 2, "log_interval": 5},
-                           "optim": {"lr_decay_iters": 2000}, "run": {"cpus_per_worker": 0.5}})
+                           "optim": {"lr_decay_iters": 2000}, "run": {"cpus_per_worker": 0.5, "num_workers": 2}})
+    workers = helper_actors()["RayTrainWorker"]
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen([sys.executable, "pipelines/tune.py", "--sweep", sweep, "--name", "ctrl-c",
@@ -374,6 +420,7 @@ def test_ctrl_c_stops_the_sweep_for_resume_and_ends_its_mlflow_runs_killed(ray_l
     parent, children = runs_of(MlflowClient(mlflow_server.uri), "tune-ctrl-c")
     assert parent.info.status == "KILLED" and children
     assert all(r.info.status == "KILLED" for r in children), [r.info.status for r in children]
+    assert helper_actors()["RayTrainWorker"] >= workers + 2  # the trial's, through its TorchTrainer
     from ray import tune as ray_tune
 
     assert ray_tune.Tuner.can_restore(str(out / "ctrl-c"))

@@ -210,10 +210,12 @@ def check_writable(directory: str, key: str) -> None:
 
 def plan_trial_run(config: Config) -> RunPlan:
     """A sweep trial's run, `<run.out_dir>/<run.name>` (both set by the sweep driver): new the first time, continued
-    from its latest checkpoint when the trial runs again."""
+    from its newest complete checkpoint when the trial runs again. A sweep lives on a filesystem
+    (pipelines/sweep/plan.py); a one-worker trial writes no Ray snapshot (pipelines/sweep/trial_here.py)."""
     storage = resolve_local(config.run.out_dir)
     run_dir = join(storage, config.run.name)
-    return RunPlan(config.run.name, storage, run_dir, None, exists(join(run_dir, RAY_SNAPSHOT)))
+    newest = latest_checkpoint(run_dir)
+    return RunPlan(config.run.name, storage, run_dir, newest, newest is not None or exists(join(run_dir, RAY_SNAPSHOT)))
 
 
 def unique_name(preset: str, storage: str) -> str:

@@ -31,7 +31,7 @@ from pipelines.ray_adapter.run_records import LocalRecords
 from pipelines.ray_adapter.runs import METRICS_FILE, RunPlan, newer_checkpoint
 
 if TYPE_CHECKING:
-    from nanogpt.train.loop import OnStep
+    from nanogpt.train.loop import OnStep, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,6 @@ def _train(config: Config, loop_config: dict[str, Any], tracker: Tracker, resume
            records: LocalRecords | None) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
-    import torch
 
     from nanogpt.train.loop import TrainContext, train
 
@@ -224,15 +223,21 @@ def _train(config: Config, loop_config: dict[str, Any], tracker: Tracker, resume
         logging.getLogger("nanogpt").setLevel(logging.WARNING)
     with _resume_dir(resume_from, run_dir) as resume_dir:
         result = train(config, data_dir, ctx, RayReporter(run_dir, records), tracker=tracker,
-                       resume_from=resume_dir, on_step=_all_of(hooks))
-    if ctx.rank != 0:
-        return None
+                       resume_from=resume_dir, on_step=all_of(hooks))
+    return run_summary(result, ctx.world_size) if ctx.rank == 0 else None
+
+
+def run_summary(result: TrainResult, world_size: int) -> dict[str, Any]:
+    """What rank 0 returns from a run (PretrainOutcome.summary; a sweep trial's record starts from it)."""
+    import torch
+
     return {"start_step": result.start_step, "step": result.step, "best_val_loss": result.best_val_loss,
             "val_loss": result.val_loss, "tokens_per_s": result.tokens_per_s, "num_skipped": result.num_skipped,
-            "torch_threads": torch.get_num_threads(), "world_size": ctx.world_size}
+            "torch_threads": torch.get_num_threads(), "world_size": world_size}
 
 
-def _all_of(hooks: Sequence[OnStep]) -> OnStep | None:
+def all_of(hooks: Sequence[OnStep]) -> OnStep | None:
+    """One on_step that runs `hooks` in order; None for none."""
     if not hooks:
         return None
 

@@ -39,10 +39,12 @@ from pipelines.sweep.report import (
 )
 from pipelines.sweep.spec import METRIC, MODE, PRESET_DIR, SweepSpec, base_tokens_per_step, trial_config
 from pipelines.sweep.trial import TrialSetup, run_trial, trial_params, trial_run_name
+from pipelines.sweep.trial_here import trains_here, trial_resources
 
 log = logging.getLogger(__name__)
 
-# The trial itself only drives a TorchTrainer (its workers reserve their own CPUs/GPUs); Tune rejects {"cpu": 0}.
+# A trial of several workers only drives a TorchTrainer (its workers reserve their own CPUs/GPUs); Tune rejects
+# {"cpu": 0}. A one-worker trial trains in its actor, which reserves that worker's share (trial_here.py).
 DRIVER_RESOURCES = {"cpu": 0.01}
 TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 RESULTS_CSV, PLOT_PNG, COMMAND_TXT = "results.csv", "val_loss_vs_lr.png", "best_command.txt"
@@ -123,8 +125,13 @@ def ctrl_c_stops_tune() -> Iterator[threading.Event]:
             os.environ[TUNE_SIGINT_ENV] = env
 
 
+def trial_actor_resources(base: Config) -> dict[str, float]:
+    """What each trial's Tune actor reserves: a one-worker trial's share when it trains there, else a sliver."""
+    return trial_resources(base) if trains_here(base) else DRIVER_RESOURCES
+
+
 def _tuner(sweep: Sweep, setup: TrialSetup, resume: bool):
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), DRIVER_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_actor_resources(sweep.base))
     if resume:  # load_sweep checked that Tune saved a state to restore
         # finished trials stay finished; unfinished ones run again: those with a record (they ended after Tune's
         # last snapshot) report it again, the others' TorchTrainers continue from their checkpoints; trials that
@@ -139,8 +146,15 @@ def _tuner(sweep: Sweep, setup: TrialSetup, resume: bool):
             trial_dirname_creator=trial_dir_name,
         ),
         run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.base.run.out_dir,
-                                  callbacks=[TrialRunsCallback(sweep.spec, sweep.base)]),
+                                  callbacks=[TrialRunsCallback(sweep.spec, sweep.base)],
+                                  failure_config=tune.FailureConfig(max_failures=trial_retries(sweep.base))),
     )
+
+
+def trial_retries(base: Config) -> int:
+    """Tune's restarts of a failed trial: run.max_failures for a trial that trains in its actor (it continues from
+    its checkpoints, as Ray Train's restarted workers would); none for a TorchTrainer, which retries itself."""
+    return base.run.max_failures if trains_here(base) else 0
 
 
 def trial_dir_name(trial) -> str:
@@ -196,12 +210,14 @@ def max_concurrent_trials(sweep: Sweep) -> int:
 
     rc = sweep.base.run
     total = ray.cluster_resources()
-    fits = int(total.get("CPU", 0) // (rc.num_workers * rc.cpus_per_worker + DRIVER_RESOURCES["cpu"]))
+    here = trains_here(sweep.base)
+    fits = int(total.get("CPU", 0) // (rc.cpus_per_worker if here else
+                                       rc.num_workers * rc.cpus_per_worker + DRIVER_RESOURCES["cpu"]))
     if rc.use_gpu:
         fits = min(fits, int(total.get("GPU", 0) // (rc.num_workers * rc.gpus_per_worker)))
     if fits < 1:
         log.warning("the cluster cannot hold one trial now (%s); trials wait for an autoscaler", total)
-    elif int(total.get("CPU", 0) // (rc.num_workers * rc.cpus_per_worker)) > fits:
+    elif not here and int(total.get("CPU", 0) // (rc.num_workers * rc.cpus_per_worker)) > fits:
         log.warning("each trial's driver reserves %s CPU, so only %d trials fit at once; a slightly smaller "
                     "run.cpus_per_worker (e.g. 0.95 instead of 1) lets one more run", DRIVER_RESOURCES["cpu"], fits)
     limit = sweep.spec.max_concurrent_trials

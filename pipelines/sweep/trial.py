@@ -1,16 +1,17 @@
-"""One trial of a sweep: the Ray Train V2 driver function that Ray Tune runs per sampled configuration.
+"""One trial of a sweep: the function that Ray Tune runs per sampled configuration.
 
-    tuner = Tuner(tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0.01}), ...)
+    tuner = Tuner(tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_actor_resources(base)), ...)
 
 The trial builds its config (pipelines/sweep/spec.py), plans its run as `<sweep dir>/trials/trial-<trial id>`
-(a name that stays the same when Tune restarts the trial or a resumed sweep runs it again, so the TorchTrainer
-continues its own checkpoints), opens its MLflow run nested under the sweep's, and fits the same TorchTrainer as
-pipelines/pretrain.py (build_trainer) with a callback that reports to Tune (tune_reports). run.lean=auto comes
+(a name that stays the same when Tune restarts the trial or a resumed sweep runs it again, so it continues its own
+checkpoints), and opens its MLflow run nested under the sweep's. A one-worker trial then trains right here, in its
+Tune actor (pipelines/sweep/trial_here.py; Tune retries its failures, run.max_failures). A trial of several workers
+fits the same TorchTrainer as pipelines/pretrain.py (build_trainer) with a callback that reports to Tune
+(tune_reports); its worker failures are Ray Train's to handle, exactly as in pretrain.py. run.lean=auto comes
 resolved by the sweep's driver (pipelines/sweep/run.py: the lean wing on a local instance it started, whose trainer
-runs Ray Train's controller in this trial's actor; Ray's public API on a cluster). Worker failures are Ray Train's
-to handle (run.max_failures), exactly as in pretrain.py. Its last act is its record, `outcome.json` in its run
-directory (pipelines/sweep/outcome.py): a trial run again after it ended reports that record again and trains
-nothing.
+runs Ray Train's controller in this trial's actor; Ray's public API on a cluster). The trial's last act is its
+record, `outcome.json` in its run directory (pipelines/sweep/outcome.py): a trial run again after it ended reports
+that record again and trains nothing.
 """
 
 from __future__ import annotations
@@ -98,10 +99,12 @@ def report_again(outcome: TrialOutcome, run_dir: str) -> None:
 
 
 def _fit(config: Config, setup: TrialSetup) -> dict[str, Any]:
-    """Fit the trial's TorchTrainer (continuing its own run, if it has one); rank 0's summary (step, start_step,
-    best_val_loss, val_loss)."""
+    """Train the trial (continuing its own run, if it has one): in this actor when it is one worker
+    (pipelines/sweep/trial_here.py), else by its TorchTrainer; rank 0's summary (step, start_step, best_val_loss,
+    val_loss)."""
     from pipelines.pretrain import fit
     from pipelines.ray_adapter.runs import plan_trial_run
+    from pipelines.sweep.trial_here import trains_here
 
     plan = plan_trial_run(config)
     run_id = None
@@ -109,10 +112,26 @@ def _fit(config: Config, setup: TrialSetup) -> dict[str, Any]:
         from pipelines.mlflow_adapter.job_run import open_job_run
 
         run_id = open_job_run(config, plan, parent_run_id=setup.parent_run_id)
-    # the trial's own MLflow run ends here (FINISHED, or FAILED when Train gives up); the sweep driver marks the
+    # the trial's own MLflow run ends here (FINISHED, or FAILED when training fails); the sweep driver marks the
     # runs of trials its scheduler stopped, and logs and registers the best trial's checkpoint
+    if trains_here(config):
+        return _fit_here(config, plan, run_id, setup.on_step)
     outcome = fit(config, plan, run_id, setup.on_step, callbacks=[tune_reports(config)], log_checkpoints=False)
     return outcome.summary
+
+
+def _fit_here(config: Config, plan, run_id: str | None, on_step: tuple[OnStep, ...]) -> dict[str, Any]:
+    """fit_here, and the trial's MLflow run ended as fit() ends a TorchTrainer's: FAILED when training raised."""
+    from pipelines.pretrain import end_job_run
+    from pipelines.sweep.trial_here import fit_here
+
+    try:
+        summary = fit_here(config, plan, run_id, on_step)
+    except BaseException:
+        end_job_run(config, plan, run_id, "FAILED")
+        raise
+    end_job_run(config, plan, run_id, "FINISHED")
+    return summary
 
 
 def tune_reports(config: Config):
