@@ -7,7 +7,7 @@ separate `pipelines/pretrain.py` jobs run one after another (each starting its o
 
 The trials: shakespeare_char_cpu for --iters steps (evals every --iters/5), learning rates log-spaced over
 1e-4..1e-2 (a grid, so both sides train the same configs), min_lr = lr/10, one worker at 0.95 CPU each (so the
-sweep runs 2 trials at a time on 2 CPUs, beside the trials' drivers at 0.01 CPU; one torch thread each). ASHA stops the worst half at each rung (grace: one fifth of the run).
+sweep runs 2 trials at a time on 2 CPUs, each training in its Tune actor (pipelines/sweep/trial_here.py); one torch thread each). ASHA stops the worst half at each rung (grace: one fifth of the run).
 The serial jobs run every trial to the end, as separate jobs would. MLflow is off on both sides (--mlflow turns it
 on for both): this measures Ray, Tune and the early stopping, not the tracking store. Each side is timed from its
 process start to its exit, so both pay their Python imports and Ray start-up.
@@ -40,7 +40,7 @@ def sweep_data(num_trials: int, iters: int, lrs: list[float]) -> dict:
         "base": BASE,
         "overrides": {"train": {"max_iters": iters, "eval_interval": eval_interval},
                       "optim": {"lr_decay_iters": iters, "warmup_iters": max(iters // 20, 1)},
-                      # 0.95: each trial's driver reserves 0.01 CPU, so two 1-CPU workers would not fit in 2 CPUs
+                      # 0.95, as the sweep presets: two trials at a time on 2 CPUs (one-worker trials need no driver's 0.01)
                       "run": {"cpus_per_worker": 0.95}},
         "search": {"optim.learning_rate": {"values": lrs}},
         "algorithm": "grid",
