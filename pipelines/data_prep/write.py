@@ -42,12 +42,23 @@ def write_shards(output: ShardOutput, planned: PlannedOutput, shard_size: int) -
             infos[(tasks[done[0]].split, tasks[done[0]].index)] = info
             log.info("wrote %s: %s tokens (%d/%d shards)", info.name, f"{info.num_tokens:,}", len(infos), len(tasks))
     except BaseException as e:  # KeyboardInterrupt too: leave nothing that looks like output
-        for ref in tasks:
-            ray.cancel(ref, force=True)
+        stop_tasks(list(tasks))
         output.remove_output()
         reraise_user_error(e)
         raise
     return {split: [infos[(p.split, p.index)] for p in plans if p.split == split] for split in SPLITS}
+
+
+def stop_tasks(refs: list[ray.ObjectRef], timeout_s: float = 60.0) -> None:
+    """Cancel the tasks and wait until none runs, so that no shard lands after the output is removed. Not
+    force=True: in Ray 2.60 force-cancelling a task as it finishes fails a check in the driver's task manager,
+    which aborts the driver (it took down a test process); a plain cancel stops a queued task before it starts
+    and interrupts a running one in Python."""
+    for ref in refs:
+        ray.cancel(ref)
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if running:
+        log.warning("%d shard tasks still running %.0f s after they were cancelled", len(running), timeout_s)
 
 
 @ray.remote
