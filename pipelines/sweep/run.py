@@ -134,7 +134,7 @@ def _tuner(sweep: Sweep, setup: TrialSetup, resume: bool):
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_actor_resources(sweep.base))
     if resume:  # load_sweep checked that Tune saved a state to restore
         # finished trials stay finished; unfinished ones run again: those with a record (they ended after Tune's
-        # last snapshot) report it again, the others' TorchTrainers continue from their checkpoints; trials that
+        # last snapshot) report it again, the others continue from their checkpoints; trials that
         # failed (e.g. diverged) are not retried
         return tune.Tuner.restore(sweep.sweep_dir, trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
@@ -158,7 +158,7 @@ def trial_retries(base: Config) -> int:
 
 
 def trial_dir_name(trial) -> str:
-    """Tune's name and directory for a trial: the same as its Ray Train run's (`trial-<trial id>`)."""
+    """Tune's name and directory for a trial: the same as its run's (`trial-<trial id>`)."""
     return trial_run_name(trial.trial_id)
 
 
