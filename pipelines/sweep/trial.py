@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanogpt.config import Config
 from nanogpt.train.loop import OnStep
@@ -33,6 +33,9 @@ from pipelines.sweep.outcome import (
 )
 from pipelines.sweep.report import FAILED, trial_status
 from pipelines.sweep.spec import SweepSpec, base_tokens_per_step, trial_config
+
+if TYPE_CHECKING:
+    from pipelines.ray_adapter.runs import RunPlan
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ def _fit(config: Config, setup: TrialSetup) -> dict[str, Any]:
     return outcome.summary
 
 
-def _fit_here(config: Config, plan, run_id: str | None, on_step: tuple[OnStep, ...]) -> dict[str, Any]:
+def _fit_here(config: Config, plan: RunPlan, run_id: str | None, on_step: tuple[OnStep, ...]) -> dict[str, Any]:
     """fit_here, and the trial's MLflow run ended as fit() ends a TorchTrainer's: FAILED when training raised."""
     from pipelines.pretrain import end_job_run
     from pipelines.sweep.trial_here import fit_here
