@@ -1,4 +1,4 @@
-"""Which sweep trials train in their Tune actor, and what that actor reserves and retries (pipelines/sweep/run.py,
+"""Which sweep trials train in their Tune actor, and what that actor (and the trial) reserves and retries (pipelines/sweep/run.py,
 pipelines/sweep/trial_here.py). No Ray cluster: the sweeps themselves run in tests/test_tune.py."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from nanogpt.config import Config
-from pipelines.sweep.run import DRIVER_RESOURCES, trial_actor_resources, trial_retries
+from pipelines.sweep.run import DRIVER_RESOURCES, trial_actor_resources, trial_cpus, trial_retries
 from pipelines.sweep.trial_here import trains_here
 
 
@@ -28,6 +28,11 @@ def test_the_trial_actor_reserves_its_workers_share_only_when_it_trains():
     assert trial_actor_resources(config(num_workers=1, cpus_per_worker=4, use_gpu=True, gpus_per_worker=1)) == \
         {"cpu": 4, "gpu": 1}
     assert trial_actor_resources(config(num_workers=2, cpus_per_worker=4, use_gpu=True)) == DRIVER_RESOURCES
+
+
+def test_a_trial_holds_its_workers_cpus_and_a_trainer_trial_its_drivers_sliver_too():
+    assert trial_cpus(config(num_workers=1, cpus_per_worker=0.95)) == 0.95  # two fit on 2 CPUs
+    assert trial_cpus(config(num_workers=2, cpus_per_worker=0.95)) == pytest.approx(1.9 + DRIVER_RESOURCES["cpu"])
 
 
 def test_tune_retries_a_trial_only_where_ray_train_does_not():

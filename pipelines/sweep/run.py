@@ -39,7 +39,7 @@ from pipelines.sweep.report import (
 )
 from pipelines.sweep.spec import METRIC, MODE, PRESET_DIR, SweepSpec, base_tokens_per_step, trial_config
 from pipelines.sweep.trial import TrialSetup, run_trial, trial_params, trial_run_name
-from pipelines.sweep.trial_here import trains_here, trial_resources
+from pipelines.sweep.trial_here import trains_here
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,16 @@ def ctrl_c_stops_tune() -> Iterator[threading.Event]:
 
 def trial_actor_resources(base: Config) -> dict[str, float]:
     """What each trial's Tune actor reserves: a one-worker trial's share when it trains there, else a sliver."""
-    return trial_resources(base) if trains_here(base) else DRIVER_RESOURCES
+    rc = base.run
+    if not trains_here(base):
+        return DRIVER_RESOURCES
+    return {"cpu": rc.cpus_per_worker, **({"gpu": rc.gpus_per_worker} if rc.use_gpu else {})}
+
+
+def trial_cpus(base: Config) -> float:
+    """The CPUs one trial holds while it runs: its actor's, plus its TorchTrainer's workers' where it has them."""
+    rc = base.run
+    return trial_actor_resources(base)["cpu"] + (0 if trains_here(base) else rc.num_workers * rc.cpus_per_worker)
 
 
 def _tuner(sweep: Sweep, setup: TrialSetup, resume: bool):
@@ -210,14 +219,12 @@ def max_concurrent_trials(sweep: Sweep) -> int:
 
     rc = sweep.base.run
     total = ray.cluster_resources()
-    here = trains_here(sweep.base)
-    fits = int(total.get("CPU", 0) // (rc.cpus_per_worker if here else
-                                       rc.num_workers * rc.cpus_per_worker + DRIVER_RESOURCES["cpu"]))
+    fits = int(total.get("CPU", 0) // trial_cpus(sweep.base))
     if rc.use_gpu:
         fits = min(fits, int(total.get("GPU", 0) // (rc.num_workers * rc.gpus_per_worker)))
     if fits < 1:
         log.warning("the cluster cannot hold one trial now (%s); trials wait for an autoscaler", total)
-    elif not here and int(total.get("CPU", 0) // (rc.num_workers * rc.cpus_per_worker)) > fits:
+    elif int(total.get("CPU", 0) // (rc.num_workers * rc.cpus_per_worker)) > fits:  # the drivers' slivers
         log.warning("each trial's driver reserves %s CPU, so only %d trials fit at once; a slightly smaller "
                     "run.cpus_per_worker (e.g. 0.95 instead of 1) lets one more run", DRIVER_RESOURCES["cpu"], fits)
     limit = sweep.spec.max_concurrent_trials

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nanogpt.config import Config
 from nanogpt.train.loop import OnStep
@@ -33,9 +33,6 @@ from pipelines.sweep.outcome import (
 )
 from pipelines.sweep.report import FAILED, trial_status
 from pipelines.sweep.spec import SweepSpec, base_tokens_per_step, trial_config
-
-if TYPE_CHECKING:
-    from pipelines.ray_adapter.runs import RunPlan
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ def _fit(config: Config, setup: TrialSetup) -> dict[str, Any]:
     val_loss)."""
     from pipelines.pretrain import fit
     from pipelines.ray_adapter.runs import plan_trial_run
-    from pipelines.sweep.trial_here import trains_here
+    from pipelines.sweep.trial_here import fit_here, trains_here
 
     plan = plan_trial_run(config)
     run_id = None
@@ -118,23 +115,9 @@ def _fit(config: Config, setup: TrialSetup) -> dict[str, Any]:
     # the trial's own MLflow run ends here (FINISHED, or FAILED when training fails); the sweep driver marks the
     # runs of trials its scheduler stopped, and logs and registers the best trial's checkpoint
     if trains_here(config):
-        return _fit_here(config, plan, run_id, setup.on_step)
+        return fit_here(config, plan, run_id, setup.on_step)
     outcome = fit(config, plan, run_id, setup.on_step, callbacks=[tune_reports(config)], log_checkpoints=False)
     return outcome.summary
-
-
-def _fit_here(config: Config, plan: RunPlan, run_id: str | None, on_step: tuple[OnStep, ...]) -> dict[str, Any]:
-    """fit_here, and the trial's MLflow run ended as fit() ends a TorchTrainer's: FAILED when training raised."""
-    from pipelines.pretrain import end_job_run
-    from pipelines.sweep.trial_here import fit_here
-
-    try:
-        summary = fit_here(config, plan, run_id, on_step)
-    except BaseException:
-        end_job_run(config, plan, run_id, "FAILED")
-        raise
-    end_job_run(config, plan, run_id, "FINISHED")
-    return summary
 
 
 def tune_reports(config: Config):

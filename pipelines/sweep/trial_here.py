@@ -34,12 +34,6 @@ def trains_here(config: Config) -> bool:
     return config.run.num_workers == 1 and not config.run.elastic
 
 
-def trial_resources(config: Config) -> dict[str, float]:
-    """What the actor of a trial that trains here reserves: its one worker's share."""
-    rc = config.run
-    return {"cpu": rc.cpus_per_worker, **({"gpu": rc.gpus_per_worker} if rc.use_gpu else {})}
-
-
 class TuneReporter(LocalReporter):
     """LocalReporter (the checkpoint put in place in the run directory, the latest `num_to_keep` and the best
     kept), then the report to Tune: Tune's scheduler may end the trial at this report, its checkpoint already
@@ -53,8 +47,10 @@ class TuneReporter(LocalReporter):
 
 
 def fit_here(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequence[OnStep] = ()) -> dict[str, Any]:
-    """Train the trial in this process, continuing from its newest complete checkpoint if it has one; the same
+    """Train the trial in this process, continuing from its newest complete checkpoint if it has one, and end its
+    MLflow run as pipelines/pretrain.py's fit() ends a TorchTrainer's (FAILED when training raised); the same
     summary as a Ray Train run's rank 0 (pipelines/ray_adapter/trainer.py)."""
+    from pipelines.pretrain import end_job_run
     from pipelines.ray_adapter.trainer import all_of, make_worker_tracker, run_summary
 
     resume_from = plan.resume_from  # the trial's newest complete checkpoint (plan_trial_run)
@@ -70,6 +66,8 @@ def fit_here(config: Config, plan: RunPlan, run_id: str | None, on_step: Sequenc
                        on_step=all_of(on_step))
     except BaseException:
         tracker.close(status="FAILED")
+        end_job_run(config, plan, run_id, "FAILED")
         raise
     tracker.close()
+    end_job_run(config, plan, run_id, "FINISHED")
     return run_summary(result, world_size=1)
