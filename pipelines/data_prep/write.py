@@ -24,41 +24,47 @@ log = logging.getLogger("nanogpt.prepare")
 
 
 def write_shards(output: ShardOutput, planned: PlannedOutput, shard_size: int) -> dict[str, list[ShardInfo]]:
-    """Write each planned shard from a task of its own; on any failure, cancel them all and remove the output."""
+    """Write each planned shard from a task of its own, at most IN_FLIGHT_PER_CPU per cluster CPU at a time; on any
+    failure, submit no more, wait for those in flight, and remove the output. Nothing is cancelled: in Ray 2.60
+    `ray.cancel` (with force or without) of a task whose reply is on its way fails a check in the driver's task
+    manager and aborts the driver (it took down test processes twice); the window bounds what a failure waits for."""
     plans = plan_output_shards(planned.streams, shard_size)
-    tasks: dict[ray.ObjectRef, ShardPlan] = {}
-    for plan in plans:
-        name = shard_name(plan.split, plan.index)
-        used = [planned.blocks[b] for b in plan.blocks]
-        ref = _write_shard_task.remote(output, name, planned.tokenizer.vocab_size, planned.codepoints, plan.parts,
-                                       *used)
-        tasks[ref] = plan
+    window = max(1, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+    in_flight: dict[ray.ObjectRef, ShardPlan] = {}
     infos: dict[tuple[str, int], ShardInfo] = {}
     try:
-        pending = list(tasks)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            info = ray.get(done[0])
-            infos[(tasks[done[0]].split, tasks[done[0]].index)] = info
-            log.info("wrote %s: %s tokens (%d/%d shards)", info.name, f"{info.num_tokens:,}", len(infos), len(tasks))
+        for plan in plans:
+            if len(in_flight) >= window:
+                _collect_one(in_flight, infos, len(plans))
+            in_flight[_submit(output, planned, plan)] = plan
+        while in_flight:
+            _collect_one(in_flight, infos, len(plans))
     except BaseException as e:  # KeyboardInterrupt too: leave nothing that looks like output
-        stop_tasks(list(tasks))
+        ray.wait(list(in_flight), num_returns=len(in_flight))  # no shard lands after the output is removed
         output.remove_output()
         reraise_user_error(e)
         raise
     return {split: [infos[(p.split, p.index)] for p in plans if p.split == split] for split in SPLITS}
 
 
-def stop_tasks(refs: list[ray.ObjectRef], timeout_s: float = 60.0) -> None:
-    """Cancel the tasks and wait until none runs, so that no shard lands after the output is removed. Not
-    force=True: in Ray 2.60 force-cancelling a task as it finishes fails a check in the driver's task manager,
-    which aborts the driver (it took down a test process); a plain cancel stops a queued task before it starts
-    and interrupts a running one in Python."""
-    for ref in refs:
-        ray.cancel(ref)
-    _, running = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    if running:
-        log.warning("%d shard tasks still running %.0f s after they were cancelled", len(running), timeout_s)
+IN_FLIGHT_PER_CPU = 2
+"""Shard tasks in flight per cluster CPU: enough to keep every CPU writing while the driver collects results."""
+
+
+def _submit(output: ShardOutput, planned: PlannedOutput, plan: ShardPlan) -> ray.ObjectRef:
+    used = [planned.blocks[b] for b in plan.blocks]
+    return _write_shard_task.remote(output, shard_name(plan.split, plan.index), planned.tokenizer.vocab_size,
+                                    planned.codepoints, plan.parts, *used)
+
+
+def _collect_one(in_flight: dict[ray.ObjectRef, ShardPlan], infos: dict[tuple[str, int], ShardInfo],
+                 total: int) -> None:
+    """Wait for one shard task, record its ShardInfo (raising its error), and take it out of `in_flight`."""
+    [done], _ = ray.wait(list(in_flight), num_returns=1)
+    plan = in_flight.pop(done)
+    info = ray.get(done)
+    infos[(plan.split, plan.index)] = info
+    log.info("wrote %s: %s tokens (%d/%d shards)", info.name, f"{info.num_tokens:,}", len(infos), total)
 
 
 @ray.remote
