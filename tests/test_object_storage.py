@@ -15,6 +15,7 @@ import pytest
 
 from nanogpt.config import Config, ConfigError
 from nanogpt.data import shard_prefix, storage
+from nanogpt.data.corpus import resolve_input
 from nanogpt.data.shard_cache import fetch_shards, local_shards
 from nanogpt.data.shards import (
     MANIFEST_NAME,
@@ -77,6 +78,22 @@ def test_store_operations_round_trip(s3, tmp_path):
     with pytest.raises(storage.StorageError, match="no such object") as e:
         storage.read_bytes(storage.join(uri, "missing.txt"))
     assert e.value.uri.endswith("/p/missing.txt")
+
+
+def test_a_corpus_in_the_store_is_listed_in_order_and_read_like_a_local_one(s3, tmp_path):
+    uri = s3.bucket_uri("corpus")
+    for name in ("b.txt", "a.jsonl", "sub/c.txt", "skip.bin"):
+        storage.write_bytes(storage.join(uri, name), name.encode())
+    expected = [storage.join(uri, n) for n in ("a.jsonl", "b.txt", "sub/c.txt")]  # corpus files only, sorted
+    assert [f.path for f in resolve_input(uri).files] == expected
+    assert [f.path for f in resolve_input(storage.join(uri, "*.txt")).files] == [storage.join(uri, "b.txt")]
+    assert [f.path for f in resolve_input(storage.join(uri, "**/*.txt")).files] == expected[1:]  # as on disk
+    assert [f.size for f in resolve_input(uri).files] == [7, 5, 9]
+    (tmp_path / "b.txt").write_bytes(b"b.txt")
+    assert storage.read_bytes(expected[1]) == storage.read_bytes(str(tmp_path / "b.txt"))  # the tasks' one reader
+    with pytest.raises(storage.StorageError, match="cannot read: no such file") as e:
+        storage.read_bytes(str(tmp_path / "gone.txt"))
+    assert e.value.uri == str(tmp_path / "gone.txt")
 
 
 def test_a_node_copy_is_downloaded_once_verified_and_reused(published, tmp_path):

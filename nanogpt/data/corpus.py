@@ -23,6 +23,7 @@ more than 1% of its bytes are undecodable (binary data, or another encoding: tha
 
 from __future__ import annotations
 
+import fnmatch
 import glob as globlib
 import gzip
 import hashlib
@@ -138,7 +139,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeo
 @dataclass(frozen=True)
 class InputFile:
     path: str
-    """Absolute local path, or a URI (s3://bucket/key) passed as is to Ray Data."""
+    """Absolute local path, or a URI (s3://bucket/key): what prepare's tasks read (nanogpt/data/storage.py)."""
     size: int
     mtime_ns: int
 
@@ -283,8 +284,6 @@ def _stat(path: Path) -> InputFile:
 
 def _list_remote(uri: str) -> tuple[InputFile, ...]:
     """List a cloud file, prefix or glob with pyarrow's filesystems (the driver's only remote I/O)."""
-    import fnmatch
-
     import pyarrow.fs as pafs
 
     scheme = uri.split("://", 1)[0] + "://"
@@ -302,14 +301,23 @@ def _list_remote(uri: str) -> tuple[InputFile, ...]:
         raise CorpusError(f"{uri}: cannot list ({e})") from None
     if globlib.has_magic(uri):
         pattern = uri[len(scheme):]
-        infos = [i for i in infos if fnmatch.fnmatchcase(i.path, pattern)]
+        infos = [i for i in infos if _glob_match(i.path.split("/"), pattern.split("/"))]
     elif info.type == pafs.FileType.Directory:
         infos = [i for i in infos if _suffix(i.base_name) in SUPPORTED_SUFFIXES]
     if not infos:
         raise CorpusError(f"{uri}: no files")
-    return tuple(
-        sorted(InputFile(path=scheme + i.path, size=i.size or 0, mtime_ns=i.mtime_ns or 0) for i in infos)
-    )
+    files = (InputFile(path=scheme + i.path, size=i.size or 0, mtime_ns=i.mtime_ns or 0) for i in infos)
+    return tuple(sorted(files, key=lambda f: f.path))
+
+
+def _glob_match(parts: list[str], patterns: list[str]) -> bool:
+    """A key's segments against a glob's, by the local glob's rule (as --input 'dir/*.txt' reads on disk): `*`, `?`
+    and `[...]` stay within one segment; a `**` segment stands for any number of them."""
+    if not patterns:
+        return not parts
+    if patterns[0] == "**":
+        return any(_glob_match(parts[i:], patterns[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], patterns[0]) and _glob_match(parts[1:], patterns[1:])
 
 
 # ------------------------------------------------------------------------------------------ documents

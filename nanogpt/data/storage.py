@@ -89,6 +89,14 @@ def list_entries(prefix: str) -> list[str]:
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole file at a local path, or the whole object at a URI; StorageError naming it when it cannot be read."""
+    if not is_uri(uri):
+        try:
+            return Path(uri).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(uri, "cannot read: no such file") from None
+        except OSError as e:
+            raise StorageError(uri, f"cannot read: {e.strerror or e}") from None
     fs, key = _filesystem(uri)
     with _call(uri, "cannot read", fs.open_input_stream, key) as f:
         return _call(uri, "cannot read", f.read)
