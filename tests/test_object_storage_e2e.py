@@ -1,5 +1,5 @@
 """Shards and runs in object storage, end to end, against a real S3 API on 127.0.0.1:
-prepare --out s3:// -> pretrain --data.dir=s3:// --run.out_dir=s3:// -> resume -> sample and evaluate on an s3://
+prepare --input s3:// --out s3:// -> pretrain --data.dir=s3:// --run.out_dir=s3:// -> resume -> sample and evaluate on an s3://
 checkpoint. prepare and pretrain run as commands, each its own process with its own local Ray instance, which finds
 the store the way a cluster's nodes do: AWS_ENDPOINT_URL and credentials in the environment (the session's
 `ray_local` was started without them). sample and evaluate start no Ray: they run in this process, which has the
@@ -38,16 +38,29 @@ def run(script: str, *args: str, env: dict[str, str], expect: int = 0) -> subpro
     return result
 
 
-def prepare_args(corpus: Path, out: str) -> list[str]:
-    return ["--input", str(corpus), "--tokenizer", "char", "--out", out]
+def prepare_args(corpus: str, out: str) -> list[str]:
+    return ["--input", corpus, "--tokenizer", "char", "--out", out]
 
 
 @pytest.fixture(scope="module")
-def prepared(s3_server, shakespeare_path, tmp_path_factory) -> str:
-    """Tiny Shakespeare as char-level shards in a bucket of their own, through prepare's command line, once."""
+def corpus_uri(s3_server, shakespeare_path) -> str:
+    """Tiny Shakespeare as two objects under a prefix of a bucket of its own: prepare's input, read by its tasks."""
+    corpus = s3_server.bucket_uri("corpus")
+    text = shakespeare_path.read_bytes()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in s3_server.env.items():
+            env.setenv(key, value)
+        for i, part in enumerate((text[: len(text) // 2], text[len(text) // 2:])):
+            storage.write_bytes(storage.join(corpus, f"part_{i}.txt"), part)
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def prepared(s3_server, corpus_uri, tmp_path_factory) -> str:
+    """The corpus in the store as char-level shards in a bucket of their own, through prepare's command line, once."""
     home = tmp_path_factory.mktemp("prepare_home")
     shards = s3_server.bucket_uri("shards")
-    run("prepare.py", *prepare_args(shakespeare_path, shards), env={**os.environ, **s3_server.env, "HOME": str(home)})
+    run("prepare.py", *prepare_args(corpus_uri, shards), env={**os.environ, **s3_server.env, "HOME": str(home)})
     return shards
 
 
@@ -61,11 +74,16 @@ def home(tmp_path, monkeypatch) -> Path:
     return path
 
 
-def test_prepare_pretrain_resume_sample_evaluate_in_s3(prepared, s3, home, tmp_path, capsys):
+def test_prepare_pretrain_resume_sample_evaluate_in_s3(prepared, corpus_uri, s3, home, shakespeare_path, tmp_path,
+                                                       capsys):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     shards, runs = prepared, s3.bucket_uri("runs")
     manifest = load_manifest(shards)
     assert storage.list_names(shards) == sorted([*manifest.shard_names(), "manifest.json"])
+    text = shakespeare_path.read_text()  # every character of both objects, one token each: all was read
+    assert manifest.inputs["spec"] == corpus_uri and manifest.inputs["num_files"] == 2
+    assert manifest.num_tokens("train") + manifest.num_tokens("val") == len(text)
+    assert manifest.num_tokens("val") == len(text) - int(len(text) * 0.9)  # the tail split, across the two objects
 
     first = run("pretrain.py", *RUN_ARGS, f"--data.dir={shards}", f"--run.out_dir={runs}", "--run.name=r1",
                 "--train.max_iters=20", env=env)
@@ -96,7 +114,7 @@ def test_prepare_pretrain_resume_sample_evaluate_in_s3(prepared, s3, home, tmp_p
 
 
 def test_a_damaged_shard_object_is_one_line_and_exit_2_and_prepare_force_repairs_it(
-        prepared, s3, home, shakespeare_path, caplog):
+        prepared, corpus_uri, s3, home, caplog):
     env = dict(os.environ)
     shards, runs = s3.bucket_uri("shards"), s3.bucket_uri("runs")
     _copy_objects(prepared, shards)  # the module's shards, as prepare left them, in a bucket of this test's own
@@ -114,7 +132,7 @@ def test_a_damaged_shard_object_is_one_line_and_exit_2_and_prepare_force_repairs
         assert len(errors) == 1 and "Traceback" not in output, output[-6000:]
         assert f"{shard}: damaged in the store: sha256" in errors[0]
         assert f"prepare the data again with --force (pipelines/prepare.py --out {shards} --force," in errors[0]
-    prepare = prepare_args(shakespeare_path, shards)
+    prepare = prepare_args(corpus_uri, shards)
     with caplog.at_level(logging.INFO):
         assert prepare_cli.main(prepare) == 0  # no Ray: the up-to-date check is the driver's
     assert "is up to date" in caplog.text  # sizes only: hence --force

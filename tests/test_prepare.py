@@ -399,6 +399,25 @@ def test_bad_input_is_one_line_naming_the_first_bad_file(ray_local, tmp_path, ca
                       "--data.text_field=<field> (and 1 more file that cannot be parsed: c.jsonl)"]
 
 
+def test_a_file_gone_before_its_task_reads_it_is_one_line_naming_it(ray_local, tmp_path, monkeypatch):
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (root / name).write_text("some words\n")
+
+    def listed_then_removed(spec: str):  # as on shared storage: listed by the driver, gone when a task reads it
+        source = resolve_input(spec)
+        (root / "b.txt").unlink()
+        return source
+
+    monkeypatch.setattr("pipelines.prepare.resolve_input", listed_then_removed)
+    out = tmp_path / "out"
+    with pytest.raises(CorpusError) as e:
+        prepare(DataConfig(input=str(root), tokenizer="char"), out)
+    assert str(e.value) == f"{root}/b.txt: cannot read: no such file"
+    assert not out.exists()
+
+
 def test_bad_input_keeps_a_previous_complete_output(ray_local, tmp_path):
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
     good.write_text("a perfectly good corpus\n" * 10)

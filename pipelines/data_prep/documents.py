@@ -5,8 +5,8 @@ each tokenized into one row of a document table. The blocks stay in the object s
     blocks = tokenize_documents(source, hf_ds, spec, num_blocks=None)      # [ObjectRef of a pyarrow.Table, ...]
 
 A row is one document keyed by (file index, document index) with its split (random rule), character count, count
-of replaced bytes, 128-bit content hash and tokens (code points for char-level). A file that cannot be parsed
-becomes one error row, not an exception: the driver reports the first in corpus order, in one line.
+of replaced bytes, 128-bit content hash and tokens (code points for char-level). A file that cannot be read or
+parsed becomes one error row, not an exception: the driver reports the first in corpus order, in one line.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import ray
 from nanogpt.config import DataConfig
 from nanogpt.data.corpus import CorpusError, InputSource, is_val_document, parse_documents
 from nanogpt.data.shards import dtype_for_vocab
+from nanogpt.data.storage import StorageError, read_bytes
 from nanogpt.tokenizers import Tokenizer, build_tokenizer
 
 INDEX_COLUMN = "__nanogpt_doc_index"
@@ -68,15 +69,13 @@ def tokenize_documents(
     """Run the Ray Data pipeline; return the refs of its blocks: one row per document, tokens included."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if source.kind == "files":
-        paths = [f.path for f in source.files]
-        file_index = {p: i for i, p in enumerate(paths)}
-        # Ray Data reports cloud paths without their scheme (bucket/key).
-        file_index.update({p.split("://", 1)[1]: i for i, p in enumerate(paths) if "://" in p})
-        # A file is one row, so read tasks beyond one per file only add empty blocks (Ray's default asks for
-        # >= 200 and splits each file's block to get them) and prevent fusing the read with the tokenize step.
-        blocks = num_blocks or min(len(paths), max(200, 2 * cpus))
-        ds = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=blocks)
-        fn = partial(tokenize_files, file_index=file_index, spec=spec)
+        # One row per file, which the task that tokenizes it reads (a path or a URI): read_binary_files would also
+        # serialize each whole file once only to estimate its size, 5% of the work (bench/NOTES.md). More tasks than
+        # files would only be empty.
+        files = [{"file_index": i, "path": f.path} for i, f in enumerate(source.files)]
+        blocks = num_blocks or min(len(files), max(200, 2 * cpus))
+        ds = ray.data.from_items(files, override_num_blocks=blocks)
+        fn = partial(tokenize_files, spec=spec)
     else:
         # A global row index keys each document; from_huggingface gives one block unless told otherwise.
         table_ds = hf_ds.select_columns([spec.text_field]).add_column(INDEX_COLUMN, np.arange(len(hf_ds)))
@@ -93,19 +92,19 @@ def tokenize_documents(
     return ds.to_arrow_refs()
 
 
-def tokenize_files(batch: pa.Table, file_index: dict[str, int], spec: TokenizeSpec) -> pa.Table:
-    """Ray Data UDF: whole files (path, bytes) -> one row per document; or, when some cannot be parsed, one error
-    row per such file. A CorpusError is returned as data, not raised: Ray Data would print some 160 lines of its
+def tokenize_files(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
+    """Ray Data UDF: files (file index, path) -> one row per document; or, when some cannot be read or parsed, one
+    error row per such file. The error is returned as data, not raised: Ray Data would print some 160 lines of its
     own traceback around the one line that names the file."""
     tables, errors = [], []
-    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
+    for index, path in zip(batch.column("file_index").to_pylist(), batch.column("path").to_pylist()):
         try:
-            parsed = parse_documents(path, data, spec.text_field, spec.separator, spec.encoding_errors)
-        except CorpusError as e:
-            errors.append(_error_row(file_index[path], str(e), spec))
+            parsed = parse_documents(path, read_bytes(path), spec.text_field, spec.separator, spec.encoding_errors)
+        except (CorpusError, StorageError) as e:
+            errors.append(_error_row(index, str(e), spec))
             continue
         doc_index = np.arange(len(parsed.texts), dtype=np.int64)
-        tables.append(encode_documents(file_index[path], doc_index, parsed.texts, parsed.num_replaced, spec,
+        tables.append(encode_documents(index, doc_index, parsed.texts, parsed.num_replaced, spec,
                                        replaced_at=parsed.first_replaced))
     if errors:
         return pa.concat_tables(errors)  # the run fails: the documents of the other files are of no use
@@ -151,7 +150,7 @@ def encode_documents(
         "file_index": pa.array(np.full(len(texts), file_index, dtype=np.int32)),
         "doc_index": pa.array(doc_index.astype(np.int64)),
         "split": pa.array(split),
-        "num_chars": pa.array(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))),
+        "num_chars": pa.array(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))),
         "num_replaced": pa.array(replaced),
         "replaced_at": pa.array(where, type=pa.string()),
         "content_hash": pa.FixedSizeListArray.from_arrays(pa.array(hashes.reshape(-1)), 2),

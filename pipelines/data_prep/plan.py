@@ -41,6 +41,7 @@ from nanogpt.data.split_plan import (
     tail_cut,
     tail_split_streams,
 )
+from nanogpt.data.storage import read_bytes
 from nanogpt.tokenizers import CharTokenizer, Tokenizer
 from pipelines.data_prep.documents import TokenizeSpec, encode_documents, tokenize_documents
 from pipelines.data_prep.task_errors import reraise_user_error
@@ -308,7 +309,7 @@ def _retokenize_cut(
 def _tokenize_halves(spec: TokenizeSpec, char_offset: int, path: str | None = None, doc_index: int = 0,
                      text: str | None = None) -> pa.Table:
     if text is None:
-        parsed = parse_documents(path, _read_bytes(path), spec.text_field, spec.separator, spec.encoding_errors)
+        parsed = parse_documents(path, read_bytes(path), spec.text_field, spec.separator, spec.encoding_errors)
         text = parsed.texts[doc_index]
     halves = [text[:char_offset], text[char_offset:]]
     return encode_documents(0, np.array([0, 1], dtype=np.int64), halves, 0, spec)
@@ -318,13 +319,3 @@ def _tokenize_halves(spec: TokenizeSpec, char_offset: int, path: str | None = No
 def _halves_sizes(table: pa.Table) -> tuple[int, int]:
     lengths = pc.list_value_length(table.column("tokens")).to_pylist()
     return int(lengths[0]), int(lengths[1])
-
-
-def _read_bytes(path: str) -> bytes:
-    if "://" not in path:
-        return Path(path).read_bytes()
-    import pyarrow.fs as pafs
-
-    fs, key = pafs.FileSystem.from_uri(path)
-    with fs.open_input_stream(key) as f:
-        return f.read()
