@@ -90,8 +90,7 @@ class GPT2Tokenizer:
         from nanogpt.tiktoken_buffer import buffer_encoder
 
         eot_text = self._enc.decode([self.eot_token])
-        nonempty = np.fromiter((bool(t) for t in texts), dtype=bool, count=len(texts))
-        kept = [t for t, keep in zip(texts, nonempty) if keep]
+        kept = list(filter(None, texts))  # an empty text has no tokens, and no end-of-text token either
         joined = eot_text.join(kept) + eot_text if kept else ""
         if joined.count(eot_text) != len(kept):  # the token's text has no border: a count off means a text holds it
             return None
@@ -100,8 +99,10 @@ class GPT2Tokenizer:
         except UnicodeEncodeError:
             return None
         is_eot = tokens == self.eot_token
-        lengths = np.zeros(len(texts), dtype=np.int64)
-        lengths[nonempty] = np.diff(np.flatnonzero(is_eot), prepend=-1) - (not append_eot)
+        lengths = np.diff(np.flatnonzero(is_eot), prepend=-1) - (not append_eot)
+        if len(kept) < len(texts):  # the empty texts' lengths are zeros
+            counts, lengths = lengths, np.zeros(len(texts), dtype=np.int64)
+            lengths[np.fromiter(map(bool, texts), dtype=bool, count=len(texts))] = counts
         return (tokens, lengths) if append_eot else (tokens[~is_eot], lengths)
 
     def _encode_each(self, texts: Sequence[str], append_eot: bool) -> tuple[np.ndarray, np.ndarray]:
