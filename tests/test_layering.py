@@ -182,3 +182,28 @@ def test_rays_internals_are_used_only_in_the_lean_wing():
 ])
 def test_the_scan_finds_each_kind_of_use(code, found):
     assert sorted(what for _, what in private_ray_uses(ast.parse(code))) == sorted(found)
+
+
+def private_torch_imports(tree: ast.AST) -> list[tuple[int, str]]:
+    """Imports of a torch name or module that starts with an underscore (`from torch.x import _y`, `import
+    torch._x`): the code runs on torch's public API, so a torch release cannot break it by moving its internals."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] == "torch"]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if any(part.startswith("_") for part in n.split("."))]
+    return found
+
+
+def test_no_private_torch_name_is_imported():
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {what}" for path in source_files()
+                 for line, what in private_torch_imports(ast.parse(path.read_text()))]
+    assert offenders == []
+    caught = private_torch_imports(ast.parse("from torch.distributed.checkpoint.state_dict_loader import _load_state_dict"
+                                             "\nimport torch._dynamo\nfrom torch.nn import functional"))
+    assert [what for _, what in caught] == ["torch.distributed.checkpoint.state_dict_loader._load_state_dict",
+                                            "torch._dynamo"]

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
@@ -149,9 +148,32 @@ class SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
     """dcp.load's default planner (into a given state dict), non-tensor items read weights-only."""
 
 
-class SafeEmptyPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
-    """The planner of DCP's format_utils (a whole state dict rebuilt from the metadata), non-tensor items read
-    weights-only."""
+def empty_state(metadata: Metadata) -> dict[str, Any]:
+    """Every item of checked metadata (SafeFileSystemReader's: no more declared than its files hold) by its flat
+    name: an empty tensor of its shape and dtype, or None for a non-tensor item, which DCP's load sets."""
+    return {fqn: torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata)
+            else None for fqn, item in metadata.state_dict_metadata.items()}
+
+
+def nested(flat: dict[str, Any], planner_data: dict[str, tuple] | None) -> dict[str, Any]:
+    """The flat items back at their places in the saved state dict (DCP's planner_data paths, as its format_utils
+    rebuilds them): a str step is a dict key, an int step a list index; an item without a path stays at the top."""
+    root: dict[str, Any] = {}
+    for fqn, value in flat.items():
+        path = tuple((planner_data or {}).get(fqn) or (fqn,))
+        container: Any = root
+        for step, following in zip(path, path[1:]):
+            empty: Any = [] if isinstance(following, int) else {}
+            if isinstance(container, dict):
+                container = container.setdefault(step, empty)
+                continue
+            container.extend([None] * (step + 1 - len(container)))
+            container[step] = empty if container[step] is None else container[step]
+            container = container[step]
+        if isinstance(path[-1], int):
+            container.extend([None] * (path[-1] + 1 - len(container)))
+        container[path[-1]] = value
+    return root
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ convert between the two.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +67,20 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
 def read_full(folder: str | os.PathLike) -> dict[str, Any]:
     """Everything saved in one DCP folder, as whole tensors on the CPU, read by this process alone: no process
     group and no collective, whatever the number of ranks that wrote it (and whether or not one is initialized).
-    Read without trusting the folder (nanogpt/checkpoint/dcp_reader.py): a CheckpointError naming the file otherwise."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    Read without trusting the folder (nanogpt/checkpoint/dcp_reader.py): a CheckpointError naming the file otherwise.
+    What DCP's format_utils.dcp_to_torch_save does, through dcp.load's public arguments: an empty state of every
+    item the checked metadata declares, filled in place, then nested back as it was saved."""
+    import torch.distributed.checkpoint as dcp
 
-    from nanogpt.checkpoint.dcp_reader import SafeEmptyPlanner, checked_reader, dcp_errors
+    from nanogpt.checkpoint.dcp_reader import SafeLoadPlanner, checked_reader, dcp_errors, empty_state, nested
 
-    state: dict[str, Any] = {}
-    # exactly what DCP's public format_utils.dcp_to_torch_save does, without writing the result to a file, with
-    # the safe reader and planner
-    with dcp_errors(folder):
-        _load_state_dict(state, storage_reader=checked_reader(folder), planner=SafeEmptyPlanner(), no_dist=True)
-    return state
+    with dcp_errors(folder), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist says so: intended
+        reader = checked_reader(folder)
+        metadata = reader.read_metadata()
+        state = empty_state(metadata)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    return nested(state, metadata.planner_data)
 
 
 def load_optimizer_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dir: str | os.PathLike) -> None:
