@@ -23,6 +23,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+"""The first 8 bytes of every PNG file: a loss-curve plot is a real image."""
 # Ray Train's controller takes a worker's report off a one-slot queue once per health check, every 2 s by default:
 # a worker that reports again sooner waits for it. The debug runs here report every 10 updates, a fraction of a
 # second apart, so at Ray's default each report after the first waits up to 2 s, a third of a short run (measured:

@@ -27,10 +27,10 @@ from pipelines.mlflow_adapter.run_tags import manifest_fingerprint
 from pipelines.mlflow_adapter.tracker import MlflowTracker
 from pipelines.mlflow_adapter.tracking_uri_swap import process_tracking_uri
 from pipelines.ray_adapter.runs import RunPlan
+from tests.conftest import PNG_MAGIC
 
 pytest_plugins = ("tests.mlflow_server",)
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN = [(0, 4.17), (1, 3.9021), (2, 3.5), (3, 3.125), (4, 2.875)]  # (step, loss)
 VAL = [(2, 3.61), (4, 2.99)]
 

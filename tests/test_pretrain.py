@@ -22,6 +22,7 @@ from nanogpt.config import ConfigError
 from pipelines import sample
 from pipelines.pretrain import main, pretrain
 from pipelines.ray_adapter.runs import RAY_SNAPSHOT, plan_run
+from tests.conftest import PNG_MAGIC
 from tests.pretrain_runs import (
     KILL_STEP,
     TOKENS_PER_STEP,
@@ -76,7 +77,6 @@ def test_two_worker_run_learns_and_keeps_the_best_checkpoint(reference):
 
 
 KILLED_EXPERIMENT = "killed-midrun"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")

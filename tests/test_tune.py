@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tune
 from pipelines.sweep.report import FINISHED, STOPPED
+from tests.conftest import PNG_MAGIC
 from tests.faults import KillProcessAt, ctrl_c_when
 from tests.pretrain_runs import char_shards, eval_records, metric_history, records, shared_root
 
@@ -29,7 +30,6 @@ pytest_plugins = ("tests.mlflow_server",)
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = {"train": {"max_iters": 30, "eval_interval": 10, "eval_iters": 2}, "optim": {"lr_decay_iters": 30},
         "run": {"cpus_per_worker": 0.5}}
 
