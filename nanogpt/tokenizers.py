@@ -91,7 +91,7 @@ class GPT2Tokenizer:
 
         eot_text = self._enc.decode([self.eot_token])
         kept = list(filter(None, texts))  # an empty text has no tokens, and no end-of-text token either
-        joined = eot_text.join(kept) + eot_text if kept else ""
+        joined = eot_text.join([*kept, ""])  # each text followed by the token's text: one copy of them all
         if joined.count(eot_text) != len(kept):  # the token's text has no border: a count off means a text holds it
             return None
         try:
