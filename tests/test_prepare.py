@@ -26,6 +26,7 @@ from nanogpt.config import ConfigError, DataConfig, load_config
 from nanogpt.data.corpus import CorpusError, fingerprint, is_val_document, resolve_input
 from nanogpt.data.shards import MANIFEST_NAME, load_split, read_shard, verify
 from nanogpt.tokenizers import tokenizer_from_dict
+from pipelines.data_prep import plan
 from pipelines.prepare import PRESET_DIR, main, pipeline_settings, prepare
 from tests.conftest import hold_lock
 
@@ -415,6 +416,30 @@ def test_a_file_gone_before_its_task_reads_it_is_one_line_naming_it(ray_local, t
     with pytest.raises(CorpusError) as e:
         prepare(DataConfig(input=str(root), tokenizer="char"), out)
     assert str(e.value) == f"{root}/b.txt: cannot read: no such file"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change", ["removed", "appended to"])
+def test_a_file_changed_before_its_cut_document_is_read_again_is_one_line_naming_it(ray_local, tiktoken_cache,
+                                                                                    tmp_path, monkeypatch, change):
+    corpus = tmp_path / "one.txt"
+    text = "a single document, which the tail split cuts in two " * 40
+    corpus.write_text(text)
+    original = plan.order_runs
+
+    def tokenized_then_changed(*args):  # every document is tokenized; the cut one is read again after this
+        corpus.unlink() if change == "removed" else corpus.write_text(text + "more")
+        return original(*args)
+
+    monkeypatch.setattr(plan, "order_runs", tokenized_then_changed)
+    out = tmp_path / "out"
+    with pytest.raises(CorpusError) as e:
+        prepare(DataConfig(input=str(corpus), tokenizer="gpt2"), out)
+    assert str(e.value) == {
+        "removed": f"{corpus}: cannot read: no such file",
+        "appended to": f"{corpus}: changed while prepare read it ({len(text):,} bytes when listed, "
+                       f"{len(text) + 4:,} now); run prepare again",
+    }[change]
     assert not out.exists()
 
 
