@@ -14,11 +14,11 @@ How the work is divided, and why the output never depends on it:
   1. Driver: list the input files (sorted) or open the HF dataset; fingerprint them and the settings. Lock --out
      (a second prepare into it fails at once, naming this one) and refuse a directory holding files prepare did not
      write; stop here when an existing manifest has the same fingerprints (a no-op rerun).
-  2. Ray Data: one row per file (its index and path); in `map_batches`, each task reads its files whole (a path or
-     a URI: nanogpt/data/storage.py), splits them into documents and tokenizes them. Each output row is one document
-     keyed by (file index, document index) with its tokens; blocks stay in the object store. A file that cannot be
-     read or parsed (gone, bad JSON, a missing field) becomes an error row, not an exception: the driver reports the
-     first in corpus order, in one line.
+  2. Ray Data: one row per file (its index, path and listed size); in `map_batches`, each task reads its files whole
+     (a path or a URI: nanogpt/data/storage.py), splits them into documents and tokenizes them. Each output row is
+     one document keyed by (file index, document index) with its tokens; blocks stay in the object store. A file
+     that cannot be read or parsed (gone or changed since it was listed, bad JSON, a missing field) becomes an error
+     row, not an exception: the driver reports the first in corpus order, in one line.
      (pipelines/data_prep/documents.py)
   3. Tasks summarize each block as runs of consecutive document keys (a few numbers per block). With data.dedup
      (the default), a task first finds the documents whose text (a 128-bit hash of it) an earlier document in

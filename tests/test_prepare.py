@@ -400,22 +400,26 @@ def test_bad_input_is_one_line_naming_the_first_bad_file(ray_local, tmp_path, ca
                       "--data.text_field=<field> (and 1 more file that cannot be parsed: c.jsonl)"]
 
 
-def test_a_file_gone_before_its_task_reads_it_is_one_line_naming_it(ray_local, tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["removed", "appended to"])
+def test_a_file_changed_before_its_task_reads_it_is_one_line_naming_it(ray_local, tmp_path, monkeypatch, change):
     root = tmp_path / "in"
     root.mkdir()
     for name in ("a.txt", "b.txt"):
         (root / name).write_text("some words\n")
 
-    def listed_then_removed(spec: str):  # as on shared storage: listed by the driver, gone when a task reads it
+    def listed_then_changed(spec: str):  # as on shared storage: listed by the driver, changed when a task reads it
         source = resolve_input(spec)
-        (root / "b.txt").unlink()
+        (root / "b.txt").unlink() if change == "removed" else (root / "b.txt").write_text("some words\nmore\n")
         return source
 
-    monkeypatch.setattr("pipelines.prepare.resolve_input", listed_then_removed)
+    monkeypatch.setattr("pipelines.prepare.resolve_input", listed_then_changed)
     out = tmp_path / "out"
     with pytest.raises(CorpusError) as e:
         prepare(DataConfig(input=str(root), tokenizer="char"), out)
-    assert str(e.value) == f"{root}/b.txt: cannot read: no such file"
+    assert str(e.value) == {
+        "removed": f"{root}/b.txt: cannot read: no such file",
+        "appended to": f"{root}/b.txt: changed since prepare listed it (11 bytes then, 16 now); run prepare again",
+    }[change]
     assert not out.exists()
 
 
@@ -437,8 +441,8 @@ def test_a_file_changed_before_its_cut_document_is_read_again_is_one_line_naming
         prepare(DataConfig(input=str(corpus), tokenizer="gpt2"), out)
     assert str(e.value) == {
         "removed": f"{corpus}: cannot read: no such file",
-        "appended to": f"{corpus}: changed while prepare read it ({len(text):,} bytes when listed, "
-                       f"{len(text) + 4:,} now); run prepare again",
+        "appended to": f"{corpus}: changed since prepare listed it ({len(text):,} bytes then, {len(text) + 4:,} "
+                       "now); run prepare again",
     }[change]
     assert not out.exists()
 

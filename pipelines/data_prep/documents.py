@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 
 from nanogpt.config import DataConfig
-from nanogpt.data.corpus import CorpusError, InputSource, is_val_document, parse_documents
+from nanogpt.data.corpus import CorpusError, InputSource, ParsedFile, is_val_document, parse_documents
 from nanogpt.data.shards import dtype_for_vocab
 from nanogpt.data.storage import StorageError, read_bytes
 from nanogpt.tokenizers import Tokenizer, build_tokenizer
@@ -72,7 +72,7 @@ def tokenize_documents(
         # One row per file, which the task that tokenizes it reads (a path or a URI): read_binary_files would also
         # serialize each whole file once only to estimate its size, 5% of the work (bench/NOTES.md). More tasks than
         # files would only be empty.
-        files = [{"file_index": i, "path": f.path} for i, f in enumerate(source.files)]
+        files = [{"file_index": i, "path": f.path, "size": f.size} for i, f in enumerate(source.files)]
         blocks = num_blocks or min(len(files), max(200, 2 * cpus))
         ds = ray.data.from_items(files, override_num_blocks=blocks)
         fn = partial(tokenize_files, spec=spec)
@@ -93,14 +93,14 @@ def tokenize_documents(
 
 
 def tokenize_files(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
-    """Ray Data UDF: files (file index, path) -> one row per document; or, when some cannot be read or parsed, one
-    error row per such file. The error is returned as data, not raised: Ray Data would print some 160 lines of its
-    own traceback around the one line that names the file."""
+    """Ray Data UDF: files (file index, path, listed size) -> one row per document; or, when some cannot be read or
+    parsed, one error row per such file. The error is returned as data, not raised: Ray Data would print some 160
+    lines of its own traceback around the one line that names the file."""
     tables, errors = [], []
-    for index, path in zip(batch.column("file_index").to_pylist(), batch.column("path").to_pylist()):
+    for index, path, size in zip(*(batch.column(c).to_pylist() for c in ("file_index", "path", "size"))):
         try:
-            parsed = parse_documents(path, read_bytes(path), spec.text_field, spec.separator, spec.encoding_errors)
-        except (CorpusError, StorageError) as e:
+            parsed = read_documents(path, size, spec)
+        except CorpusError as e:
             errors.append(_error_row(index, str(e), spec))
             continue
         doc_index = np.arange(len(parsed.texts), dtype=np.int64)
@@ -109,6 +109,20 @@ def tokenize_files(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
     if errors:
         return pa.concat_tables(errors)  # the run fails: the documents of the other files are of no use
     return pa.concat_tables(tables) if tables else _empty_table(spec)
+
+
+def read_documents(path: str, listed_size: int, spec: TokenizeSpec) -> ParsedFile:
+    """The documents of the file at `path` (a path or a URI), read whole; CorpusError naming it when it cannot be
+    read or parsed, or is no longer the size it was listed with: it changed since, and the manifest would record
+    the listed file (its size and time) for other text, or a cut document's halves come from other text."""
+    try:
+        data = read_bytes(path)
+    except StorageError as e:
+        raise CorpusError(str(e)) from None
+    if len(data) != listed_size:
+        raise CorpusError(f"{path}: changed since prepare listed it ({listed_size:,} bytes then, {len(data):,} now); "
+                          "run prepare again")
+    return parse_documents(path, data, spec.text_field, spec.separator, spec.encoding_errors)
 
 
 def tokenize_rows(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import ray
 
 from nanogpt.config import DataConfig
-from nanogpt.data.corpus import CorpusError, InputFile, InputSource, parse_documents
+from nanogpt.data.corpus import CorpusError, InputFile, InputSource
 from nanogpt.data.split_plan import (
     DOC_KEY,
     RUN,
@@ -41,9 +41,8 @@ from nanogpt.data.split_plan import (
     tail_cut,
     tail_split_streams,
 )
-from nanogpt.data.storage import StorageError, read_bytes
 from nanogpt.tokenizers import CharTokenizer, Tokenizer
-from pipelines.data_prep.documents import TokenizeSpec, encode_documents, tokenize_documents
+from pipelines.data_prep.documents import TokenizeSpec, encode_documents, read_documents, tokenize_documents
 from pipelines.data_prep.task_errors import reraise_user_error
 
 log = logging.getLogger("nanogpt.prepare")
@@ -309,23 +308,9 @@ def _retokenize_cut(
 def _tokenize_halves(spec: TokenizeSpec, char_offset: int, file: InputFile | None = None, doc_index: int = 0,
                      text: str | None = None) -> pa.Table:
     if text is None:
-        text = _document_again(file, doc_index, spec)
+        text = read_documents(file.path, file.size, spec).texts[doc_index]  # one line if the file changed
     halves = [text[:char_offset], text[char_offset:]]
     return encode_documents(0, np.array([0, 1], dtype=np.int64), halves, 0, spec)
-
-
-def _document_again(file: InputFile, doc_index: int, spec: TokenizeSpec) -> str:
-    """Document `doc_index` of `file`, read again; CorpusError (one line, as at the first read) when the file is gone
-    or is no longer the size it was listed with: it changed while prepare read it, and its halves would come from
-    other text than its tokens did."""
-    try:
-        data = read_bytes(file.path)
-    except StorageError as e:
-        raise CorpusError(str(e)) from None
-    if len(data) != file.size:
-        raise CorpusError(f"{file.path}: changed while prepare read it ({file.size:,} bytes when listed, "
-                          f"{len(data):,} now); run prepare again")
-    return parse_documents(file.path, data, spec.text_field, spec.separator, spec.encoding_errors).texts[doc_index]
 
 
 @ray.remote
