@@ -13,7 +13,8 @@ the dtype or the vocabulary is an error, never a silent wrap (nanoGPT's headerle
 
 A prepared directory holds `train_000000.bin, ..., val_000000.bin, ...` and `manifest.json`, written last. Every
 file is written to a temporary name (`.<name>.tmp-...`, never matching a shard name), fsynced and renamed, so a
-directory whose manifest is present and verifies is complete. Damage (a missing, truncated, extended or altered
+directory whose manifest is present and verifies is complete; a shard's bytes skip the page cache where the file
+system allows (nanogpt/data/direct_write.py). Damage (a missing, truncated, extended or altered
 shard, a bad header) raises `ShardError` naming the file and the reason; checks raise, never `assert` (which
 `python -O` strips). So does a failed write (a full disk, a read-only file system): `No space left on device`
 alone would not say where.
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from nanogpt.data import storage
+from nanogpt.data.direct_write import write_chunks
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +120,13 @@ def write_shard(
         raise ShardError(path, f"{num_tokens} tokens do not fit the int32 header count; use a smaller shard_size")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (magic, version, num_tokens)
+    little = dtype.newbyteorder("<")  # ascontiguousarray copies only a piece that is not already so
+    chunks = [memoryview(c).cast("B") for c in (header, *(np.ascontiguousarray(p, dtype=little) for p in pieces))]
     sha = hashlib.sha256()
+    for chunk in chunks:
+        sha.update(chunk)
     with atomic_write(path) as f:
-        for piece in (header, *pieces):
-            if piece is not header:
-                piece = np.ascontiguousarray(piece, dtype=dtype.newbyteorder("<"))  # no copy when already right
-            chunk = memoryview(piece).cast("B")
-            sha.update(chunk)
-            f.write(chunk)
+        write_chunks(f, chunks)
     return ShardInfo(name=path.name, num_tokens=num_tokens, sha256=sha.hexdigest())
 
 
