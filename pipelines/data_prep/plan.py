@@ -297,23 +297,19 @@ def _retokenize_cut(
     """Tokenize the document holding the cut again, as its train half and its val half (nanoGPT tokenizes
     data[:i] and data[i:] separately). Returns a 2-row document block and the halves' token counts."""
     if source.kind == "files":
-        ref = _tokenize_halves.remote(spec, char_offset, file=source.files[file_index], doc_index=doc_index)
+        ref, sizes = _tokenize_halves.remote(spec, char_offset, file=source.files[file_index], doc_index=doc_index)
     else:
-        ref = _tokenize_halves.remote(spec, char_offset, text=hf_ds[doc_index][spec.text_field] or "")
-    sizes = ray.get(_halves_sizes.remote(ref))
-    return ref, sizes
+        ref, sizes = _tokenize_halves.remote(spec, char_offset, text=hf_ds[doc_index][spec.text_field] or "")
+    return ref, ray.get(sizes)
 
 
-@ray.remote
+@ray.remote(num_returns=2)
 def _tokenize_halves(spec: TokenizeSpec, char_offset: int, file: InputFile | None = None, doc_index: int = 0,
-                     text: str | None = None) -> pa.Table:
+                     text: str | None = None) -> tuple[pa.Table, tuple[int, int]]:
+    """The halves' document block, which stays where it is made, and their token counts, which the driver needs."""
     if text is None:
         text = read_documents(file.path, file.size, spec).texts[doc_index]  # one line if the file changed
     halves = [text[:char_offset], text[char_offset:]]
-    return encode_documents(0, np.array([0, 1], dtype=np.int64), halves, 0, spec)
-
-
-@ray.remote
-def _halves_sizes(table: pa.Table) -> tuple[int, int]:
+    table = encode_documents(0, np.array([0, 1], dtype=np.int64), halves, 0, spec)
     lengths = pc.list_value_length(table.column("tokens")).to_pylist()
-    return int(lengths[0]), int(lengths[1])
+    return table, (int(lengths[0]), int(lengths[1]))
