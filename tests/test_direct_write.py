@@ -12,6 +12,7 @@ import pytest
 
 from nanogpt.data import direct_write
 from nanogpt.data.direct_write import ALIGN, STAGING_BYTES, write_chunks
+from nanogpt.data.shards import read_shard, write_shard
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_DIRECT is Linux's")
 SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, STAGING_BYTES - 1, STAGING_BYTES, STAGING_BYTES + ALIGN + 3,
@@ -80,3 +81,14 @@ def test_any_other_error_of_a_direct_write_is_raised(tmp_path, monkeypatch):
     with pytest.raises(OSError) as raised:
         written(tmp_path / "shard.bin", chunks_of(10))
     assert raised.value.errno == errno.ENOSPC
+
+
+def test_a_shard_through_the_cache_or_past_it_is_the_same_file(tmp_path):
+    """ShardPrefix writes its local copy through the cache (the upload reads it back at once); any other past it."""
+    tokens = [np.arange(70_000) % 50257, np.arange(3) + 7]
+    (tmp_path / "past").mkdir(), (tmp_path / "through").mkdir()
+    past = write_shard(tmp_path / "past" / "train_000000.bin", tokens, 50257)
+    through = write_shard(tmp_path / "through" / "train_000000.bin", tokens, 50257, direct=False)
+    assert past == through
+    assert (tmp_path / "past" / past.name).read_bytes() == (tmp_path / "through" / through.name).read_bytes()
+    assert read_shard(tmp_path / "past" / past.name).tolist() == np.concatenate(tokens).tolist()

@@ -5,7 +5,7 @@ A shard is written once and read later, often by other processes on other nodes.
 0.27 s buffered, 0.06 s direct, fsync included), and the written shards evict what the cache held. O_DIRECT needs
 the buffer's address, the file offset and the length aligned to the device's block: an aligned staging buffer
 takes any bytes, the last block is padded, and the file is truncated back to its length. Where the flag is refused
-(macOS, some network and FUSE file systems, tmpfs before Linux 6.6), the file is written through the cache.
+(macOS, some network and FUSE file systems, tmpfs on older kernels), the file is written through the cache.
 
     with open(tmp, "wb") as f:
         write_chunks(f, [header, tokens])      # bytes-like chunks, back to back from offset 0
@@ -62,7 +62,7 @@ def _write_staged(fd: int, chunks: Sequence[memoryview]) -> int:
 
 def _write_all(fd: int, view: memoryview) -> None:
     written = 0
-    while written < len(view):  # a short write ends on a block boundary, so the rest stays aligned
+    while written < len(view):  # a short write that left the rest unaligned fails the next with EINVAL
         written += os.write(fd, view[written:])
 
 

@@ -78,7 +78,7 @@ class ShardPrefix:
     def write_shard(self, name: str, tokens: Sequence[np.ndarray], vocab_size: int) -> ShardInfo:
         with tempfile.TemporaryDirectory(prefix="nanogpt-shard-") as tmp:  # on the task's node; one shard at a time
             local = os.path.join(tmp, name)
-            info = write_shard(local, tokens, vocab_size)
+            info = write_shard(local, tokens, vocab_size, direct=False)  # read back at once by the upload
             upload_shard(local, join(self.location, name))  # one object, visible when its upload completes
         return info
 

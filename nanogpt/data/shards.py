@@ -97,11 +97,13 @@ class ShardInfo:
 
 
 def write_shard(
-    path: str | os.PathLike, tokens: np.ndarray | Sequence[np.ndarray], vocab_size: int
+    path: str | os.PathLike, tokens: np.ndarray | Sequence[np.ndarray], vocab_size: int, direct: bool = True
 ) -> ShardInfo:
     """Write tokens (one array, or pieces written back to back) as an llm.c shard, atomically.
 
     Every piece is range-checked against the vocabulary before it is cast, so an id that would wrap is an error.
+    `direct`: past the page cache where the file system allows; False for a file read back at once (an upload's
+    local copy), which the cache then serves.
     """
     path = Path(path)
     pieces = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
@@ -126,7 +128,11 @@ def write_shard(
     with ThreadPoolExecutor(1) as hasher:  # hashing and writing both release the GIL: a 105 MB shard 0.10 -> 0.06 s
         digest = hasher.submit(_sha256, chunks)
         with atomic_write(path) as f:
-            write_chunks(f, chunks)
+            if direct:
+                write_chunks(f, chunks)
+            else:
+                for chunk in chunks:
+                    f.write(chunk)
         return ShardInfo(name=path.name, num_tokens=num_tokens, sha256=digest.result())
 
 
