@@ -43,10 +43,11 @@ def test_the_direct_path_is_taken_here_and_the_flag_is_off_afterwards(tmp_path):
     with open(tmp_path / "shard.bin", "wb") as f:
         assert direct_write._set_direct(f.fileno(), True)  # the file system under tmp_path takes O_DIRECT
         direct_write._set_direct(f.fileno(), False)
-        write_chunks(f, chunks_of(ALIGN + 5))
+        chunks = chunks_of(ALIGN + 5)
+        write_chunks(f, chunks)
         assert not fcntl.fcntl(f.fileno(), fcntl.F_GETFL) & os.O_DIRECT
-        f.write(b"tail")  # the file object still writes, buffered, after the direct part
-    assert (tmp_path / "shard.bin").read_bytes()[-4:] == b"tail"
+        f.write(b"tail")  # the file object still writes, buffered, right after the direct part (not after its padding)
+    assert (tmp_path / "shard.bin").read_bytes() == b"".join(bytes(c) for c in chunks) + b"tail"
 
 
 def test_without_o_direct_the_file_is_written_through_the_cache(tmp_path, monkeypatch):

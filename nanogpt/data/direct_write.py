@@ -30,7 +30,9 @@ def write_chunks(file: BinaryIO, chunks: Sequence[memoryview]) -> None:
     fd = file.fileno()
     if _set_direct(fd, True):
         try:
-            os.ftruncate(fd, _write_staged(fd, chunks))
+            length = _write_staged(fd, chunks)
+            os.ftruncate(fd, length)
+            os.lseek(fd, length, os.SEEK_SET)  # the position was past the padding: a later write continues the file
             return
         except OSError as e:
             if e.errno != errno.EINVAL:  # EINVAL: the file system took the flag but not the I/O; anything else is real
