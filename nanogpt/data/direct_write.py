@@ -25,10 +25,11 @@ STAGING_BYTES = 4 << 20
 """Bytes per direct write: large enough that a write's fixed cost is small, small enough to allocate per file."""
 
 
-def write_chunks(file: BinaryIO, chunks: Sequence[memoryview]) -> None:
-    """Write `chunks` back to back into the empty `file`, past the page cache where its file system allows."""
+def write_chunks(file: BinaryIO, chunks: Sequence[memoryview], direct: bool = True) -> None:
+    """Write `chunks` back to back into the empty `file`: past the page cache where its file system allows, unless
+    not `direct` (a file read back at once, which the cache then serves)."""
     fd = file.fileno()
-    if _set_direct(fd, True):
+    if direct and _set_direct(fd, True):
         try:
             length = _write_staged(fd, chunks)
             os.ftruncate(fd, length)
